@@ -1,0 +1,1 @@
+"""perl_jax: Parameter-Efficient RLHF (PERL) in JAX."""
