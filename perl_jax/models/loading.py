@@ -1,0 +1,225 @@
+"""Weights from a Hugging Face folder (config.json + *.safetensors) or a GGUF file, into our params pytree."""
+import json
+import pathlib
+import re
+from typing import Callable, Iterator
+
+import jax.numpy as jnp
+import numpy as np
+
+from perl_jax.models import transformer
+from perl_jax.models.config import ConfigError, ModelConfig, from_hf_dict, load_hf_config
+
+_HF_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
+_HF_LAYER = {
+    "input_layernorm.weight": ("attn_norm", "scale"),
+    "self_attn.q_proj.weight": ("attn", "q_proj", "kernel"), "self_attn.q_proj.bias": ("attn", "q_proj", "bias"),
+    "self_attn.k_proj.weight": ("attn", "k_proj", "kernel"), "self_attn.k_proj.bias": ("attn", "k_proj", "bias"),
+    "self_attn.v_proj.weight": ("attn", "v_proj", "kernel"), "self_attn.v_proj.bias": ("attn", "v_proj", "bias"),
+    "self_attn.o_proj.weight": ("attn", "o_proj", "kernel"),
+    "self_attn.q_norm.weight": ("attn", "q_norm", "scale"), "self_attn.k_norm.weight": ("attn", "k_norm", "scale"),
+    "mlp.gate_proj.weight": ("mlp", "gate_proj", "kernel"), "mlp.gate_proj.bias": ("mlp", "gate_proj", "bias"),
+    "mlp.up_proj.weight": ("mlp", "up_proj", "kernel"), "mlp.up_proj.bias": ("mlp", "up_proj", "bias"),
+    "mlp.down_proj.weight": ("mlp", "down_proj", "kernel"), "mlp.down_proj.bias": ("mlp", "down_proj", "bias"),
+    "pre_feedforward_layernorm.weight": ("mlp_norm", "scale"),
+    "post_feedforward_layernorm.weight": ("post_mlp_norm", "scale"),
+}
+_GGUF_LAYER = {
+    "attn_norm.weight": ("attn_norm", "scale"), "ffn_norm.weight": ("mlp_norm", "scale"),
+    "post_attention_norm.weight": ("post_attn_norm", "scale"), "post_ffw_norm.weight": ("post_mlp_norm", "scale"),
+    "attn_q_norm.weight": ("attn", "q_norm", "scale"), "attn_k_norm.weight": ("attn", "k_norm", "scale"),
+    "attn_q.weight": ("attn", "q_proj", "kernel"), "attn_q.bias": ("attn", "q_proj", "bias"),
+    "attn_k.weight": ("attn", "k_proj", "kernel"), "attn_k.bias": ("attn", "k_proj", "bias"),
+    "attn_v.weight": ("attn", "v_proj", "kernel"), "attn_v.bias": ("attn", "v_proj", "bias"),
+    "attn_output.weight": ("attn", "o_proj", "kernel"),
+    "ffn_gate.weight": ("mlp", "gate_proj", "kernel"), "ffn_up.weight": ("mlp", "up_proj", "kernel"),
+    "ffn_down.weight": ("mlp", "down_proj", "kernel"),
+}
+_GGUF_TOP = {"token_embd.weight": ("embed", "embedding"), "output_norm.weight": ("final_norm", "scale"),
+             "output.weight": ("lm_head", "kernel")}
+_IGNORED = re.compile(r"rotary_emb\.inv_freq|rope_freqs|score\.|lm_head\.weight$")
+
+
+def _hf_path(cfg: ModelConfig, name: str):
+  """Maps an HF tensor name to (our path, layer index or None); None for tensors we do not use."""
+  for prefix in _HF_PREFIXES:
+    if name.startswith(prefix):
+      name = name[len(prefix):]
+      break
+  if name == "embed_tokens.weight":
+    return ("embed", "embedding"), None
+  if name == "norm.weight":
+    return ("final_norm", "scale"), None
+  if name == "lm_head.weight" and not cfg.tie_embeddings:
+    return ("lm_head", "kernel"), None
+  m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+  if not m:
+    return None
+  rest = m.group(2)
+  if rest == "post_attention_layernorm.weight":
+    return (("post_attn_norm" if cfg.sandwich_norm else "mlp_norm"), "scale"), int(m.group(1))
+  return (_HF_LAYER[rest], int(m.group(1))) if rest in _HF_LAYER else None
+
+
+def _assemble(cfg: ModelConfig, tensors: Iterator[tuple[str, np.ndarray]], where: str,
+              to_path: Callable, dtype) -> dict:
+  """Places [out,in] torch-layout tensors into the stacked params pytree, checking every shape."""
+  shapes = transformer.param_shapes(cfg)
+  stacks: dict[tuple, list] = {}
+  top: dict[tuple, np.ndarray] = {}
+  for name, arr in tensors:
+    hit = to_path(cfg, name)
+    if hit is None:
+      if _IGNORED.search(name):
+        continue
+      raise ConfigError(f"{where}: tensor '{name}' is not used by a '{cfg.family}' model (config/weights mismatch)")
+    path, layer = hit
+    if path[-1] == "kernel":
+      arr = arr.T
+    expected = shapes if layer is None else shapes["layers"]
+    try:
+      for k in path:
+        expected = expected[k]
+    except KeyError:
+      raise ConfigError(f"{where}: tensor '{name}' has no place in this config (config/weights mismatch)") from None
+    want = expected if layer is None else expected[1:]
+    if tuple(arr.shape) != tuple(want):
+      raise ConfigError(f"{where}: tensor '{name}': shape {tuple(arr.shape)} does not match config {tuple(want)}")
+    if layer is None:
+      top[path] = arr
+    else:
+      if layer >= cfg.num_layers:
+        raise ConfigError(f"{where}: tensor '{name}': layer {layer} >= num_hidden_layers {cfg.num_layers}")
+      stacks.setdefault(path, [None] * cfg.num_layers)[layer] = arr
+  params: dict = {}
+  flat = {**top, **{("layers",) + p: v for p, v in stacks.items()}}
+  for path, arr in flat.items():
+    if isinstance(arr, list):
+      missing = [i for i, a in enumerate(arr) if a is None]
+      if missing:
+        raise ConfigError(f"{where}: '{'/'.join(path)}' missing for layers {missing[:5]}")
+      arr = np.stack(arr)
+    node = params
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = jnp.asarray(arr, dtype=dtype)
+  _check_complete(shapes, params, where)
+  return params
+
+
+def _check_complete(shapes, params, where, prefix=""):
+  for k, v in shapes.items():
+    if k not in params:
+      raise ConfigError(f"{where}: weights for '{prefix}{k}' are missing (config/weights mismatch)")
+    if isinstance(v, dict):
+      _check_complete(v, params[k], where, f"{prefix}{k}/")
+
+
+def load_safetensors_folder(path: pathlib.Path, dtype=jnp.float32, **overrides):
+  """An HF folder: config.json plus one or many (indexed) .safetensors shards."""
+  from safetensors import safe_open
+  cfg = load_hf_config(path, **overrides)
+  files = sorted(path.glob("*.safetensors"))
+  if not files:
+    raise ConfigError(f"{path}: no *.safetensors files")
+
+  def tensors():
+    for f in files:
+      with safe_open(str(f), framework="flax") as sf:
+        for name in sf.keys():
+          yield name, np.asarray(sf.get_tensor(name))
+
+  return cfg, _assemble(cfg, tensors(), str(path), _hf_path, dtype)
+
+
+def _gguf_fields(reader) -> dict:
+  out = {}
+  for name, field in reader.fields.items():
+    if name.startswith("tokenizer.ggml.") and name not in (
+        "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id"):
+      continue
+    try:
+      out[name] = field.contents()
+    except Exception:  # noqa: BLE001 - metadata we do not read may use types gguf cannot decode.
+      pass
+  return out
+
+
+def gguf_config(path: pathlib.Path, reader, **overrides) -> ModelConfig:
+  """Builds an HF-style config dict from GGUF metadata, then a ModelConfig."""
+  f = _gguf_fields(reader)
+  arch = f.get("general.architecture")
+  families = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "gemma3": "gemma3_text"}
+  if arch not in families:
+    raise ConfigError(f"{path}: field 'general.architecture': unsupported architecture '{arch}'")
+  g = lambda key, default=None: f.get(f"{arch}.{key}", default)
+  names = {t.name for t in reader.tensors}
+  vocab = next(t for t in reader.tensors if t.name == "token_embd.weight").shape[1]
+  heads = g("attention.head_count")
+  hf = dict(model_type=families[arch], vocab_size=int(vocab), hidden_size=g("embedding_length"),
+            intermediate_size=g("feed_forward_length"), num_hidden_layers=g("block_count"),
+            num_attention_heads=heads, num_key_value_heads=g("attention.head_count_kv", heads),
+            head_dim=g("attention.key_length", g("embedding_length") // heads),
+            rms_norm_eps=g("attention.layer_norm_rms_epsilon", 1e-6), rope_theta=g("rope.freq_base", 10000.0),
+            tie_word_embeddings="output.weight" not in names, attention_bias="blk.0.attn_q.bias" in names,
+            bos_token_id=f.get("tokenizer.ggml.bos_token_id"), eos_token_id=f.get("tokenizer.ggml.eos_token_id"),
+            pad_token_id=f.get("tokenizer.ggml.padding_token_id"))
+  if g("rope.scaling.type") not in (None, "none"):
+    hf["rope_scaling"] = {"rope_type": g("rope.scaling.type"), "factor": g("rope.scaling.factor", 1.0)}
+  if arch.startswith("gemma"):
+    hf.update(sliding_window=g("attention.sliding_window"), attn_logit_softcapping=g("attn_logit_softcapping"),
+              final_logit_softcapping=g("final_logit_softcapping"), query_pre_attn_scalar=hf["head_dim"])
+  return from_hf_dict(hf, where=str(path), **overrides)
+
+
+def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+  """Undoes llama.cpp's rotary row permutation of a Q or K weight [out, in]."""
+  out = w.shape[0]
+  return w.reshape(n_heads, out // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def load_gguf(path: pathlib.Path, dtype=jnp.float32, **overrides):
+  """A GGUF file: metadata to config, tensors dequantized with the gguf package."""
+  import gguf
+  try:
+    reader = gguf.GGUFReader(str(path))
+  except Exception as e:  # noqa: BLE001 - gguf raises assorted errors for corrupt files.
+    raise ConfigError(f"{path}: not a readable GGUF file ({e})") from None
+  cfg = gguf_config(path, reader, **overrides)
+  llama = reader.fields["general.architecture"].contents() == "llama"
+
+  def tensors():
+    for t in reader.tensors:
+      try:
+        arr = gguf.quants.dequantize(t.data, t.tensor_type)
+      except NotImplementedError:
+        raise ConfigError(f"{path}: tensor '{t.name}': unsupported quantization {t.tensor_type.name}") from None
+      arr = np.asarray(arr, np.float32).reshape(tuple(reversed([int(d) for d in t.shape])))
+      m = re.fullmatch(r"blk\.(\d+)\.(.+)", t.name)
+      if m and llama and m.group(2) in ("attn_q.weight", "attn_k.weight"):
+        arr = _unpermute(arr, cfg.num_heads if "attn_q" in t.name else cfg.num_kv_heads)
+      if cfg.norm_plus_one and t.name.endswith("norm.weight"):
+        arr = arr - 1.0
+      yield t.name, arr
+
+  def to_path(cfg, name):
+    if name in _GGUF_TOP:
+      return _GGUF_TOP[name], None
+    m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
+    if m and m.group(2) in _GGUF_LAYER:
+      return _GGUF_LAYER[m.group(2)], int(m.group(1))
+    return None
+
+  return cfg, _assemble(cfg, tensors(), str(path), to_path, dtype)
+
+
+def load_pretrained(path, dtype=jnp.float32, **overrides) -> tuple[ModelConfig, dict]:
+  """(config, params) from an HF folder or a .gguf file; `overrides` set run-time fields (dtype, remat...)."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise ConfigError(f"{path}: no such file or folder")
+  if path.is_file() and path.suffix == ".gguf":
+    return load_gguf(path, dtype, **overrides)
+  if path.is_dir():
+    return load_safetensors_folder(path, dtype, **overrides)
+  raise ConfigError(f"{path}: expected a folder with config.json + *.safetensors, or a .gguf file")
