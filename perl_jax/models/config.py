@@ -61,6 +61,7 @@ class ModelConfig:
   dtype: str = "float32"                  # Compute dtype; params keep their own dtype.
   remat: str = "none"                     # "none" | "full" | "dots" (save matmul outputs).
   scan_layers: bool = True
+  attention: str = "fused"                # "fused" (jax.nn.dot_product_attention) or "einsum".
 
   def __post_init__(self):
     if not self.sliding_layers:

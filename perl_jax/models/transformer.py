@@ -28,9 +28,10 @@ class Output(NamedTuple):
 
 def rms_norm(x, scale, eps: float, plus_one: bool):
   """RMSNorm computed in float32; Gemma scales by (1 + w)."""
-  x32 = x.astype(jnp.float32)
+  f = jnp.promote_types(x.dtype, jnp.float32)
+  x32 = x.astype(f)
   y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  w = scale.astype(jnp.float32)
+  w = scale.astype(f)
   return (y * (1.0 + w) if plus_one else y * w).astype(x.dtype)
 
 
@@ -60,8 +61,9 @@ def rope_tables(rope: Rope, head_dim: int, positions_BxT):
 
 def apply_rope(x_BxTxNxH, cos_BxTxh, sin_BxTxh):
   """Rotates the two halves of each head (HF's rotate_half convention)."""
-  x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
-  cos, sin = cos_BxTxh[:, :, None], sin_BxTxh[:, :, None]
+  f = jnp.promote_types(x_BxTxNxH.dtype, jnp.float32)
+  x1, x2 = jnp.split(x_BxTxNxH.astype(f), 2, axis=-1)
+  cos, sin = cos_BxTxh[:, :, None].astype(f), sin_BxTxh[:, :, None].astype(f)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_BxTxNxH.dtype)
 
 
@@ -85,16 +87,19 @@ def attention_masks(q_pos_BxT, k_pos_BxS, k_valid_BxS, window: int | None):
   return m[:, None], (m & near)[:, None]
 
 
-def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale: float, softcap: float | None):
+def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale: float, softcap: float | None,
+           fused: bool = True):
   """Grouped-query attention; fused jax.nn.dot_product_attention unless logits are soft-capped."""
-  if softcap is None:
+  if fused and softcap is None:
     return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, scale=scale)
   b, t, n, h = q_BxTxNxH.shape
   kv = k_BxSxKxH.shape[2]
   q = q_BxTxNxH.reshape(b, t, kv, n // kv, h)
-  logits = jnp.einsum("btkgh,bskh->bkgts", q, k_BxSxKxH, preferred_element_type=jnp.float32) * scale
-  logits = jnp.tanh(logits / softcap) * softcap
-  logits = jnp.where(mask_Bx1xTxS[:, :, None], logits, jnp.finfo(jnp.float32).min)
+  f = jnp.promote_types(q.dtype, jnp.float32)
+  logits = jnp.einsum("btkgh,bskh->bkgts", q, k_BxSxKxH, preferred_element_type=f) * scale
+  if softcap is not None:
+    logits = jnp.tanh(logits / softcap) * softcap
+  logits = jnp.where(mask_Bx1xTxS[:, :, None], logits, jnp.finfo(f).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxKxH.dtype)
   return jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH).reshape(b, t, n, h)
 
@@ -124,7 +129,7 @@ def _block(cfg: ModelConfig, dtype, x, lp, loras, is_sliding, ropes, masks, kv_c
     kv_cache = (k, v)
     k, v = k.astype(dtype), v.astype(dtype)
   mask = jnp.where(is_sliding, masks[1], masks[0])
-  o = attend(q, k, v, mask, cfg.attn_scale, cfg.attn_softcap).reshape(b, t, cfg.num_heads * cfg.head_dim)
+  o = attend(q, k, v, mask, cfg.attn_scale, cfg.attn_softcap, cfg.attention == "fused").reshape(b, t, cfg.num_heads * cfg.head_dim)
   o = dense(o, attn["o_proj"], ad("attn", "o_proj"), dtype)
   if cfg.sandwich_norm:
     o = norm(o, lp["post_attn_norm"])
@@ -205,7 +210,8 @@ def forward(cfg: ModelConfig, params: Params, input_ids_BxT, attention_mask_BxT=
 def unembed(cfg: ModelConfig, params: Params, hidden):
   """Hidden states to float32 logits (tied or separate head, optional soft-capping)."""
   w = params["embed"]["embedding"].T if cfg.tie_embeddings else params["lm_head"]["kernel"]
-  logits = jnp.einsum("...d,dv->...v", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+  logits = jnp.einsum("...d,dv->...v", hidden, w.astype(hidden.dtype),
+                      preferred_element_type=jnp.promote_types(hidden.dtype, jnp.float32))
   if cfg.final_softcap:
     logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
   return logits

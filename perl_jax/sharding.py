@@ -1,0 +1,111 @@
+"""Device mesh (data, fsdp, tensor), regex partition rules over param paths, batch sharding, multi-host init."""
+import re
+from typing import Sequence
+
+import jax
+import numpy as np
+from flax import traverse_util
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+BATCH = ("data", "fsdp")
+
+# First matching regex wins; searched anywhere in the path so optimizer states (".../mu/layers/...") match.
+# Kernels are [L,in,out]; LoRA a [L,in,r] follows its kernel's input, b [L,r,out] its output.
+RULES: tuple[tuple[str, P], ...] = (
+    (r"embed/embedding$", P("tensor", "fsdp")),
+    (r"lm_head/kernel$", P("fsdp", "tensor")),
+    (r"layers/(attn/(q|k|v)|mlp/(gate|up))_proj/kernel$", P(None, "fsdp", "tensor")),
+    (r"layers/(attn/o|mlp/down)_proj/kernel$", P(None, "tensor", "fsdp")),
+    (r"layers/(attn/(q|k|v)|mlp/(gate|up))_proj/bias$", P(None, "tensor")),
+    (r"layers/(attn/(q|k|v)|mlp/(gate|up))_proj/a$", P(None, "fsdp", None)),
+    (r"layers/(attn/(q|k|v)|mlp/(gate|up))_proj/b$", P(None, None, "tensor")),
+    (r"layers/(attn/o|mlp/down)_proj/a$", P(None, "tensor", None)),
+    (r"layers/(attn/o|mlp/down)_proj/b$", P(None, None, "fsdp")),
+    (r".*", P()),
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh with GSPMD (Auto) axes; data = -1 takes the devices left over."""
+  devices = list(jax.devices() if devices is None else devices)
+  if data == -1:
+    data = len(devices) // (fsdp * tensor)
+  if data * fsdp * tensor != len(devices):
+    raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} != {len(devices)} devices")
+  grid = np.asarray(devices).reshape(data, fsdp, tensor)
+  return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+  """Drops mesh axes that do not divide their dimension (tiny configs, odd head counts) instead of failing."""
+  parts = list(spec) + [None] * (len(shape) - len(spec))
+  if len(parts) > len(shape):
+    return P()
+  fitted = []
+  for dim, axis in zip(shape, parts):
+    names = axis if isinstance(axis, tuple) else (axis,) if axis else ()
+    size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+    fitted.append(axis if names and dim % size == 0 else None)
+  while fitted and fitted[-1] is None:
+    fitted.pop()
+  return P(*fitted)
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def partition_specs(tree, mesh: Mesh, rules=RULES):
+  """A PartitionSpec per leaf from the first rule whose regex matches its path."""
+  def spec(path, leaf):
+    name = _path_str(path)
+    for pattern, s in rules:
+      if re.search(pattern, name):
+        return _fit(s, tuple(getattr(leaf, "shape", ())), mesh)
+    return P()
+  return jax.tree_util.tree_map_with_path(spec, tree)
+
+
+def shardings(tree, mesh: Mesh, rules=RULES):
+  """NamedShardings for a pytree (of arrays or ShapeDtypeStructs) by the partition rules."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), partition_specs(tree, mesh, rules),
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def shard(tree, mesh: Mesh, rules=RULES):
+  """Places a pytree on the mesh according to the rules."""
+  return jax.device_put(tree, shardings(tree, mesh, rules))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Leading (batch) axis over data x fsdp; the rest replicated."""
+  return NamedSharding(mesh, P(BATCH, *([None] * (ndim - 1))))
+
+
+def global_batch(local_batch: dict, mesh: Mesh) -> dict:
+  """Per-host numpy batches -> one global jax.Array per field, batch axis sharded over data x fsdp."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+          for k, v in local_batch.items()}
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def initialize_distributed(enabled: bool, coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """Joins a multi-host job. On TPU VMs / SLURM, no arguments are needed: JAX discovers the peers."""
+  if not enabled:
+    return
+  kwargs = {k: v for k, v in dict(coordinator_address=coordinator, num_processes=num_processes,
+                                  process_id=process_id).items() if v is not None}
+  jax.distributed.initialize(**kwargs)
+
+
+def describe(tree, mesh: Mesh, rules=RULES) -> str:
+  """One line per leaf: path, shape, spec; for reading what the rules did."""
+  specs = traverse_util.flatten_dict(partition_specs(tree, mesh, rules), sep="/",
+                                     is_leaf=lambda _, x: isinstance(x, P))
+  leaves = traverse_util.flatten_dict(tree, sep="/")
+  return "\n".join(f"{p:50s} {str(tuple(leaves[p].shape)):22s} {specs[p]}" for p in sorted(leaves))

@@ -1,0 +1,28 @@
+"""Tiny model configs shared by tests."""
+import jax.numpy as jnp
+import numpy as np
+
+from perl_jax import models
+
+
+def tiny_config(family="llama", **overrides) -> models.ModelConfig:
+  """A 2-layer model whose dims divide a 2x2x2 mesh."""
+  kw = dict(family=family, vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+            num_kv_heads=2, head_dim=16, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+  if family.startswith("gemma"):
+    kw.update(norm_plus_one=True, sandwich_norm=True, scale_embeddings=True, activation="gelu_tanh",
+              tie_embeddings=True, attn_softcap=50.0, final_softcap=30.0, sliding_window=4,
+              sliding_layers=(True, False))
+  kw.update(overrides)
+  return models.ModelConfig(**kw)
+
+
+def random_batch(seed, batch, seq, vocab, left_pad=()):
+  """Token ids and a mask with the given per-row numbers of left-pad tokens."""
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(3, vocab, size=(batch, seq)).astype(np.int32)
+  mask = np.ones((batch, seq), np.int32)
+  for row, n in enumerate(left_pad):
+    mask[row, :n] = 0
+    ids[row, :n] = 0
+  return jnp.asarray(ids), jnp.asarray(mask)
