@@ -1,0 +1,14 @@
+"""Preference data: readers (HH-RLHF, Taskmaster-4, TL;DR, SHP), tokenisation and batching."""
+from perl_jax.data.pipeline import BatchIterator
+from perl_jax.data.pipeline import encode_binary
+from perl_jax.data.pipeline import encode_pairwise
+from perl_jax.data.pipeline import split_train_eval
+from perl_jax.data.pipeline import truncate
+from perl_jax.data.readers import DataError
+from perl_jax.data.readers import KINDS
+from perl_jax.data.readers import READERS
+from perl_jax.data.readers import read_examples
+from perl_jax.data.readers import read_hh_rlhf
+from perl_jax.data.readers import read_shp
+from perl_jax.data.readers import read_taskmaster4
+from perl_jax.data.readers import read_tldr

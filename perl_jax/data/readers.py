@@ -1,0 +1,283 @@
+"""Readers for preference data files (.jsonl / .json lines, optionally .gz).
+
+Every reader yields plain dicts in one of two shapes:
+  pairwise: {"prompt": messages, "chosen": str, "rejected": str}
+  binary:   {"prompt": messages, "response": str, "label": float}
+where messages is a list of {"role": "user" | "assistant", "content": str}.
+Bad input raises DataError("FILE:LINE: field 'NAME': what is wrong"); nothing is skipped
+unless the caller asks for it with skip_invalid=True, and then every skip is logged.
+"""
+import gzip
+import json
+import logging
+import os
+import re
+from typing import Any, Callable, Iterator
+
+HH_ASSISTANT = "\n\nAssistant:"
+_HH_TURN_RE = re.compile(r"\n\n(Human|Assistant):")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+_TM4_ROLES = {"agent": "assistant", "user": "user", "api": "user"}
+
+
+class DataError(ValueError):
+  """One bad input record: the message is a single line naming file, line and field."""
+
+  def __init__(self, path, line=None, field=None, problem=""):
+    self.path, self.line, self.field, self.problem = str(path), line, field, problem
+    where = self.path if line is None else f"{self.path}:{line}"
+    what = problem if field is None else f"field '{field}': {problem}"
+    super().__init__(f"{where}: {what}")
+
+
+class _FieldError(Exception):
+  """Raised inside a record parser; the reader adds file and line."""
+
+  def __init__(self, field, problem):
+    super().__init__(field, problem)
+    self.field, self.problem = field, problem
+
+
+def _open_text(path):
+  if str(path).endswith(".gz"):
+    return gzip.open(path, "rt", encoding="utf-8")
+  return open(path, "rt", encoding="utf-8")
+
+
+def iter_lines(path) -> Iterator[tuple[int, str]]:
+  """Yields (1-based line number, text) for each non-blank line of a text or .gz file."""
+  try:
+    with _open_text(path) as f:
+      for line_no, line in enumerate(f, start=1):
+        if line.strip():
+          yield line_no, line
+  except UnicodeDecodeError as e:
+    raise DataError(path, None, None, f"not UTF-8 text ({e.reason})") from None
+  except gzip.BadGzipFile as e:
+    raise DataError(path, None, None, f"not a gzip file ({e})") from None
+
+
+def _parse_line(line: str) -> dict:
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise _FieldError(None, f"malformed JSON: {e.msg} at column {e.colno}") from None
+  if not isinstance(record, dict):
+    raise _FieldError(None, f"expected a JSON object, got {type(record).__name__}")
+  return record
+
+
+def _read(path, parse: Callable[[dict], dict], skip_invalid: bool, skipped: list | None) -> Iterator[dict]:
+  """Checks the file exists now, then lazily parses each line with `parse`.
+
+  With skip_invalid, bad records (not bad files) are logged, listed in `skipped`, and left out.
+  """
+  if not os.path.isfile(path):
+    raise DataError(path, None, None, "no such file")
+
+  def generate():
+    for line_no, line in iter_lines(path):
+      try:
+        example = parse(_parse_line(line))
+      except _FieldError as e:
+        error = DataError(path, line_no, e.field, e.problem)
+        if not skip_invalid:
+          raise error from None
+        logging.warning("skipping invalid record: %s", error)
+        if skipped is not None:
+          skipped.append(str(error))
+        continue
+      yield example
+
+  return generate()
+
+
+def _get(record: dict, field: str, kind=str, name: str | None = None) -> Any:
+  name = name or field
+  if field not in record:
+    raise _FieldError(name, "missing")
+  value = record[field]
+  if kind is float and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+    raise _FieldError(name, f"expected {kind.__name__}, got {type(value).__name__}")
+  return value
+
+
+def _nonempty(text: str, name: str) -> str:
+  text = text.strip()
+  if not text:
+    raise _FieldError(name, "empty response")
+  return text
+
+
+def _check_pair(example: dict) -> dict:
+  if example["chosen"] == example["rejected"]:
+    raise _FieldError("rejected", "identical to 'chosen'")
+  return example
+
+
+def _binary_choice(value, name: str) -> int:
+  if isinstance(value, bool) or value not in (0, 1):
+    raise _FieldError(name, f"must be 0 or 1, got {value!r}")
+  return int(value)
+
+
+# ---------------------------------------------------------------- HH-RLHF (pairwise)
+
+
+def split_hh_dialog(chosen: str, rejected: str) -> tuple[list[dict], str, str]:
+  """Splits two HH dialogs into their shared prompt messages and the two final replies.
+
+  The split point is the last "\\n\\nAssistant:" inside the common prefix, so replies that
+  themselves contain "Human:" or "Assistant:" text (they exist in HH) stay whole.
+  """
+  common = len(os.path.commonprefix([chosen, rejected]))
+  cut = chosen.rfind(HH_ASSISTANT, 0, common + len(HH_ASSISTANT))
+  while cut >= 0 and not rejected.startswith(HH_ASSISTANT, cut):
+    cut = chosen.rfind(HH_ASSISTANT, 0, cut)
+  if cut < 0:
+    raise _FieldError("chosen", "no shared prefix ending in '\\n\\nAssistant:'")
+  prompt = parse_hh_turns(chosen[:cut])
+  if not any(m["role"] == "user" for m in prompt):
+    raise _FieldError("chosen", "no Human turn before the final Assistant turn")
+  start = cut + len(HH_ASSISTANT)
+  return prompt, _nonempty(chosen[start:], "chosen"), _nonempty(rejected[start:], "rejected")
+
+
+def parse_hh_turns(text: str) -> list[dict]:
+  """'\\n\\nHuman: a\\n\\nAssistant: b' -> [{"role": "user", "content": "a"}, ...]."""
+  parts = _HH_TURN_RE.split(text)
+  messages = [{"role": "user", "content": parts[0].strip()}] if parts[0].strip() else []
+  for speaker, content in zip(parts[1::2], parts[2::2]):
+    messages.append({"role": _HH_ROLES[speaker], "content": content.strip()})
+  return messages
+
+
+def parse_hh_record(record: dict) -> dict:
+  prompt, chosen, rejected = split_hh_dialog(_get(record, "chosen"), _get(record, "rejected"))
+  return _check_pair({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+
+
+def read_hh_rlhf(path, *, skip_invalid: bool = False, skipped: list | None = None) -> Iterator[dict]:
+  """Anthropic HH-RLHF lines {"chosen", "rejected"} -> pairwise examples."""
+  return _read(path, parse_hh_record, skip_invalid, skipped)
+
+
+# ---------------------------------------------------------------- Taskmaster-4 (binary)
+
+
+def render_tm4_turn(turn: Any, name: str) -> dict:
+  """One TM-4 turn -> chat message; API calls (agent) and API results (user role) become text."""
+  if not isinstance(turn, dict):
+    raise _FieldError(name, f"expected a turn object, got {type(turn).__name__}")
+  role = turn.get("role")
+  if role not in _TM4_ROLES:
+    raise _FieldError(name, f"unknown role {role!r}")
+  if role == "api":
+    content = _render_calls("API response", _get(turn, "response", dict, f"{name}.response"))
+  elif "api" in turn:
+    content = _render_calls("API call", _get(turn, "api", dict, f"{name}.api"))
+  else:
+    content = _get(turn, "text", str, f"{name}.text")
+  return {"role": _TM4_ROLES[role], "content": content}
+
+
+def _render_calls(kind: str, calls: dict) -> str:
+  return "\n".join(f"{kind}: {fn} {json.dumps(args, ensure_ascii=False)}" for fn, args in calls.items())
+
+
+def _json_field(record: dict, field: str, kind) -> Any:
+  text = _get(record, field)
+  try:
+    value = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise _FieldError(field, f"malformed JSON: {e.msg} at column {e.colno}") from None
+  if not isinstance(value, kind):
+    raise _FieldError(field, f"expected a JSON {kind.__name__}, got {type(value).__name__}")
+  return value
+
+
+def parse_tm4_record(record: dict) -> dict:
+  context = _json_field(record, "context", list)
+  prompt = [render_tm4_turn(turn, f"context[{i}]") for i, turn in enumerate(context)]
+  generation = _json_field(record, "generation", dict)
+  if generation.get("role") != "agent":
+    raise _FieldError("generation", f"role must be 'agent', got {generation.get('role')!r}")
+  response = render_tm4_turn(generation, "generation")["content"]
+  reward = _get(record, "reward", float)
+  if reward not in (0.0, 1.0):
+    raise _FieldError("reward", f"must be 0.0 or 1.0, got {reward!r}")
+  return {"prompt": prompt, "response": _nonempty(response, "generation"), "label": reward}
+
+
+def read_taskmaster4(path, *, skip_invalid: bool = False, skipped: list | None = None) -> Iterator[dict]:
+  """PERL's Taskmaster-4 reward lines {"context", "generation", "reward"} -> binary examples."""
+  return _read(path, parse_tm4_record, skip_invalid, skipped)
+
+
+# ---------------------------------------------------------------- TL;DR comparisons (pairwise)
+
+
+def tldr_prompt(info: dict) -> str:
+  """The Stiennon et al. (2020) prompt: SUBREDDIT / TITLE / POST lines, then 'TL;DR:'."""
+  if "post" in info or "article" not in info:
+    body = "POST: " + _get(info, "post", str, "info.post")
+  else:
+    body = "ARTICLE: " + _get(info, "article", str, "info.article")
+  lines = []
+  if info.get("subreddit"):
+    lines.append(f"SUBREDDIT: r/{info['subreddit']}")
+  if info.get("title"):
+    lines.append(f"TITLE: {info['title']}")
+  return "\n".join(lines + [body.strip(), "TL;DR:"])
+
+
+def parse_tldr_record(record: dict) -> dict:
+  info = _get(record, "info", dict)
+  summaries = _get(record, "summaries", list)
+  if len(summaries) != 2:
+    raise _FieldError("summaries", f"expected 2 summaries, got {len(summaries)}")
+  texts = []
+  for i, summary in enumerate(summaries):
+    if not isinstance(summary, dict):
+      raise _FieldError(f"summaries[{i}]", f"expected an object, got {type(summary).__name__}")
+    texts.append(_nonempty(_get(summary, "text", str, f"summaries[{i}].text"), f"summaries[{i}].text"))
+  choice = _binary_choice(_get(record, "choice", int), "choice")
+  prompt = [{"role": "user", "content": tldr_prompt(info)}]
+  return _check_pair({"prompt": prompt, "chosen": texts[choice], "rejected": texts[1 - choice]})
+
+
+def read_tldr(path, *, skip_invalid: bool = False, skipped: list | None = None) -> Iterator[dict]:
+  """OpenAI summarize-from-feedback comparison lines -> pairwise examples."""
+  return _read(path, parse_tldr_record, skip_invalid, skipped)
+
+
+# ---------------------------------------------------------------- Stanford SHP (pairwise)
+
+
+def parse_shp_record(record: dict) -> dict:
+  history = _get(record, "history").strip()
+  if not history:
+    raise _FieldError("history", "empty")
+  ref_a = _nonempty(_get(record, "human_ref_A"), "human_ref_A")
+  ref_b = _nonempty(_get(record, "human_ref_B"), "human_ref_B")
+  a_wins = _binary_choice(_get(record, "labels", int), "labels")
+  chosen, rejected = (ref_a, ref_b) if a_wins else (ref_b, ref_a)
+  return _check_pair({"prompt": [{"role": "user", "content": history}], "chosen": chosen, "rejected": rejected})
+
+
+def read_shp(path, *, skip_invalid: bool = False, skipped: list | None = None) -> Iterator[dict]:
+  """Stanford SHP lines {"history", "human_ref_A", "human_ref_B", "labels"} -> pairwise examples."""
+  return _read(path, parse_shp_record, skip_invalid, skipped)
+
+
+READERS = {"hh_rlhf": read_hh_rlhf, "taskmaster4": read_taskmaster4, "tldr": read_tldr, "shp": read_shp}
+KINDS = {"hh_rlhf": "pairwise", "taskmaster4": "binary", "tldr": "pairwise", "shp": "pairwise"}
+
+
+def read_examples(fmt: str, path, **kwargs) -> list[dict]:
+  """Reads a whole file of format `fmt` (a READERS key) into a list."""
+  if fmt not in READERS:
+    raise ValueError(f"unknown data format {fmt!r}; expected one of {sorted(READERS)}")
+  return list(READERS[fmt](path, **kwargs))

@@ -1,0 +1,115 @@
+"""Reward model = decoder backbone (+ LoRA) + scalar head on the last non-pad token; train and eval steps.
+
+Trainable state is {"lora": ..., "head": ...} for PERL (backbone frozen, never differentiated) or
+{"backbone": ..., "head": ...} for full tuning; the frozen base params are a separate argument.
+"""
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from perl_jax import losses, lora, models
+from perl_jax.models import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+  """How the RM is built and trained: mode "lora" | "full", loss "bt" (pairwise) | "bce" (binary)."""
+  mode: str = "lora"
+  loss: str = "bt"
+  lora: lora.LoraConfig = lora.LoraConfig()
+
+
+def init_head(rng, hidden_size: int) -> dict:
+  """A [D,1] projection, N(0, 1/D) so initial rewards are O(1), plus a bias."""
+  return {"kernel": jax.random.normal(rng, (hidden_size, 1), jnp.float32) / jnp.sqrt(hidden_size),
+          "bias": jnp.zeros((1,), jnp.float32)}
+
+
+def init_trainable(rng, rcfg: RewardConfig, model_cfg: ModelConfig, base_params) -> dict:
+  """The trained pytree: LoRA + head (PERL) or a float32 copy of the backbone + head (full)."""
+  k_lora, k_head = jax.random.split(rng)
+  head = init_head(k_head, model_cfg.hidden_size)
+  if rcfg.mode == "lora":
+    return {"lora": lora.init(k_lora, base_params, rcfg.lora), "head": head}
+  if rcfg.mode == "full":
+    return {"backbone": jax.tree.map(lambda x: x.astype(jnp.float32), base_params), "head": head}
+  raise ValueError(f"reward mode must be 'lora' or 'full', got '{rcfg.mode}'")
+
+
+def last_token_index(mask_BxT):
+  """Index of the last non-pad token per row; right or left padding alike."""
+  t = jnp.arange(mask_BxT.shape[-1])
+  return jnp.max(jnp.where(mask_BxT.astype(bool), t, -1), axis=-1)
+
+
+def scores(model_cfg: ModelConfig, rcfg: RewardConfig, trainable, base_params, ids_BxT, mask_BxT):
+  """Scalar rewards r_B (float32) read at each row's last non-pad token."""
+  if rcfg.mode == "lora":
+    params, adapters = base_params, [(trainable["lora"], lora.scale(rcfg.lora))]
+  else:
+    params, adapters = trainable["backbone"], []
+  hidden = models.forward(model_cfg, params, ids_BxT, mask_BxT, adapters=adapters, return_logits=False).hidden
+  idx = last_token_index(mask_BxT)
+  h_BxD = jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+  return (h_BxD @ trainable["head"]["kernel"] + trainable["head"]["bias"])[:, 0]
+
+
+def batch_scores(model_cfg, rcfg, trainable, base_params, batch) -> jax.Array:
+  """Rewards for a batch: [B,2] (chosen, rejected) for pairwise data, [B] for binary data."""
+  ids, mask = batch["input_ids"], batch["attention_mask"]
+  if ids.ndim == 3:
+    b, two, t = ids.shape
+    return scores(model_cfg, rcfg, trainable, base_params, ids.reshape(b * two, t), mask.reshape(b * two, t)).reshape(b, two)
+  return scores(model_cfg, rcfg, trainable, base_params, ids, mask)
+
+
+def loss_fn(model_cfg, rcfg, trainable, base_params, batch) -> tuple[jax.Array, dict]:
+  """Bradley-Terry on pairs or BCE on thumbs labels, with the matching running metrics."""
+  r = batch_scores(model_cfg, rcfg, trainable, base_params, batch)
+  if rcfg.loss == "bt":
+    loss = losses.bradley_terry_loss(r[:, 0], r[:, 1])
+    return loss, {"loss": loss, "accuracy": losses.pairwise_accuracy(r[:, 0], r[:, 1]),
+                  "margin": losses.reward_margin(r[:, 0], r[:, 1])}
+  if rcfg.loss == "bce":
+    label = batch["label"].astype(jnp.float32)
+    loss = losses.binary_cross_entropy_loss(r, label)
+    return loss, {"loss": loss, "accuracy": jnp.mean((r > 0) == (label > 0.5))}
+  raise ValueError(f"reward loss must be 'bt' or 'bce', got '{rcfg.loss}'")
+
+
+def make_optimizer(lr: float, total_steps: int, warmup_steps: int, weight_decay: float = 0.0,
+                   clip_norm: float = 1.0, b2: float = 0.999) -> optax.GradientTransformation:
+  """AdamW with linear warm-up then cosine decay, after global-norm clipping."""
+  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 1), max(total_steps, warmup_steps + 1), lr * 0.1)
+  return optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, b2=b2, weight_decay=weight_decay))
+
+
+def train_step(model_cfg, rcfg, optimizer, state: dict[str, Any], base_params, batch):
+  """One update of the trainable pytree only; the gradient is never taken w.r.t. base_params."""
+  grad_fn = jax.value_and_grad(lambda tr: loss_fn(model_cfg, rcfg, tr, base_params, batch), has_aux=True)
+  (_, metrics), grads = grad_fn(state["trainable"])
+  updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
+  trainable = optax.apply_updates(state["trainable"], updates)
+  metrics["grad_norm"] = optax.global_norm(grads)
+  return {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}, metrics
+
+
+def init_state(trainable, optimizer) -> dict:
+  return {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": optimizer.init(trainable)}
+
+
+def jit_train_step(model_cfg, rcfg, optimizer, state_shardings, base_shardings, batch_sharding, replicated):
+  """train_step jitted with explicit in/out shardings; the old state's buffers are donated."""
+  return jax.jit(
+      lambda state, base, batch: train_step(model_cfg, rcfg, optimizer, state, base, batch),
+      in_shardings=(state_shardings, base_shardings, batch_sharding),
+      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+
+def jit_scores(model_cfg, rcfg, trainable_shardings, base_shardings, batch_sharding, replicated):
+  """Batch rewards, jitted, gathered to every host for host-side metrics."""
+  return jax.jit(lambda tr, base, batch: batch_scores(model_cfg, rcfg, tr, base, batch),
+                 in_shardings=(trainable_shardings, base_shardings, batch_sharding), out_shardings=replicated)
