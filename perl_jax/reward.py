@@ -19,7 +19,7 @@ class RewardConfig:
   """How the RM is built and trained: mode "lora" | "full", loss "bt" (pairwise) | "bce" (binary)."""
   mode: str = "lora"
   loss: str = "bt"
-  lora: lora.LoraConfig = lora.LoraConfig()
+  lora_cfg: lora.LoraConfig = lora.LoraConfig()
 
 
 def init_head(rng, hidden_size: int) -> dict:
@@ -33,7 +33,7 @@ def init_trainable(rng, rcfg: RewardConfig, model_cfg: ModelConfig, base_params)
   k_lora, k_head = jax.random.split(rng)
   head = init_head(k_head, model_cfg.hidden_size)
   if rcfg.mode == "lora":
-    return {"lora": lora.init(k_lora, base_params, rcfg.lora), "head": head}
+    return {"lora": lora.init(k_lora, base_params, rcfg.lora_cfg), "head": head}
   if rcfg.mode == "full":
     return {"backbone": jax.tree.map(lambda x: x.astype(jnp.float32), base_params), "head": head}
   raise ValueError(f"reward mode must be 'lora' or 'full', got '{rcfg.mode}'")
@@ -48,7 +48,7 @@ def last_token_index(mask_BxT):
 def scores(model_cfg: ModelConfig, rcfg: RewardConfig, trainable, base_params, ids_BxT, mask_BxT):
   """Scalar rewards r_B (float32) read at each row's last non-pad token."""
   if rcfg.mode == "lora":
-    params, adapters = base_params, [(trainable["lora"], lora.scale(rcfg.lora))]
+    params, adapters = base_params, [(trainable["lora"], lora.scale(rcfg.lora_cfg))]
   else:
     params, adapters = trainable["backbone"], []
   hidden = models.forward(model_cfg, params, ids_BxT, mask_BxT, adapters=adapters, return_logits=False).hidden
@@ -80,11 +80,15 @@ def loss_fn(model_cfg, rcfg, trainable, base_params, batch) -> tuple[jax.Array, 
   raise ValueError(f"reward loss must be 'bt' or 'bce', got '{rcfg.loss}'")
 
 
-def make_optimizer(lr: float, total_steps: int, warmup_steps: int, weight_decay: float = 0.0,
-                   clip_norm: float = 1.0, b2: float = 0.999) -> optax.GradientTransformation:
-  """AdamW with linear warm-up then cosine decay, after global-norm clipping."""
-  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 1), max(total_steps, warmup_steps + 1), lr * 0.1)
-  return optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, b2=b2, weight_decay=weight_decay))
+def make_schedule(lr: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
+  """Linear warm-up to `lr`, then cosine decay to lr/10 at `total_steps`."""
+  warmup = max(warmup_steps, 1)
+  return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1), lr * 0.1)
+
+
+def make_optimizer(schedule, weight_decay: float = 0.0, clip_norm: float = 1.0) -> optax.GradientTransformation:
+  """AdamW on the schedule, after global-norm clipping."""
+  return optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, weight_decay=weight_decay))
 
 
 def train_step(model_cfg, rcfg, optimizer, state: dict[str, Any], base_params, batch):
@@ -94,11 +98,13 @@ def train_step(model_cfg, rcfg, optimizer, state: dict[str, Any], base_params, b
   updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
   trainable = optax.apply_updates(state["trainable"], updates)
   metrics["grad_norm"] = optax.global_norm(grads)
-  return {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}, metrics
+  return {**state, "step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}, metrics
 
 
-def init_state(trainable, optimizer) -> dict:
-  return {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": optimizer.init(trainable)}
+def init_state(trainable, optimizer, rng_data) -> dict:
+  """Everything a resumed run needs besides the data position: step, trainable, optimizer, RNG key data."""
+  return {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": optimizer.init(trainable),
+          "rng": rng_data}
 
 
 def jit_train_step(model_cfg, rcfg, optimizer, state_shardings, base_shardings, batch_sharding, replicated):

@@ -115,7 +115,7 @@ def _check_complete(shapes, params, where, prefix=""):
       _check_complete(v, params[k], where, f"{prefix}{k}/")
 
 
-def load_safetensors_folder(path: pathlib.Path, dtype=jnp.float32, **overrides):
+def load_safetensors_folder(path: pathlib.Path, param_dtype=jnp.float32, **overrides):
   """An HF folder: config.json plus one or many (indexed) .safetensors shards."""
   from safetensors import safe_open
   cfg = load_hf_config(path, **overrides)
@@ -129,7 +129,7 @@ def load_safetensors_folder(path: pathlib.Path, dtype=jnp.float32, **overrides):
         for name in sf.keys():
           yield name, np.asarray(sf.get_tensor(name))
 
-  return cfg, _assemble(cfg, tensors(), str(path), _hf_path, dtype)
+  return cfg, _assemble(cfg, tensors(), str(path), _hf_path, param_dtype)
 
 
 def _gguf_fields(reader) -> dict:
@@ -178,7 +178,7 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
   return w.reshape(n_heads, out // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_gguf(path: pathlib.Path, dtype=jnp.float32, **overrides):
+def load_gguf(path: pathlib.Path, param_dtype=jnp.float32, **overrides):
   """A GGUF file: metadata to config, tensors dequantized with the gguf package."""
   import gguf
   try:
@@ -210,16 +210,17 @@ def load_gguf(path: pathlib.Path, dtype=jnp.float32, **overrides):
       return _GGUF_LAYER[m.group(2)], int(m.group(1))
     return None
 
-  return cfg, _assemble(cfg, tensors(), str(path), to_path, dtype)
+  return cfg, _assemble(cfg, tensors(), str(path), to_path, param_dtype)
 
 
-def load_pretrained(path, dtype=jnp.float32, **overrides) -> tuple[ModelConfig, dict]:
-  """(config, params) from an HF folder or a .gguf file; `overrides` set run-time fields (dtype, remat...)."""
+def load_pretrained(path, param_dtype=jnp.float32, **overrides) -> tuple[ModelConfig, dict]:
+  """(config, params) from an HF folder or a .gguf file; params stored as `param_dtype`; `overrides` set
+  config fields such as the compute dtype, remat or scan_layers."""
   path = pathlib.Path(path)
   if not path.exists():
     raise ConfigError(f"{path}: no such file or folder")
   if path.is_file() and path.suffix == ".gguf":
-    return load_gguf(path, dtype, **overrides)
+    return load_gguf(path, param_dtype, **overrides)
   if path.is_dir():
-    return load_safetensors_folder(path, dtype, **overrides)
+    return load_safetensors_folder(path, param_dtype, **overrides)
   raise ConfigError(f"{path}: expected a folder with config.json + *.safetensors, or a .gguf file")

@@ -1,0 +1,34 @@
+"""Reward models on SmolLM2-135M-Instruct (the embedded GGUF): PERL (LoRA) vs full tuning.
+
+  python scripts/train_reward.py --config experiments/rm/smollm2.py:tm4_lora --workdir runs/tm4_lora
+Arguments: {tm4,hh}_{lora,full}. tm4 = Taskmaster-4 thumbs up/down (BCE, the paper's released data),
+hh = Anthropic HH-RLHF harmless pairs (Bradley-Terry). Any field can be overridden: --config.steps=50.
+"""
+import ml_collections
+
+DATA = {
+    "tm4": dict(format="taskmaster4", path="experiments/data/taskmaster4/reward.jsonl.gz", max_len=320,
+                skip_invalid=False),
+    "hh": dict(format="hh_rlhf", path="experiments/data/hh-rlhf-harmless/pairs.jsonl.gz", max_len=256,
+               skip_invalid=True),  # 4 lines of the public file have an empty chosen reply.
+}
+
+
+def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
+  dataset, mode = arg.split("_")
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.mode = mode
+  c.model = dict(path="", param_dtype="float32", dtype="float32", remat="none")
+  c.data = dict(eval_path="", eval_fraction=0.1, seed=0, batch_size=16, eval_batch_size=32,
+                min_prompt_tokens=64, max_train_examples=0, max_eval_examples=0, **DATA[dataset])
+  c.lora = dict(rank=4, alpha=8.0, targets="attention")  # Paper: attention projections, ranks 1-16.
+  c.optim = dict(lr=5e-4 if mode == "lora" else 2e-5, warmup_steps=20, weight_decay=0.0, clip_norm=1.0)
+  c.steps = 300
+  c.log_every = 5
+  c.eval_every = 100
+  c.checkpoint_every = 50
+  c.keep_checkpoints = 2
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.multihost = False
+  return c
