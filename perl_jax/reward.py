@@ -81,9 +81,9 @@ def loss_fn(model_cfg, rcfg, trainable, base_params, batch) -> tuple[jax.Array, 
 
 
 def make_schedule(lr: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
-  """Linear warm-up to `lr`, then cosine decay to lr/10 at `total_steps`."""
+  """Linear warm-up to `lr` (the first update already moves), then cosine decay to lr/10 at `total_steps`."""
   warmup = max(warmup_steps, 1)
-  return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1), lr * 0.1)
+  return optax.warmup_cosine_decay_schedule(lr / warmup, lr, warmup, max(total_steps, warmup + 1), lr * 0.1)
 
 
 def make_optimizer(schedule, weight_decay: float = 0.0, clip_norm: float = 1.0) -> optax.GradientTransformation:

@@ -90,8 +90,10 @@ def evaluate(score_fn, trainable, base, arrays, batch_size: int, mesh, kind: str
   return m
 
 
-def train_reward(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None) -> dict:
-  """Trains (or resumes) the RM described by `config` in `workdir`; returns the final eval metrics."""
+def train_reward(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None):
+  """Trains (or resumes) the RM described by `config` in `workdir`; returns (final state, eval metrics).
+
+  `stop_after` ends the run early at that step with a checkpoint, as a pre-emption would."""
   workdir = pathlib.Path(workdir)
   sharding.initialize_distributed(config.multihost)
   rcfg = reward_config(config)
@@ -100,6 +102,11 @@ def train_reward(config: ml_collections.ConfigDict, workdir: str, stop_after: in
   kind = data.KINDS[config.data.format]
 
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  for field in ("batch_size", "eval_batch_size"):
+    if config.data[field] % shards:
+      raise models.ConfigError(f"config: field 'data.{field}': {config.data[field]} is not divisible by "
+                               f"data x fsdp = {shards} devices")
   schedule = reward.make_schedule(config.optim.lr, config.steps, config.optim.warmup_steps)
   optimizer = reward.make_optimizer(schedule, config.optim.weight_decay, config.optim.clip_norm)
   trainable = reward.init_trainable(jax.random.key(config.seed), rcfg, model_cfg, base)
@@ -152,5 +159,5 @@ def train_reward(config: ml_collections.ConfigDict, workdir: str, stop_after: in
   writer.close()
   if jax.process_index() == 0 and eval_metrics and stop_after is None:
     (workdir / "eval.json").write_text(json.dumps(eval_metrics, indent=1))
-  return eval_metrics
+  return state, eval_metrics
 

@@ -26,3 +26,27 @@ def random_batch(seed, batch, seq, vocab, left_pad=()):
     mask[row, :n] = 0
     ids[row, :n] = 0
   return jnp.asarray(ids), jnp.asarray(mask)
+
+
+def make_tiny_hf_folder(folder, seed=0):
+  """A 2-layer Llama saved by transformers (safetensors) with the real SmolLM2 tokenizer beside it."""
+  import torch
+  import transformers
+  hf_cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                    bos_token_id=1, eos_token_id=2, pad_token_id=2)
+  torch.manual_seed(seed)
+  transformers.LlamaForCausalLM(hf_cfg).save_pretrained(folder, safe_serialization=True)
+  models.load_tokenizer(models.default_model_path()).save_pretrained(folder)
+  return folder
+
+
+def head_lines(src, dst, n, start=0):
+  """Copies lines [start, start+n) of a (gzipped) JSONL file into a plain file."""
+  import gzip
+  opener = gzip.open if str(src).endswith(".gz") else open
+  with opener(src, "rt") as f:
+    lines = f.readlines()[start:start + n]
+  with open(dst, "w") as f:
+    f.writelines(lines)
+  return dst

@@ -1,0 +1,204 @@
+"""Offline eval and HF / PEFT export of a trained RM, checked against transformers + PEFT (torch) as oracles.
+
+A tiny random Llama (SmolLM2 tokenizer) is saved as an HF folder, trained for 2 steps with train.train_reward on
+a small Taskmaster-4 file (BCE, so the head bias moves off 0), then restored, evaluated and exported.
+"""
+import dataclasses
+import json
+import os
+import runpy
+import subprocess
+import sys
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from perl_jax import data, export, lora, losses, models, reward, train
+from tests.conftest import ROOT
+
+WORDS = ("coffee tea latte espresso large small iced hot oat milk sugar please thanks order pickup time name "
+         "table booking tonight tomorrow two four people window quiet menu price receipt").split()
+
+
+def _text(rng, n):
+  return " ".join(rng.choice(WORDS, size=n))
+
+
+def _write_tm4(path, n, seed):
+  rng = np.random.default_rng(seed)
+  with open(path, "w") as f:
+    for i in range(n):
+      context = [{"role": "agent", "text": "Welcome, what can I get you?"},
+                 {"role": "user", "text": _text(rng, int(rng.integers(2, 12)))}]
+      generation = {"role": "agent", "text": _text(rng, int(rng.integers(1, 10)))}
+      f.write(json.dumps({"context": json.dumps(context), "generation": json.dumps(generation),
+                          "reward": float(i % 2)}) + "\n")
+
+
+def _write_hh(path, n, seed):
+  rng = np.random.default_rng(seed)
+  with open(path, "w") as f:
+    for _ in range(n):
+      prompt = f"\n\nHuman: {_text(rng, int(rng.integers(2, 10)))}\n\nAssistant:"
+      f.write(json.dumps({"chosen": prompt + " " + _text(rng, int(rng.integers(1, 8))),
+                          "rejected": prompt + " " + _text(rng, int(rng.integers(1, 8))) + " no"}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  root = tmp_path_factory.mktemp("export")
+  base = root / "base"
+  torch.manual_seed(0)
+  hf_cfg = transformers.LlamaConfig(
+      vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, head_dim=8, max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1,
+      eos_token_id=2, pad_token_id=2, tie_word_embeddings=False, initializer_range=0.1)
+  lm = transformers.LlamaForCausalLM(hf_cfg)
+  with torch.no_grad():
+    for name, p in lm.named_parameters():
+      if "norm" in name:
+        p.normal_(1.0, 0.2)
+  lm.save_pretrained(base)
+  models.load_tokenizer(models.default_model_path()).save_pretrained(base)
+
+  files = types.SimpleNamespace(train=root / "tm4_train.jsonl", eval=root / "tm4_eval.jsonl", hh=root / "hh.jsonl")
+  _write_tm4(files.train, 16, 0)
+  _write_tm4(files.eval, 12, 1)
+  _write_hh(files.hh, 10, 2)
+  config = runpy.run_path(str(ROOT / "experiments/rm/smollm2.py"))["get_config"]("tm4_lora")
+  config.model.path = str(base)
+  config.data.update(path=str(files.train), eval_path=str(files.eval), max_len=64, min_prompt_tokens=8,
+                     batch_size=8, eval_batch_size=8)
+  config.optim.update(lr=0.05, warmup_steps=1)
+  config.update(steps=2, log_every=1, eval_every=2, checkpoint_every=2)
+  workdir = root / "run"
+  train.train_reward(config, str(workdir))
+  rm = export.restore(workdir)
+  host = types.SimpleNamespace(trainable=jax.device_get(rm.trainable), base=jax.device_get(rm.base))
+  return types.SimpleNamespace(root=root, base=base, files=files, config=config, workdir=workdir, rm=rm, host=host)
+
+
+def _encoded(run, fmt, path, with_truncated=False):
+  arrays, num_truncated = train.encode(fmt, data.read_examples(fmt, path), run.rm.tokenizer, run.config.data)
+  return (arrays, num_truncated) if with_truncated else arrays
+
+
+def _our_scores(run, ids, mask):
+  rm = run.rm
+  return np.asarray(reward.scores(rm.model_cfg, rm.rcfg, run.host.trainable, run.host.base, ids, mask))
+
+
+def _hf_scores(model, ids, mask, pad_id):
+  import torch
+  ids = np.where(mask.astype(bool), ids, pad_id)
+  with torch.no_grad():
+    logits = model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits
+  return logits[:, 0].double().numpy()
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=dict(os.environ),
+                        timeout=300)
+
+
+def test_restore_gives_trained_state(run):
+  assert run.rm.step == 2
+  assert export.head_bias(run.rm) != 0.0
+  assert all(np.abs(b).max() > 0 for b in jax.tree.leaves(run.host.trainable["lora"]))
+
+
+def test_merged_export_matches_transformers(run):
+  from transformers import AutoModelForSequenceClassification
+  out = run.root / "merged"
+  result = _cli("scripts/export.py", "--workdir", str(run.workdir), "--out", str(out), "--format", "merged")
+  assert result.returncode == 0, result.stderr
+  config = json.loads((out / "config.json").read_text())
+  pad = config["pad_token_id"]
+  assert config["architectures"] == ["LlamaForSequenceClassification"]
+  assert pad not in (2, None) and config["perl_reward_bias"] == pytest.approx(export.head_bias(run.rm))
+  model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+  assert model.config.num_labels == 1
+  arrays = _encoded(run, "taskmaster4", run.files.eval)
+  ids, mask = arrays["input_ids"], arrays["attention_mask"]
+  ours = _our_scores(run, ids, mask)
+  np.testing.assert_allclose(_hf_scores(model, ids, mask, pad) + config["perl_reward_bias"], ours, atol=1e-4)
+
+  from transformers import AutoTokenizer
+  assert AutoTokenizer.from_pretrained(out).pad_token_id == pad
+
+
+def test_merged_export_loads_in_perl_jax(run):
+  out = run.root / "merged_inproc"
+  export.export_merged(run.rm, out)
+  cfg, params = models.load_pretrained(out)
+  rm = run.rm
+  arrays = _encoded(run, "taskmaster4", run.files.eval)
+  ids, mask = arrays["input_ids"], arrays["attention_mask"]
+  lora_tree, scale = run.host.trainable["lora"], lora.scale(rm.rcfg.lora_cfg)
+  loaded = models.forward(cfg, params, ids, mask).logits
+  merged = models.forward(rm.model_cfg, lora.merge(run.host.base, lora_tree, scale), ids, mask).logits
+  adapted = models.forward(rm.model_cfg, run.host.base, ids, mask, adapters=[(lora_tree, scale)]).logits
+  np.testing.assert_allclose(loaded, merged, atol=1e-4)
+  np.testing.assert_allclose(loaded, adapted, atol=1e-4)
+
+
+def test_peft_export_matches_peft(run):
+  from peft import PeftModel
+  from transformers import AutoModelForSequenceClassification
+  out = export.export_peft(run.rm, run.root / "peft")
+  adapter = json.loads((out / "adapter_config.json").read_text())
+  assert adapter["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+  assert (adapter["r"], adapter["lora_alpha"], adapter["task_type"]) == (4, 8, "SEQ_CLS")
+  side = json.loads((out / export.SIDE_FILE).read_text())
+  base = AutoModelForSequenceClassification.from_pretrained(run.base, num_labels=1, pad_token_id=side["pad_token_id"])
+  model = PeftModel.from_pretrained(base, out).eval()
+  arrays = _encoded(run, "taskmaster4", run.files.eval)
+  ids, mask = arrays["input_ids"], arrays["attention_mask"]
+  np.testing.assert_allclose(_hf_scores(model, ids, mask, side["pad_token_id"]) + side["bias"],
+                             _our_scores(run, ids, mask), atol=1e-4)
+
+
+def test_peft_export_refuses_full_mode(run):
+  rm = dataclasses.replace(run.rm, rcfg=dataclasses.replace(run.rm.rcfg, mode="full"))
+  with pytest.raises(models.ConfigError, match="merged"):
+    export.export_peft(rm, run.root / "peft_full")
+
+
+def _expected_binary(run):
+  arrays, num_truncated = _encoded(run, "taskmaster4", run.files.eval, with_truncated=True)
+  r, y = _our_scores(run, arrays["input_ids"], arrays["attention_mask"]), arrays["label"]
+  return {**losses.binary_metrics(r, y), "loss": float(np.mean(np.logaddexp(0, r) - y * r)), "num_examples": 12,
+          "num_truncated": num_truncated}
+
+
+def _expected_pairwise(run):
+  arrays, num_truncated = _encoded(run, "hh_rlhf", run.files.hh, with_truncated=True)
+  n, two, t = arrays["input_ids"].shape
+  r = _our_scores(run, arrays["input_ids"].reshape(-1, t), arrays["attention_mask"].reshape(-1, t)).reshape(n, 2)
+  return {**losses.pairwise_metrics(r[:, 0], r[:, 1]), "num_examples": 10, "num_truncated": num_truncated}
+
+
+@pytest.mark.parametrize("fmt,extra", [("binary", ()), ("pairwise", ("--format", "pairwise", "--batch_size", "16"))])
+def test_eval_reward_cli(run, fmt, extra):
+  data_file = run.files.eval if fmt == "binary" else run.files.hh
+  result = _cli("scripts/eval_reward.py", "--workdir", str(run.workdir), "--data", str(data_file), *extra)
+  assert result.returncode == 0, result.stderr
+  assert len(result.stdout.strip().splitlines()) == 1
+  got = json.loads(result.stdout)
+  expected = _expected_binary(run) if fmt == "binary" else _expected_pairwise(run)
+  assert set(got) == set(expected) | {"step", "format"}
+  assert (got["step"], got["format"]) == (2, "taskmaster4" if fmt == "binary" else "hh_rlhf")
+  for key, value in expected.items():
+    assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def test_eval_reward_cli_missing_data(run):
+  missing = run.root / "nope.jsonl"
+  result = _cli("scripts/eval_reward.py", "--workdir", str(run.workdir), "--data", str(missing))
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and str(missing) in lines[0]

@@ -1,0 +1,109 @@
+"""RM training loop: a resumed run ends bit-identical to an uninterrupted one; bad input fails cleanly."""
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from perl_jax import checkpoint, data, models, train
+from tests.conftest import ROOT
+from tests.helpers import head_lines, make_tiny_hf_folder
+
+sys.path.insert(0, str(ROOT))
+from experiments.rm import smollm2  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  d = tmp_path_factory.mktemp("tiny")
+  make_tiny_hf_folder(d / "model")
+  head_lines(ROOT / "experiments/data/taskmaster4/reward.jsonl.gz", d / "tm4.jsonl", 48)
+  head_lines(ROOT / "experiments/data/hh-rlhf-harmless/pairs.jsonl.gz", d / "hh.jsonl", 24)
+  return d
+
+
+def _config(tiny, arg="tm4_lora", **over):
+  c = smollm2.get_config(arg)
+  c.model.path = str(tiny / "model")
+  c.data.path = str(tiny / ("tm4.jsonl" if arg.startswith("tm4") else "hh.jsonl"))
+  c.data.update(max_len=64, min_prompt_tokens=16, batch_size=8, eval_batch_size=8, eval_fraction=0.25)
+  c.update(steps=6, log_every=2, eval_every=3, checkpoint_every=2, keep_checkpoints=3)
+  c.optim.warmup_steps = 2
+  for k, v in over.items():
+    node, *rest = k.split(".")
+    (c[node] if rest else c)[rest[0] if rest else node] = v
+  return c
+
+
+@pytest.mark.parametrize("arg", ["tm4_lora", "hh_full"])
+def test_resumed_run_is_bit_identical(tiny, tmp_path, arg):
+  cfg = _config(tiny, arg)
+  full_state, full_eval = train.train_reward(cfg, tmp_path / "a")
+  train.train_reward(cfg, tmp_path / "b", stop_after=3)
+  assert checkpoint.Checkpointer(tmp_path / "b" / "checkpoints").latest_step() == 3
+  resumed_state, resumed_eval = train.train_reward(cfg, tmp_path / "b")
+  assert int(resumed_state["step"]) == int(full_state["step"]) == 6
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), full_state, resumed_state)
+  np.testing.assert_equal(full_eval, resumed_eval)
+  lines = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+  assert [l["step"] for l in lines if "train/loss" in l] == [2, 4, 6]
+  np.testing.assert_equal(json.loads((tmp_path / "a" / "eval.json").read_text()), full_eval)
+
+
+def _bad_file(tmp_path, tiny, kind):
+  lines = (tiny / "tm4.jsonl").read_text().splitlines()
+  rec = json.loads(lines[3])
+  if kind == "malformed":
+    lines[3] = lines[3][:-5]
+  elif kind == "reward":
+    rec["reward"] = 0.5
+    lines[3] = json.dumps(rec)
+  elif kind == "missing":
+    del rec["generation"]
+    lines[3] = json.dumps(rec)
+  path = tmp_path / f"{kind}.jsonl"
+  path.write_text("\n".join(lines) + "\n")
+  return path
+
+
+@pytest.mark.parametrize("kind,field", [("malformed", "malformed JSON"), ("reward", "'reward'"),
+                                        ("missing", "'generation'")])
+def test_bad_data_line_names_file_line_field_and_writes_nothing(tiny, tmp_path, kind, field):
+  path = _bad_file(tmp_path, tiny, kind)
+  cfg = _config(tiny)
+  cfg.data.path = str(path)
+  with pytest.raises(data.DataError) as e:
+    train.train_reward(cfg, tmp_path / "run")
+  msg = str(e.value)
+  assert msg.startswith(f"{path}:4:") and field in msg and "\n" not in msg
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_cli_exits_nonzero_with_one_line_and_keeps_last_checkpoint(tiny, tmp_path):
+  cfg_args = ["--config", str(ROOT / "experiments/rm/smollm2.py:tm4_lora"), "--workdir", str(tmp_path / "run"),
+              f"--config.model.path={tiny / 'model'}", "--config.data.max_len=64", "--config.data.batch_size=8", "--config.data.eval_batch_size=8",
+              "--config.data.min_prompt_tokens=16", "--config.steps=2", "--config.eval_every=100",
+              "--config.checkpoint_every=2", "--config.data.eval_fraction=0.25"]
+  env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+  ok = subprocess.run([sys.executable, "scripts/train_reward.py", *cfg_args, f"--config.data.path={tiny / 'tm4.jsonl'}"],
+                      cwd=ROOT, env=env, capture_output=True, text=True)
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  ckpt = tmp_path / "run" / "checkpoints"
+  before = sorted(p.name for p in ckpt.iterdir())
+  bad = _bad_file(tmp_path, tiny, "reward")
+  for data_path in (bad, tmp_path / "nope.jsonl"):
+    r = subprocess.run([sys.executable, "scripts/train_reward.py", *cfg_args, "--config.steps=4",
+                        f"--config.data.path={data_path}"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 2
+    err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(err) == 1 and str(data_path) in err[0], r.stderr[-2000:]
+    assert sorted(p.name for p in ckpt.iterdir()) == before
+
+
+def test_missing_model_is_one_clear_error(tiny, tmp_path):
+  cfg = _config(tiny)
+  cfg.model.path = str(tmp_path / "no_model")
+  with pytest.raises(models.ConfigError, match="no_model: no such file"):
+    train.train_reward(cfg, tmp_path / "run")
