@@ -1,0 +1,50 @@
+"""Evaluate a trained reward model (a train_reward workdir) on a data file; prints one JSON object.
+
+  python scripts/eval_reward.py --workdir runs/tm4 --data FILE [--format pairwise|binary|hh_rlhf|taskmaster4|tldr|shp]
+      [--split all|train|eval] [--batch_size 32] [--step N] [--model_path BASE]
+pairwise data gives accuracy, mean_margin, loss; binary data accuracy, balanced_accuracy, roc_auc,
+positive_rate, loss; both add num_examples, num_truncated and the checkpoint step.
+"""
+import json
+import logging
+import math
+import sys
+
+from absl import app, flags
+
+from perl_jax import data, export, models
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder written by train_reward (run.json, checkpoints/).")
+_DATA = flags.DEFINE_string("data", None, "Data file (.jsonl or .jsonl.gz).")
+_FORMAT = flags.DEFINE_enum("format", None, sorted([*export.FORMAT_ALIASES, *data.READERS]),
+                            "Data format; pairwise = hh_rlhf, binary = taskmaster4. Default: the run's format.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Eval batch size. Default: the run's data.eval_batch_size.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step. Default: the latest.")
+_MODEL_PATH = flags.DEFINE_string("model_path", None, "Base model, if it moved since training.")
+_SKIP_INVALID = flags.DEFINE_bool("skip_invalid", False, "Skip (and log) invalid records instead of failing.")
+_SPLIT = flags.DEFINE_enum("split", "all", ["all", "train", "eval"],
+                           "all = every example of --data; train/eval = the run's seeded split of it "
+                           "(data.eval_fraction, data.seed), e.g. to score the held-out part of the training file.")
+flags.mark_flags_as_required(["workdir", "data"])
+
+
+def main(_):
+  logging.getLogger().setLevel(logging.WARNING)
+  try:
+    fmt = export.resolve_format(_FORMAT.value, export.read_run(_WORKDIR.value))
+    examples = data.read_examples(fmt, _DATA.value, skip_invalid=_SKIP_INVALID.value)
+    if _SPLIT.value != "all":
+      dc = export.read_run(_WORKDIR.value).data
+      train_ex, eval_ex = data.split_train_eval(examples, dc.eval_fraction, seed=dc.seed)
+      examples = eval_ex if _SPLIT.value == "eval" else train_ex
+    rm = export.restore(_WORKDIR.value, step=_STEP.value, model_path=_MODEL_PATH.value)
+    metrics = export.evaluate_examples(rm, fmt, examples, _BATCH_SIZE.value, where=_DATA.value)
+  except (data.DataError, models.ConfigError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  metrics = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
+  print(json.dumps({**metrics, "step": rm.step, "format": fmt}))
+
+
+if __name__ == "__main__":
+  app.run(main)

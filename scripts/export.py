@@ -1,0 +1,45 @@
+"""Export a trained reward model (a train_reward workdir) for Hugging Face transformers or PEFT.
+
+  python scripts/export.py --workdir runs/tm4 --out exported/tm4 --format merged|peft [--step N]
+merged: a self-contained AutoModelForSequenceClassification folder (LoRA merged, tokenizer included).
+peft:   a LoRA adapter folder for PeftModel.from_pretrained(AutoModelForSequenceClassification(base), OUT).
+transformers' score layer has no bias: add config.json "perl_reward_bias" (merged) or perl_reward.json
+"bias" (peft) to its logits to get this codebase's rewards.
+"""
+import logging
+import sys
+
+from absl import app, flags
+
+from perl_jax import data, export, models
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder written by train_reward (run.json, checkpoints/).")
+_OUT = flags.DEFINE_string("out", None, "Output folder (created).")
+_FORMAT = flags.DEFINE_enum("format", "merged", ["merged", "peft"], "merged HF model or PEFT adapter.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step. Default: the latest.")
+_MODEL_PATH = flags.DEFINE_string("model_path", None, "Base model, if it moved since training.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weight dtype of a merged export.")
+flags.mark_flags_as_required(["workdir", "out"])
+
+
+def main(_):
+  logging.getLogger().setLevel(logging.WARNING)
+  logging.getLogger("perl_jax").setLevel(logging.INFO)
+  try:
+    config = export.read_run(_WORKDIR.value)
+    if _FORMAT.value == "peft" and config.mode != "lora":
+      raise models.ConfigError(f"{_WORKDIR.value}: mode '{config.mode}' trains no adapter: use --format merged")
+    rm = export.restore(_WORKDIR.value, step=_STEP.value, model_path=_MODEL_PATH.value)
+    if _FORMAT.value == "merged":
+      out = export.export_merged(rm, _OUT.value, _DTYPE.value)
+    else:
+      out = export.export_peft(rm, _OUT.value)
+  except (data.DataError, models.ConfigError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  logging.getLogger("perl_jax").info("step %d exported to %s (%s); head bias %.6g", rm.step, out, _FORMAT.value,
+                                     export.head_bias(rm))
+
+
+if __name__ == "__main__":
+  app.run(main)
