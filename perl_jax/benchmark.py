@@ -61,6 +61,10 @@ KNOWN_TOTALS = {"smollm2-135m": 134_515_008, "1b": 1_235_814_400, "2b": 2_614_34
 PAPER = {"rm": {"memory": (0.43, 0.74), "speedup": (1.15, 1.9)}, "rl": {"memory": (0.74, 0.80),
                                                                       "speedup": (1.05, 1.3)}}
 PEAK_FLOPS_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# XLA:CPU has no bf16 dot: it upcasts operands to f32 and then hoists the convert of each whole stacked
+# [L,in,out] frozen kernel out of the layer loop, i.e. an f32 copy of the base (4 * N_mm bytes) that GPU/TPU,
+# with native bf16 dots, never make. Without loop-invariant code motion the copy is one layer at a time.
+CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 
 
 def memory_target(total_params: int) -> float:
@@ -177,8 +181,11 @@ def build(cfg: ModelConfig, mode: str, dtype: str, lora_cfg: lora.LoraConfig, ab
 
 def measure(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dtype: str = "bfloat16",
             lora_cfg: lora.LoraConfig = lora.LoraConfig(), abstract: bool = False, steps: int = 5,
-            base_params=None, mesh=None) -> dict:
-  """Compiles (and unless abstract, times) reward.train_step for one mode; returns one JSON-able row."""
+            base_params=None, mesh=None, cpu_no_hoist: bool = True) -> dict:
+  """Compiles (and unless abstract, times) reward.train_step for one mode; returns one JSON-able row.
+
+  `cpu_no_hoist` compiles with CPU_COMPILER_OPTIONS on CPU, so the memory estimate is not inflated by a
+  CPU-only f32 copy of the frozen weights."""
   cfg = dataclasses.replace(cfg, dtype=policy(dtype).compute)
   mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
   rcfg, optimizer, state, base = build(cfg, mode, dtype, lora_cfg, abstract, base_params)
@@ -186,8 +193,9 @@ def measure(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dty
   state_sh, base_sh = sharding.shardings(state, mesh), sharding.shardings(base, mesh)
   batch_sh = {k: sharding.batch_sharding(mesh, 3) for k in batch}
   step = reward.jit_train_step(cfg, rcfg, optimizer, state_sh, base_sh, batch_sh, sharding.replicated(mesh))
+  options = CPU_COMPILER_OPTIONS if cpu_no_hoist and jax.default_backend() == "cpu" else None
   t0 = time.perf_counter()
-  compiled = step.lower(_abstract(state), _abstract(base), _abstract(batch)).compile()
+  compiled = step.lower(_abstract(state), _abstract(base), _abstract(batch)).compile(compiler_options=options)
   compile_s = time.perf_counter() - t0
 
   n_trainable = lora.num_params(state["trainable"])
@@ -202,7 +210,7 @@ def measure(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dty
              lora_targets=list(lora_cfg.targets) if mode == "lora" else None, abstract=abstract,
              trainable_params=n_trainable, total_params=n_total, tokens_per_step=sequences * seq,
              **memory_bytes(compiled.memory_analysis()), compile_s=compile_s, backend=jax.default_backend(),
-             device_kind=device.device_kind, num_devices=mesh.devices.size, jax_version=jax.__version__, **flops,
+             device_kind=device.device_kind, compiler_options=options, num_devices=mesh.devices.size, jax_version=jax.__version__, **flops,
              peak_flops_bf16=peak_flops(device.device_kind), peak_bytes_in_use=None, step_times_s=None,
              step_s=None, tokens_per_s=None, mfu=None)
   if abstract:

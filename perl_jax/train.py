@@ -67,6 +67,18 @@ def load_data(config, tokenizer):
 MODEL_KEYS = ("input_ids", "attention_mask", "label")
 
 
+def train_arrays_head(arrays: dict, config) -> dict:
+  """The first global batch's worth of rows on this host, to compile the step before the loop."""
+  n = config.data.batch_size // jax.process_count()
+  return {k: v[:n] for k, v in arrays.items()}
+
+
+def compiled_memory_bytes(compiled) -> int:
+  """The compiler's peak estimate, as the paper reports it: arguments + outputs + temporaries - aliased."""
+  ma = compiled.memory_analysis()
+  return int(ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes)
+
+
 def evaluate(score_fn, trainable, base, arrays, batch_size: int, mesh, kind: str) -> dict:
   """Scores every eval example once; metrics on the host (balanced accuracy / ROC-AUC for binary)."""
   it = data.BatchIterator(arrays, batch_size, shuffle=False, num_epochs=1, drop_remainder=False)
@@ -133,19 +145,30 @@ def train_reward(config: ml_collections.ConfigDict, workdir: str, stop_after: in
   batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in train_arrays.items() if k in MODEL_KEYS}
   step_fn = reward.jit_train_step(model_cfg, rcfg, optimizer, state_sh, base_sh, batch_sh, sharding.replicated(mesh))
   score_fn = reward.jit_scores(model_cfg, rcfg, state_sh["trainable"], base_sh, batch_sh, sharding.replicated(mesh))
+  model_batch = lambda b: sharding.global_batch({k: v for k, v in b.items() if k in MODEL_KEYS}, mesh)
+  t0 = time.perf_counter()
+  compiled = step_fn.lower(state, base, model_batch(train_arrays_head(train_arrays, config))).compile()
+  perf = {"compile_s": time.perf_counter() - t0, "compiled_memory_bytes": compiled_memory_bytes(compiled),
+          "trainable_params": lora.num_params(state["trainable"]),
+          "total_params": lora.num_params(base) + lora.num_params(state["trainable"])}
+  log.info("step compiled in %.1fs; compiler's peak memory estimate %.1f MiB", perf["compile_s"],
+           perf["compiled_memory_bytes"] / 2**20)
   writer = metrics.MetricsWriter(workdir)
   start = int(state["step"])
   progress = metrics.Progress(config.steps, start_step=start)
-  eval_metrics = {}
+  eval_metrics, step_times, tokens, last = {}, [], 0, (start, time.perf_counter())
   for step in range(start + 1, config.steps + 1):
     batch = next(it)
-    tokens = int(batch["attention_mask"].sum()) * jax.process_count()
-    state, m = step_fn(state, base, sharding.global_batch({k: v for k, v in batch.items() if k in MODEL_KEYS}, mesh))
+    tokens += int(batch["attention_mask"].sum()) * jax.process_count()
+    state, m = compiled(state, base, model_batch(batch))
     if step % config.log_every == 0 or step == config.steps:
       m = {k: float(v) for k, v in m.items()}
-      m["lr"] = float(schedule(step - 1))
+      now = time.perf_counter()
+      step_times.append((now - last[1]) / (step - last[0]))
+      m.update(lr=float(schedule(step - 1)), step_time_s=step_times[-1], tokens_per_s=tokens / (now - last[1]))
       writer.write(step, {f"train/{k}": v for k, v in m.items()})
-      progress.update(step, loss=m["loss"], tokens=tokens * config.log_every, acc=m["accuracy"])
+      progress.update(step, loss=m["loss"], tokens=tokens, acc=m["accuracy"])
+      tokens = 0
     if eval_arrays is not None and (step % config.eval_every == 0 or step == config.steps):
       eval_metrics = evaluate(score_fn, state["trainable"], base, eval_arrays, config.data.eval_batch_size, mesh, kind)
       writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
@@ -154,10 +177,14 @@ def train_reward(config: ml_collections.ConfigDict, workdir: str, stop_after: in
       ckpt.save(step, state, {"data": it.get_state()})
     if step == stop_after:
       break
+    if step % config.log_every == 0:
+      last = (step, time.perf_counter())
   ckpt.wait()
   ckpt.close()
   writer.close()
   if jax.process_index() == 0 and eval_metrics and stop_after is None:
+    perf["median_step_time_s"] = float(np.median(step_times)) if step_times else None
     (workdir / "eval.json").write_text(json.dumps(eval_metrics, indent=1))
+    (workdir / "summary.json").write_text(json.dumps({"eval": eval_metrics, **perf, **data_info}, indent=1))
   return state, eval_metrics
 

@@ -21,7 +21,8 @@ _FORMAT = flags.DEFINE_enum("format", None, sorted([*export.FORMAT_ALIASES, *dat
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Eval batch size. Default: the run's data.eval_batch_size.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step. Default: the latest.")
 _MODEL_PATH = flags.DEFINE_string("model_path", None, "Base model, if it moved since training.")
-_SKIP_INVALID = flags.DEFINE_bool("skip_invalid", False, "Skip (and log) invalid records instead of failing.")
+_SKIP_INVALID = flags.DEFINE_bool("skip_invalid", False, "Skip (and log) invalid records instead of failing "
+                                   "(default: as in training when --data is the training file).")
 _SPLIT = flags.DEFINE_enum("split", "all", ["all", "train", "eval"],
                            "all = every example of --data; train/eval = the run's seeded split of it "
                            "(data.eval_fraction, data.seed), e.g. to score the held-out part of the training file.")
@@ -31,10 +32,12 @@ flags.mark_flags_as_required(["workdir", "data"])
 def main(_):
   logging.getLogger().setLevel(logging.WARNING)
   try:
-    fmt = export.resolve_format(_FORMAT.value, export.read_run(_WORKDIR.value))
-    examples = data.read_examples(fmt, _DATA.value, skip_invalid=_SKIP_INVALID.value)
+    run = export.read_run(_WORKDIR.value)
+    fmt = export.resolve_format(_FORMAT.value, run)
+    skip = _SKIP_INVALID.value or (_DATA.value == run.data.path and run.data.skip_invalid)
+    examples = data.read_examples(fmt, _DATA.value, skip_invalid=skip)
     if _SPLIT.value != "all":
-      dc = export.read_run(_WORKDIR.value).data
+      dc = run.data
       train_ex, eval_ex = data.split_train_eval(examples, dc.eval_fraction, seed=dc.seed)
       examples = eval_ex if _SPLIT.value == "eval" else train_ex
     rm = export.restore(_WORKDIR.value, step=_STEP.value, model_path=_MODEL_PATH.value)
