@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from perl_jax import checkpoint, data, lora, losses, metrics, models, reward, sharding
 
@@ -59,7 +60,7 @@ def load_data(config, tokenizer):
   train_arrays, n_trunc = encode(dc.format, train_ex, tokenizer, dc)
   eval_arrays, n_trunc_eval = encode(dc.format, eval_ex, tokenizer, dc) if eval_ex else (None, 0)
   log.info("data: %d train / %d eval examples; %d / %d truncated to %d tokens",
-               len(train_ex), len(eval_ex), n_trunc, n_trunc_eval, dc.max_len)
+           len(train_ex), len(eval_ex), n_trunc, n_trunc_eval, dc.max_len)
   return train_arrays, eval_arrays, {"train_examples": len(train_ex), "eval_examples": len(eval_ex),
                                      "truncated_train": n_trunc, "truncated_eval": n_trunc_eval}
 
@@ -82,17 +83,15 @@ def compiled_memory_bytes(compiled) -> int:
 def evaluate(score_fn, trainable, base, arrays, batch_size: int, mesh, kind: str) -> dict:
   """Scores every eval example once; metrics on the host (balanced accuracy / ROC-AUC for binary)."""
   it = data.BatchIterator(arrays, batch_size, shuffle=False, num_epochs=1, drop_remainder=False)
+  gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)) if jax.process_count() > 1 else x
   outs, labels = [], []
   for batch in it:
-    valid = batch["valid"].astype(bool)
+    valid = gather(batch["valid"]).astype(bool)
     r = np.asarray(score_fn(trainable, base, sharding.global_batch(
         {k: v for k, v in batch.items() if k in MODEL_KEYS}, mesh)))
-    valid = np.asarray(jax.experimental.multihost_utils.process_allgather(valid, tiled=True)) \
-        if jax.process_count() > 1 else valid
     outs.append(r[valid])
     if kind == "binary":
-      labels.append(np.asarray(jax.experimental.multihost_utils.process_allgather(batch["label"], tiled=True))[valid]
-                    if jax.process_count() > 1 else batch["label"][valid])
+      labels.append(gather(batch["label"])[valid])
   r = np.concatenate(outs)
   if kind == "pairwise":
     return losses.pairwise_metrics(r[:, 0], r[:, 1])

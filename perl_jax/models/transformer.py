@@ -247,7 +247,7 @@ def _is_shape(x):
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> Params:
-  """Random params (normal(0.02) matrices, unit-ish norms), for tests and benchmarks."""
+  """Random params (N(0, 0.02) matrices and biases, norms near their identity), for tests and benchmarks."""
   shapes = param_shapes(cfg)
   leaves, treedef = jax.tree.flatten(shapes, is_leaf=_is_shape)
   paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes, is_leaf=_is_shape)[0]]
@@ -257,8 +257,6 @@ def init_params(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> Params:
     if "'scale'" in path:
       base = 0.0 if cfg.norm_plus_one else 1.0
       out.append((base + 0.1 * jax.random.normal(key, shape)).astype(dtype))
-    elif "'bias'" in path:
-      out.append((0.02 * jax.random.normal(key, shape)).astype(dtype))
     else:
       out.append((0.02 * jax.random.normal(key, shape)).astype(dtype))
   return jax.tree.unflatten(treedef, out)
