@@ -127,21 +127,24 @@ def step_flops(cfg: ModelConfig, mode: str, n_lora: int, sequences: int, seq: in
 
 
 def peak_flops(device_kind: str) -> float | None:
-  """Dense bf16 peak FLOP/s by device kind (H100/H200 SXM 989e12, A100 312e12), else None."""
+  """Dense bf16 peak FLOP/s by device kind (H100/H200 SXM 989e12, A100 312e12), else None; MFU of a float32
+  run is also taken against this bf16 peak."""
   return next((v for k, v in PEAK_FLOPS_BF16.items() if k in device_kind), None)
 
 
 def memory_bytes(analysis) -> dict:
   """The compiler's memory figures; compiled_peak_bytes = argument + output + temp - alias."""
   keys = ("argument", "output", "temp", "alias")
+  if analysis is None:
+    return {f"{k}_bytes": None for k in (*keys, "compiled_peak", "xla_peak")}
   m = {f"{k}_bytes": int(getattr(analysis, f"{k}_size_in_bytes")) for k in keys}
   m["compiled_peak_bytes"] = m["argument_bytes"] + m["output_bytes"] + m["temp_bytes"] - m["alias_bytes"]
   m["xla_peak_bytes"] = int(getattr(analysis, "peak_memory_in_bytes", 0)) or None
   return m
 
 
-def _abstract(tree, dtype=None):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype), tree)
+def _abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
 def _shape_structs(cfg: ModelConfig, dtype):
@@ -162,7 +165,7 @@ def build(cfg: ModelConfig, mode: str, dtype: str, lora_cfg: lora.LoraConfig, ab
           base_params=None, seed: int = 0):
   """(rcfg, optimizer, state, base) for one mode under the dtype policy; ShapeDtypeStructs if abstract.
 
-  Full mode trains a copy of the backbone and runs with base = {}; LoRA keeps the base separate."""
+  Full mode trains a copy of the backbone (all but an unread untied LM head); LoRA keeps the base separate."""
   pol = policy(dtype)
   rcfg = reward.RewardConfig(mode=mode, loss="bt", lora_cfg=lora_cfg)
   optimizer = reward.make_optimizer(reward.make_schedule(1e-5, 1000, 10))
@@ -176,7 +179,7 @@ def build(cfg: ModelConfig, mode: str, dtype: str, lora_cfg: lora.LoraConfig, ab
       reward.init_trainable(jax.random.key(seed + 1), rcfg, cfg, b), optimizer,
       jax.random.key_data(jax.random.key(seed + 2)))
   state = jax.eval_shape(make_state, base) if abstract else make_state(base)
-  return rcfg, optimizer, state, ({} if mode == "full" else base)
+  return rcfg, optimizer, state, reward.frozen_params(rcfg, base)
 
 
 def measure(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dtype: str = "bfloat16",
@@ -204,15 +207,15 @@ def measure(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dty
   device = mesh.devices.flat[0]
   sequences = 2 * pairs
   flops = step_flops(cfg, mode, n_lora, sequences, seq, cfg.remat)
-  row = dict(phase="rm", model=name, mode=mode, dtype=dtype, policy=policy(dtype).name, pairs=pairs, sequences=sequences,
-             batch_note=f"{pairs} pairs = {sequences} sequences of {seq} tokens", seq=seq, remat=cfg.remat,
-             lora_rank=lora_cfg.rank if mode == "lora" else None,
+  row = dict(phase="rm", model=name, mode=mode, dtype=dtype, policy=policy(dtype).name, pairs=pairs,
+             sequences=sequences, seq=seq, batch_note=f"{pairs} pairs = {sequences} sequences of {seq} tokens",
+             remat=cfg.remat, lora_rank=lora_cfg.rank if mode == "lora" else None,
              lora_targets=list(lora_cfg.targets) if mode == "lora" else None, abstract=abstract,
              trainable_params=n_trainable, total_params=n_total, tokens_per_step=sequences * seq,
-             **memory_bytes(compiled.memory_analysis()), compile_s=compile_s, backend=jax.default_backend(),
-             device_kind=device.device_kind, compiler_options=options, num_devices=mesh.devices.size, jax_version=jax.__version__, **flops,
-             peak_flops_bf16=peak_flops(device.device_kind), peak_bytes_in_use=None, step_times_s=None,
-             step_s=None, tokens_per_s=None, mfu=None)
+             **memory_bytes(compiled.memory_analysis()), compile_s=compile_s, compiler_options=options,
+             backend=jax.default_backend(), device_kind=device.device_kind, num_devices=mesh.devices.size,
+             jax_version=jax.__version__, **flops, peak_flops_bf16=peak_flops(device.device_kind),
+             peak_bytes_in_use=None, step_times_s=None, step_s=None, tokens_per_s=None, mfu=None)
   if abstract:
     return row
 
@@ -240,7 +243,7 @@ def compare(rows: list[dict]) -> list[dict]:
   full = {key(r): r for r in rows if r["mode"] == "full"}
   for r in rows:
     f = full.get(key(r))
-    if r["mode"] != "lora" or f is None:
+    if r["mode"] != "lora" or f is None or not f["compiled_peak_bytes"]:
       continue
     c = dict(model=r.get("model"), dtype=r["dtype"], pairs=r["pairs"], seq=r["seq"], remat=r["remat"],
              abstract=r["abstract"], total_params=f["total_params"],
@@ -283,43 +286,47 @@ def markdown(rows: list[dict]) -> str:
       lines.append(
           f"| {c['model']} | {c['dtype']} | {c['pairs']}x{c['seq']} | {c['remat']} | {c['memory_ratio']:.3f} "
           f"| <= {c['memory_target']} ({ok}) | {c['paper_memory'][0]:.2f}-{c['paper_memory'][1]:.2f} "
-          f"| {_num(c['speedup'], '.2f')}x | {c['speedup_ceiling']:.2f}x "
+          f"| {_num(c['speedup'], '.2f') + ('x' if c['speedup'] else '')} | {c['speedup_ceiling']:.2f}x "
           f"| {c['paper_speedup'][0]}-{c['paper_speedup'][1]}x |")
   return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: str) -> None:
-  """Memory ratio and speed-up vs model size, the paper's RM ranges as shaded bands."""
+  """Memory ratio and speed-up vs model size, one series per (dtype, shape, remat, abstract|measured), the
+  paper's RM ranges as shaded bands, the project targets dashed, the FLOP ceilings dotted."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   comps = compare(rows)
-  fig, (ax_m, ax_s) = plt.subplots(1, 2, figsize=(11, 4.2))
-  for ax, field, band, label in ((ax_m, "memory_ratio", PAPER["rm"]["memory"], "LoRA / full compiled peak memory"),
-                                 (ax_s, "speedup", PAPER["rm"]["speedup"], "full / LoRA step time (speed-up)")):
+  series = sorted({(c["dtype"], c["pairs"], c["seq"], c["remat"], c["abstract"]) for c in comps})
+  fig, (ax_m, ax_s) = plt.subplots(1, 2, figsize=(12, 4.6))
+  panels = ((ax_m, "memory_ratio", "memory"), (ax_s, "speedup", "speedup"))
+  for ax, field, paper_key in panels:
+    band = PAPER["rm"][paper_key]
     ax.axhspan(*band, color="tab:green", alpha=0.15, label=f"paper RM range {band[0]}-{band[1]}")
-    for dtype, marker in (("bfloat16", "o"), ("float32", "s")):
-      pts = sorted((c["total_params"], c[field], c["model"], c["abstract"]) for c in comps
-                   if c["dtype"] == dtype and c[field] is not None)
-      for abstract in (True, False):
-        sel = [p for p in pts if p[3] == abstract]
-        if sel:
-          ax.plot([p[0] for p in sel], [p[1] for p in sel], marker=marker, ls="-" if abstract else "none",
-                  label=f"{dtype}{'' if abstract else ' (measured, CPU)'}")
-          for p in sel:
-            ax.annotate(p[2], (p[0], p[1]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for dtype, pairs, seq, remat, abstract in series:
+      pts = sorted((c["total_params"], c[field], c["model"]) for c in comps if c[field] is not None and (
+          c["dtype"], c["pairs"], c["seq"], c["remat"], c["abstract"]) == (dtype, pairs, seq, remat, abstract))
+      if not pts:
+        continue
+      how = "compiled, abstract" if abstract else "measured on CPU"
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if dtype == "bfloat16" else "s",
+              ls="-" if len(pts) > 1 else "none", label=f"{dtype} {pairs}x{seq} remat={remat} ({how})")
+      for size, value, name in pts:
+        ax.annotate(f"{name} {value:.2f}", (size, value), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("total parameters")
-    ax.set_ylabel(label)
     ax.grid(alpha=0.3)
-  for size, target in ((1.35e8, 0.5), (1e9, 0.35)):
-    ax_m.plot([size, 1e10 if target == 0.35 else 1e9], [target] * 2, "k--", lw=1)
-  ax_m.text(1.2e9, 0.36, "target <= 0.35 (>=1B)", fontsize=8)
-  ax_s.axhline(1.5, color="k", ls=":", lw=1, label="FLOP ceiling 1.5x (1.33x remat)")
-  ax_s.axhline(4 / 3, color="k", ls=":", lw=1)
+  ax_m.plot([1e8, 1e9], [0.5, 0.5], "k--", lw=1, label="target <= 0.5 (135M), <= 0.35 (>= 1B)")
+  ax_m.plot([1e9, 1e10], [0.35, 0.35], "k--", lw=1)
   ax_m.set_ylim(0, 1.05)
+  ax_m.set_ylabel("LoRA / full compiled peak memory")
+  ax_s.axhline(1.5, color="k", ls=":", lw=1, label="FLOP ceiling 1.5x (1.33x with remat)")
+  ax_s.axhline(4 / 3, color="k", ls=":", lw=1)
+  ax_s.set_xlim(ax_m.get_xlim())
+  ax_s.set_ylabel("speed-up (full step time / LoRA step time)")
   for ax in (ax_m, ax_s):
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper right")
   fig.suptitle("PERL reward model: LoRA vs full fine-tuning")
   fig.tight_layout()
   fig.savefig(path, dpi=120)

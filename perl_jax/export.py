@@ -88,7 +88,8 @@ def restore(workdir, *, step: int | None = None, model_path: str | None = None, 
     raise models.ConfigError(str(e)) from None
   finally:
     ckpt.close()
-  base = {} if rcfg.mode == "full" else jax.device_put(base, sharding.shardings(base, mesh))
+  base = reward.frozen_params(rcfg, base)
+  base = jax.device_put(base, sharding.shardings(base, mesh))
   return TrainedRM(config, rcfg, model_cfg, base, state["trainable"], tokenizer, restored_step, mesh,
                    config.model.path or str(models.default_model_path()))
 
@@ -174,7 +175,7 @@ def export_merged(rm: TrainedRM, out, dtype: str = "float32") -> pathlib.Path:
     base32 = jax.tree.map(lambda x: np.asarray(x, np.float32), rm.base)
     params = lora.merge(base32, rm.trainable["lora"], lora.scale(rm.rcfg.lora_cfg))
   else:
-    params = rm.trainable["backbone"]
+    params = {**rm.base, **rm.trainable["backbone"]}
   tensors = hf_state_dict(rm.model_cfg, params, jnp.dtype(dtype))
   if rm.model_cfg.tie_embeddings:
     tensors.pop("lm_head.weight", None)

@@ -1,7 +1,7 @@
 """Reward model = decoder backbone (+ LoRA) + scalar head on the last non-pad token; train and eval steps.
 
 Trainable state is {"lora": ..., "head": ...} for PERL (backbone frozen, never differentiated) or
-{"backbone": ..., "head": ...} for full tuning; the frozen base params are a separate argument.
+{"backbone": ..., "head": ...} for full tuning; the frozen params (`frozen_params`) are a separate argument.
 """
 import dataclasses
 from typing import Any
@@ -35,8 +35,17 @@ def init_trainable(rng, rcfg: RewardConfig, model_cfg: ModelConfig, base_params)
   if rcfg.mode == "lora":
     return {"lora": lora.init(k_lora, base_params, rcfg.lora_cfg), "head": head}
   if rcfg.mode == "full":
-    return {"backbone": jax.tree.map(lambda x: x.astype(jnp.float32), base_params), "head": head}
+    backbone = {k: v for k, v in base_params.items() if k != "lm_head"}
+    return {"backbone": jax.tree.map(lambda x: x.astype(jnp.float32), backbone), "head": head}
   raise ValueError(f"reward mode must be 'lora' or 'full', got '{rcfg.mode}'")
+
+
+def frozen_params(rcfg: RewardConfig, base_params) -> dict:
+  """What stays frozen beside the trainable pytree: the whole base (LoRA), or only an untied LM head the RM
+  never reads (full: kept for export, neither trained nor given optimizer state)."""
+  if rcfg.mode == "lora":
+    return base_params
+  return {k: v for k, v in base_params.items() if k == "lm_head"}
 
 
 def last_token_index(mask_BxT):
@@ -50,7 +59,7 @@ def scores(model_cfg: ModelConfig, rcfg: RewardConfig, trainable, base_params, i
   if rcfg.mode == "lora":
     params, adapters = base_params, [(trainable["lora"], lora.scale(rcfg.lora_cfg))]
   else:
-    params, adapters = trainable["backbone"], []
+    params, adapters = {**base_params, **trainable["backbone"]}, []
   hidden = models.forward(model_cfg, params, ids_BxT, mask_BxT, adapters=adapters, return_logits=False).hidden
   idx = last_token_index(mask_BxT)
   h_BxD = jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0].astype(jnp.float32)

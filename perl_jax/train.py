@@ -121,8 +121,7 @@ def train_reward(config: ml_collections.ConfigDict, workdir: str, stop_after: in
   schedule = reward.make_schedule(config.optim.lr, config.steps, config.optim.warmup_steps)
   optimizer = reward.make_optimizer(schedule, config.optim.weight_decay, config.optim.clip_norm)
   trainable = reward.init_trainable(jax.random.key(config.seed), rcfg, model_cfg, base)
-  if rcfg.mode == "full":
-    base = {}
+  base = reward.frozen_params(rcfg, base)
   state = reward.init_state(trainable, optimizer, checkpoint.key_to_data(jax.random.key(config.seed + 1)))
   state_sh, base_sh = sharding.shardings(state, mesh), sharding.shardings(base, mesh)
   state, base = jax.device_put(state, state_sh), jax.device_put(base, base_sh)

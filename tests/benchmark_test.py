@@ -1,0 +1,99 @@
+"""Benchmark machinery: preset sizes, counts, the memory formula, abstract full vs LoRA, CLI wiring."""
+import importlib.util
+import types
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from perl_jax import benchmark, lora, models
+from tests.conftest import ROOT
+
+
+@pytest.mark.parametrize("name", sorted(benchmark.KNOWN_TOTALS))
+def test_preset_totals_match_published_sizes(name):
+  total = benchmark.count_from_shapes(models.param_shapes(benchmark.preset(name)))
+  assert total == benchmark.KNOWN_TOTALS[name]
+
+
+def test_smollm2_and_llama2_7b_sizes():
+  assert benchmark.count_from_shapes(models.param_shapes(benchmark.preset("smollm2-135m"))) == 134_515_008
+  assert benchmark.count_from_shapes(models.param_shapes(benchmark.preset("7b"))) == 6_738_415_616
+
+
+@pytest.mark.parametrize("targets", [lora.ATTENTION, lora.ATTENTION_MLP])
+def test_lora_trainable_count_is_closed_form_plus_head(targets):
+  cfg, lcfg = benchmark.preset("smollm2-135m"), lora.LoraConfig(rank=4, targets=targets)
+  _, _, state, base = benchmark.build(cfg, "lora", "bfloat16", lcfg, abstract=True)
+  assert lora.num_params(state["trainable"]) == lora.closed_form_count(cfg, lcfg) + cfg.hidden_size + 1
+  assert jax.tree.leaves(base)[0].dtype == jnp.bfloat16
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["trainable"]))
+
+
+def test_full_mode_trains_fp32_copy_and_has_no_base():
+  _, _, state, base = benchmark.build(benchmark.preset("tiny"), "full", "bfloat16", lora.LoraConfig(), abstract=True)
+  assert base == {}
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["trainable"]))
+  assert isinstance(jax.tree.leaves(state)[0], jax.ShapeDtypeStruct)
+
+
+def test_memory_formula_is_argument_plus_output_plus_temp_minus_alias():
+  f = jax.jit(lambda x, y: (x * 2, jnp.sin(y) @ y), donate_argnums=(0,))
+  a = f.lower(jax.ShapeDtypeStruct((256, 256), jnp.float32), jax.ShapeDtypeStruct((64, 64), jnp.float32)).compile()
+  analysis = a.memory_analysis()
+  m = benchmark.memory_bytes(analysis)
+  assert m["compiled_peak_bytes"] == (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+                                      + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+  fake = types.SimpleNamespace(argument_size_in_bytes=10, output_size_in_bytes=7, temp_size_in_bytes=5,
+                               alias_size_in_bytes=3, peak_memory_in_bytes=0)
+  assert benchmark.memory_bytes(fake)["compiled_peak_bytes"] == 19
+
+
+@pytest.fixture(scope="module")
+def tiny_rows():
+  return [benchmark.measure(benchmark.preset("tiny"), mode, name="tiny", pairs=2, seq=32, abstract=True)
+          for mode in ("full", "lora")]
+
+
+def test_abstract_full_needs_more_memory_than_lora(tiny_rows):
+  full, lora_row = tiny_rows
+  assert full["compiled_peak_bytes"] > lora_row["compiled_peak_bytes"] > 0
+  assert full["step_s"] is None and full["peak_bytes_in_use"] is None
+  assert full["sequences"] == 4 and full["tokens_per_step"] == 4 * 32
+  (c,) = benchmark.compare(tiny_rows)
+  assert 0 < c["memory_ratio"] < 1
+  table = benchmark.markdown(tiny_rows)
+  assert "speedup ceiling" in table and "| tiny | lora |" in table
+
+
+def test_flop_formula_and_speedup_ceiling():
+  cfg = benchmark.preset("7b")
+  n_lora = 8_388_608
+  full, lo = (benchmark.step_flops(cfg, m, n_lora, sequences=2, seq=8, remat="none") for m in ("full", "lora"))
+  assert full["model_flops"] / lo["model_flops"] == pytest.approx(1.5, rel=0.01)
+  full, lo = (benchmark.step_flops(cfg, m, n_lora, sequences=2, seq=8, remat="full") for m in ("full", "lora"))
+  assert full["hardware_flops"] / lo["hardware_flops"] == pytest.approx(4 / 3, rel=0.01)
+  assert "4*N_mm*tokens" in lo["flop_formula"] and "6*N_mm*tokens" in full["flop_formula"]
+  assert benchmark.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+  assert benchmark.peak_flops("cpu") is None
+
+
+def _cli():
+  spec = importlib.util.spec_from_file_location("benchmark_cli", ROOT / "scripts" / "benchmark.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_cli_rl_phase_exits_nonzero(capsys):
+  assert _cli().main(["--phase", "rl"]) != 0
+  assert "RL phase needs perl_jax.rl (not yet implemented)" in capsys.readouterr().err
+
+
+def test_cli_abstract_writes_jsonl(tmp_path, capsys):
+  out = tmp_path / "rows.jsonl"
+  assert _cli().main(["--model", "tiny", "--modes", "lora", "--abstract", "--out", str(out)]) == 0
+  import json
+  (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+  assert row["model"] == "tiny" and row["mode"] == "lora" and row["flop_formula"]
+  assert "| tiny | lora |" in capsys.readouterr().out
