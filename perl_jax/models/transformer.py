@@ -199,7 +199,7 @@ def forward(cfg: ModelConfig, params: Params, input_ids_BxT, attention_mask_BxT=
   rope_g = rope_tables(cfg.rope, cfg.head_dim, positions_BxT)
   rope_l = rope_tables(cfg.rope_local, cfg.head_dim, positions_BxT) if cfg.rope_local else rope_g
 
-  x = params["embed"]["embedding"].astype(dtype)[input_ids_BxT]
+  x = params["embed"]["embedding"][input_ids_BxT].astype(dtype)
   if cfg.scale_embeddings:
     x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dtype)
   lora_layers = [(tree["layers"], scale) for tree, scale in adapters]
