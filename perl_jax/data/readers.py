@@ -57,14 +57,20 @@ def iter_lines(path) -> Iterator[tuple[int, str]]:
     raise DataError(path, None, None, f"not a gzip file ({e})") from None
 
 
-def _parse_line(line: str) -> dict:
+def _loads(text: str, field: str | None, kind: type) -> Any:
+  """json.loads with the reader's error: malformed JSON or a value of the wrong type, naming the field."""
   try:
-    record = json.loads(line)
+    value = json.loads(text)
   except json.JSONDecodeError as e:
-    raise _FieldError(None, f"malformed JSON: {e.msg} at column {e.colno}") from None
-  if not isinstance(record, dict):
-    raise _FieldError(None, f"expected a JSON object, got {type(record).__name__}")
-  return record
+    raise _FieldError(field, f"malformed JSON: {e.msg} at column {e.colno}") from None
+  if not isinstance(value, kind):
+    name = {dict: "object", list: "list"}.get(kind, kind.__name__)
+    raise _FieldError(field, f"expected a JSON {name}, got {type(value).__name__}")
+  return value
+
+
+def _parse_line(line: str) -> dict:
+  return _loads(line, None, dict)
 
 
 def _read(path, parse: Callable[[dict], dict], skip_invalid: bool, skipped: list | None) -> Iterator[dict]:
@@ -188,14 +194,7 @@ def _render_calls(kind: str, calls: dict) -> str:
 
 
 def _json_field(record: dict, field: str, kind) -> Any:
-  text = _get(record, field)
-  try:
-    value = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise _FieldError(field, f"malformed JSON: {e.msg} at column {e.colno}") from None
-  if not isinstance(value, kind):
-    raise _FieldError(field, f"expected a JSON {kind.__name__}, got {type(value).__name__}")
-  return value
+  return _loads(_get(record, field), field, kind)
 
 
 def parse_tm4_record(record: dict) -> dict:
