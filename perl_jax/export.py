@@ -33,7 +33,7 @@ SIDE_FILE = "perl_reward.json"
 
 @dataclasses.dataclass(frozen=True)
 class TrainedRM:
-  """A restored reward model: base params ({} for full tuning) and trainable, placed on `mesh`."""
+  """A restored reward model: frozen params (reward.frozen_params) and trainable, placed on `mesh`."""
   config: ml_collections.ConfigDict
   rcfg: reward.RewardConfig
   model_cfg: models.ModelConfig

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from perl_jax import checkpoint, data, lora, losses, metrics, models, reward, sharding
+from perl_jax import benchmark, checkpoint, data, lora, losses, metrics, models, reward, sharding
 
 RUN_FILE = "run.json"
 
@@ -72,12 +72,6 @@ def train_arrays_head(arrays: dict, config) -> dict:
   """The first global batch's worth of rows on this host, to compile the step before the loop."""
   n = config.data.batch_size // jax.process_count()
   return {k: v[:n] for k, v in arrays.items()}
-
-
-def compiled_memory_bytes(compiled) -> int:
-  """The compiler's peak estimate, as the paper reports it: arguments + outputs + temporaries - aliased."""
-  ma = compiled.memory_analysis()
-  return int(ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes)
 
 
 def evaluate(score_fn, trainable, base, arrays, batch_size: int, mesh, kind: str) -> dict:
@@ -146,7 +140,8 @@ def train_reward(config: ml_collections.ConfigDict, workdir: str, stop_after: in
   model_batch = lambda b: sharding.global_batch({k: v for k, v in b.items() if k in MODEL_KEYS}, mesh)
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, base, model_batch(train_arrays_head(train_arrays, config))).compile()
-  perf = {"compile_s": time.perf_counter() - t0, "compiled_memory_bytes": compiled_memory_bytes(compiled),
+  perf = {"compile_s": time.perf_counter() - t0, "compiled_memory_bytes":
+          benchmark.memory_bytes(compiled.memory_analysis())["compiled_peak_bytes"],
           "trainable_params": lora.num_params(state["trainable"]),
           "total_params": lora.num_params(base) + lora.num_params(state["trainable"])}
   log.info("step compiled in %.1fs; compiler's peak memory estimate %.1f MiB", perf["compile_s"],
