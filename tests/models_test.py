@@ -343,3 +343,27 @@ def test_truncated_gguf(tmp_path):
   with open(real, "rb") as f:
     path.write_bytes(f.read(4096))
   assert str(path) in _error(path)
+
+
+def test_gguf_with_unsupported_quantization_names_file_tensor_and_type(tmp_path):
+  import gguf
+  path = tmp_path / "q81.gguf"
+  w = gguf.GGUFWriter(str(path), "llama")
+  w.add_block_count(1)
+  w.add_embedding_length(32)
+  w.add_feed_forward_length(64)
+  w.add_head_count(4)
+  w.add_head_count_kv(2)
+  w.add_layer_norm_rms_eps(1e-5)
+  w.add_tensor("token_embd.weight", np.zeros((16, 32), np.float32))
+  block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_1]
+  w.add_tensor("blk.0.attn_q.weight", np.zeros((32, 32 // block * size), np.uint8),
+               raw_shape=(32, 32 // block * size), raw_dtype=gguf.GGMLQuantizationType.Q8_1)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  with pytest.raises(models.ConfigError) as e:
+    models.load_pretrained(path)
+  msg = str(e.value)
+  assert str(path) in msg and "blk.0.attn_q.weight" in msg and "Q8_1" in msg and "\n" not in msg
