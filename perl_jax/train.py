@@ -33,7 +33,8 @@ def reward_config(config) -> reward.RewardConfig:
 def load_model(mc: ml_collections.ConfigDict):
   """(model config, frozen base params, tokenizer) from config.model (empty path = embedded SmolLM2)."""
   path = mc.path or str(models.default_model_path())
-  cfg, params = models.load_pretrained(path, param_dtype=jnp.dtype(mc.param_dtype), dtype=mc.dtype, remat=mc.remat)
+  cfg, params = models.load_pretrained(path, param_dtype=jnp.dtype(mc.param_dtype), dtype=mc.dtype, remat=mc.remat,
+                                       attention=mc.get("attention", "auto"))
   return cfg, params, models.load_tokenizer(path)
 
 

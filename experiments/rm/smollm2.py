@@ -19,7 +19,7 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.mode = mode
-  c.model = dict(path="", param_dtype="float32", dtype="float32", remat="none")
+  c.model = dict(path="", param_dtype="float32", dtype="float32", remat="none", attention="auto")
   c.data = dict(eval_path="", eval_fraction=0.1, seed=0, batch_size=16, eval_batch_size=32,
                 min_prompt_tokens=64, max_train_examples=0, max_eval_examples=0, **DATA[dataset])
   c.lora = dict(rank=4, alpha=8.0, targets="attention")  # Paper: attention projections, ranks 1-16.
