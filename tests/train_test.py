@@ -107,3 +107,58 @@ def test_missing_model_is_one_clear_error(tiny, tmp_path):
   cfg.model.path = str(tmp_path / "no_model")
   with pytest.raises(models.ConfigError, match="no_model: no such file"):
     train.train_reward(cfg, tmp_path / "run")
+
+
+
+_TRAIN_WORKER = r"""
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+pid, port, model, data_path, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+sys.path.insert(0, os.getcwd())
+import numpy as np
+from jax.experimental import multihost_utils
+from tests.train_test import _config_for
+from perl_jax import train
+state, ev = train.train_reward(_config_for(model, data_path), workdir)
+b = multihost_utils.process_allgather(state["trainable"]["lora"]["layers"]["attn"]["q_proj"]["b"], tiled=True)
+json.dump({"b_abs_sum": float(np.abs(np.asarray(b)).sum()), "eval": ev}, open(f"{workdir}.{pid}.json", "w"))
+"""
+
+
+def _config_for(model, data_path):
+  c = smollm2.get_config("tm4_lora")
+  c.model.path, c.data.path = str(model), str(data_path)
+  c.data.update(max_len=64, min_prompt_tokens=16, batch_size=8, eval_batch_size=8, eval_fraction=0.25)
+  c.update(steps=4, log_every=2, eval_every=4, checkpoint_every=4)
+  return c
+
+
+def test_two_process_training_matches_one_process(tiny, tmp_path):
+  """Two hosts x 2 devices (gloo) train the same model as one host x 8 devices: per-host data slicing,
+  global batches, eval gathering and checkpointing across processes."""
+  import os
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  script = tmp_path / "worker.py"
+  script.write_text(_TRAIN_WORKER)
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  wd = tmp_path / "multi"
+  procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port), str(tiny / "model"),
+                             str(tiny / "tm4.jsonl"), str(wd)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT) for i in range(2)]
+  logs = [p.communicate(timeout=400)[0].decode() for p in procs]
+  assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
+  multi = [json.loads((tmp_path / f"multi.{i}.json").read_text()) for i in range(2)]
+  assert multi[0] == multi[1]
+  assert checkpoint.Checkpointer(wd / "checkpoints").latest_step() == 4
+
+  state, ev = train.train_reward(_config_for(tiny / "model", tiny / "tm4.jsonl"), tmp_path / "single")
+  b = np.asarray(state["trainable"]["lora"]["layers"]["attn"]["q_proj"]["b"])
+  np.testing.assert_allclose(multi[0]["b_abs_sum"], np.abs(b).sum(), rtol=1e-4)
+  for k, v in ev.items():
+    np.testing.assert_allclose(multi[0]["eval"][k], v, rtol=1e-4, err_msg=k)
