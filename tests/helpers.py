@@ -50,3 +50,24 @@ def head_lines(src, dst, n, start=0):
   with open(dst, "w") as f:
     f.writelines(lines)
   return dst
+
+
+def run_two_hosts(script_text: str, tmp_path, *args, timeout: int = 400):
+  """Runs `script_text` as processes 0 and 1 (argv: process id, coordinator port, *args) from the repo root,
+  without the parent's fake-device flag; fails with both logs' tails if either exits non-zero."""
+  import os
+  import pathlib
+  import socket
+  import subprocess
+  import sys
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  script = pathlib.Path(tmp_path) / "worker.py"
+  script.write_text(script_text)
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  root = pathlib.Path(__file__).resolve().parents[1]
+  procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port), *map(str, args)], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+  logs = [p.communicate(timeout=timeout)[0].decode() for p in procs]
+  assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]

@@ -1,10 +1,5 @@
 """Sharding: same loss and gradients on one device and on a 2x2x2 mesh; rules; two-process multi-host."""
 import json
-import os
-import pathlib
-import socket
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +7,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from perl_jax import lora, models, sharding
-from tests.helpers import random_batch, tiny_config
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.helpers import random_batch, run_two_hosts, tiny_config
 
 
 def _lm_loss(cfg, lscale, lora_params, params, ids, mask):
@@ -71,7 +64,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 from perl_jax import sharding
-pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+pid, port, out = int(sys.argv[1]), sys.argv[2], f"{sys.argv[3]}.{sys.argv[1]}.json"
 sharding.initialize_distributed(True, f"127.0.0.1:{port}", 2, pid)
 sys.path.insert(0, os.getcwd())
 from tests.sharding_test import _setup, _lm_loss
@@ -89,17 +82,8 @@ json.dump({"loss": float(loss), "gsum": g, "devices": jax.device_count()}, open(
 
 
 def test_two_process_multi_host_matches_single_process(tmp_path):
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  script = tmp_path / "worker.py"
-  script.write_text(_WORKER)
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port), str(tmp_path / f"{i}.json")],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
-  logs = [p.communicate(timeout=240)[0].decode() for p in procs]
-  assert all(p.returncode == 0 for p in procs), logs
-  results = [json.loads((tmp_path / f"{i}.json").read_text()) for i in range(2)]
+  run_two_hosts(_WORKER, tmp_path, tmp_path / "out")
+  results = [json.loads((tmp_path / f"out.{i}.json").read_text()) for i in range(2)]
   cfg, lcfg, params, lp, ids, mask = _setup()
   loss, grad = jax.value_and_grad(lambda lp: _lm_loss(cfg, lora.scale(lcfg), lp, params, ids, mask))(lp)
   for r in results:

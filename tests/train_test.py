@@ -9,7 +9,7 @@ import pytest
 
 from perl_jax import checkpoint, data, models, train
 from tests.conftest import ROOT
-from tests.helpers import head_lines, make_tiny_hf_folder
+from tests.helpers import head_lines, make_tiny_hf_folder, run_two_hosts
 
 sys.path.insert(0, str(ROOT))
 from experiments.rm import smollm2  # noqa: E402
@@ -139,20 +139,8 @@ def _config_for(model, data_path):
 def test_two_process_training_matches_one_process(tiny, tmp_path):
   """Two hosts x 2 devices (gloo) train the same model as one host x 8 devices: per-host data slicing,
   global batches, eval gathering and checkpointing across processes."""
-  import os
-  import socket
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  script = tmp_path / "worker.py"
-  script.write_text(_TRAIN_WORKER)
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   wd = tmp_path / "multi"
-  procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port), str(tiny / "model"),
-                             str(tiny / "tm4.jsonl"), str(wd)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT) for i in range(2)]
-  logs = [p.communicate(timeout=400)[0].decode() for p in procs]
-  assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
+  run_two_hosts(_TRAIN_WORKER, tmp_path, tiny / "model", tiny / "tm4.jsonl", wd)
   multi = [json.loads((tmp_path / f"multi.{i}.json").read_text()) for i in range(2)]
   assert multi[0] == multi[1]
   assert checkpoint.Checkpointer(wd / "checkpoints").latest_step() == 4
