@@ -72,11 +72,8 @@ def restore(workdir, *, step: int | None = None, model_path: str | None = None, 
     raise models.ConfigError(f"{ckpt_dir}: no such folder (no checkpoint saved yet)")
   if mesh is None:
     mesh = sharding.make_mesh(-1, config.mesh.fsdp, config.mesh.tensor)
-  optimizer = reward.make_optimizer(reward.make_schedule(config.optim.lr, config.steps, config.optim.warmup_steps),
-                                    config.optim.weight_decay, config.optim.clip_norm)
-  abstract = jax.eval_shape(lambda b: reward.init_state(
-      reward.init_trainable(jax.random.key(0), rcfg, model_cfg, b), optimizer,
-      checkpoint.key_to_data(jax.random.key(0))), base)
+  _, optimizer = train.make_optimizer(config)
+  abstract = jax.eval_shape(lambda b: train.new_state(config, rcfg, model_cfg, b, optimizer), base)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, sharding.shardings(abstract, mesh))
   ckpt = checkpoint.Checkpointer(ckpt_dir, max_to_keep=None)

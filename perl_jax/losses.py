@@ -204,7 +204,8 @@ def roc_auc(score_N, label_N):
 
 
 def binary_metrics(score_N, label_N, threshold=0.0):
-  """Accuracy, balanced accuracy (½(TPR+TNR)), ROC-AUC and positive rate of score > threshold."""
+  """Accuracy, balanced accuracy (½(TPR+TNR)), ROC-AUC and positive rate of score > threshold, and the BCE
+  loss of the scores as logits."""
   score_N = np.asarray(score_N, np.float64).reshape(-1)
   pos_N = np.asarray(label_N).reshape(-1).astype(bool)
   pred_N = score_N > threshold
@@ -216,6 +217,7 @@ def binary_metrics(score_N, label_N, threshold=0.0):
       balanced_accuracy=float(balanced),
       roc_auc=roc_auc(score_N, pos_N),
       positive_rate=float(np.mean(pred_N)) if len(pred_N) else float("nan"),
+      loss=float(np.mean(np.logaddexp(0.0, score_N) - pos_N * score_N)) if len(pos_N) else float("nan"),
   )
 
 

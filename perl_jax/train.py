@@ -90,10 +90,20 @@ def evaluate(score_fn, trainable, base, arrays, batch_size: int, mesh, kind: str
   r = np.concatenate(outs)
   if kind == "pairwise":
     return losses.pairwise_metrics(r[:, 0], r[:, 1])
-  y = np.concatenate(labels)
-  m = losses.binary_metrics(r, y)
-  m["loss"] = float(np.mean(np.logaddexp(0, r) - y * r))
-  return m
+  return losses.binary_metrics(r, np.concatenate(labels))
+
+
+def make_optimizer(config):
+  """(schedule, optimizer) from config.optim and config.steps; training and restoring share this one."""
+  schedule = reward.make_schedule(config.optim.lr, config.steps, config.optim.warmup_steps)
+  return schedule, reward.make_optimizer(schedule, config.optim.weight_decay, config.optim.clip_norm)
+
+
+def new_state(config, rcfg: reward.RewardConfig, model_cfg, base_params, optimizer) -> dict:
+  """The checkpointed train state (step, trainable, opt_state, rng) seeded from config.seed; restore targets
+  are this function's shapes, so checkpoints and their readers cannot drift apart."""
+  trainable = reward.init_trainable(jax.random.key(config.seed), rcfg, model_cfg, base_params)
+  return reward.init_state(trainable, optimizer, checkpoint.key_to_data(jax.random.key(config.seed + 1)))
 
 
 def train_reward(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None):
@@ -113,17 +123,15 @@ def train_reward(config: ml_collections.ConfigDict, workdir: str, stop_after: in
     if config.data[field] % shards:
       raise models.ConfigError(f"config: field 'data.{field}': {config.data[field]} is not divisible by "
                                f"data x fsdp = {shards} devices")
-  schedule = reward.make_schedule(config.optim.lr, config.steps, config.optim.warmup_steps)
-  optimizer = reward.make_optimizer(schedule, config.optim.weight_decay, config.optim.clip_norm)
-  trainable = reward.init_trainable(jax.random.key(config.seed), rcfg, model_cfg, base)
+  schedule, optimizer = make_optimizer(config)
+  state = new_state(config, rcfg, model_cfg, base, optimizer)
   base = reward.frozen_params(rcfg, base)
-  state = reward.init_state(trainable, optimizer, checkpoint.key_to_data(jax.random.key(config.seed + 1)))
   state_sh, base_sh = sharding.shardings(state, mesh), sharding.shardings(base, mesh)
   state, base = jax.device_put(state, state_sh), jax.device_put(base, base_sh)
   if rcfg.mode == "lora":
-    log.info("PERL reward model: %s", lora.summary(base, trainable))
+    log.info("PERL reward model: %s", lora.summary(base, state["trainable"]))
   else:
-    log.info("full reward model: trainable params %s", f"{lora.num_params(trainable):,}")
+    log.info("full reward model: trainable params %s", f"{lora.num_params(state['trainable']):,}")
 
   it = data.BatchIterator(train_arrays, config.data.batch_size, seed=config.data.seed)
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)

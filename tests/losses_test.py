@@ -326,6 +326,8 @@ def test_binary_metrics_hand():
   assert m["balanced_accuracy"] == pytest.approx(0.5 * (1 / 2 + 2 / 4))
   assert m["positive_rate"] == pytest.approx(3 / 6)
   assert m["roc_auc"] == pytest.approx(_brute_auc(score, label))
+  p = 1 / (1 + np.exp(-score))
+  assert m["loss"] == pytest.approx(-np.mean(label * np.log(p) + (1 - label) * np.log(1 - p)))
   m1 = losses.binary_metrics(score, label, threshold=0.6)
   assert m1["positive_rate"] == pytest.approx(2 / 6)
   assert m1["balanced_accuracy"] == pytest.approx(0.5 * (1 / 2 + 3 / 4))
