@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from perl_jax import lora, models, reward, sharding
+from perl_jax import lora, models, optimizer, reward, sharding, trainer
 from perl_jax.models import ModelConfig, Rope
 
 _LLAMA3_ROPE = Rope(theta=500000.0, kind="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -132,17 +132,6 @@ def peak_flops(device_kind: str) -> float | None:
   return next((v for k, v in PEAK_FLOPS_BF16.items() if k in device_kind), None)
 
 
-def memory_bytes(analysis) -> dict:
-  """The compiler's memory figures; compiled_peak_bytes = argument + output + temp - alias."""
-  keys = ("argument", "output", "temp", "alias")
-  if analysis is None:
-    return {f"{k}_bytes": None for k in (*keys, "compiled_peak", "xla_peak")}
-  m = {f"{k}_bytes": int(getattr(analysis, f"{k}_size_in_bytes")) for k in keys}
-  m["compiled_peak_bytes"] = m["argument_bytes"] + m["output_bytes"] + m["temp_bytes"] - m["alias_bytes"]
-  m["xla_peak_bytes"] = int(getattr(analysis, "peak_memory_in_bytes", 0)) or None
-  return m
-
-
 def _abstract(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
@@ -168,18 +157,17 @@ def build(cfg: ModelConfig, mode: str, dtype: str, lora_cfg: lora.LoraConfig, ab
   Full mode trains a copy of the backbone (all but an unread untied LM head); LoRA keeps the base separate."""
   pol = policy(dtype)
   rcfg = reward.RewardConfig(mode=mode, loss="bt", lora_cfg=lora_cfg)
-  optimizer = reward.make_optimizer(reward.make_schedule(1e-5, 1000, 10))
+  optim = optimizer.make_optimizer(optimizer.make_schedule(1e-5, 1000, 10))
   base_dtype = pol.base if mode == "lora" else pol.trained
   if base_params is None:
     base = _shape_structs(cfg, base_dtype) if abstract else models.init_params(
         cfg, jax.random.key(seed), jnp.dtype(base_dtype))
   else:
     base = jax.tree.map(lambda x: x.astype(base_dtype), base_params)
-  make_state = lambda b: reward.init_state(
-      reward.init_trainable(jax.random.key(seed + 1), rcfg, cfg, b), optimizer,
-      jax.random.key_data(jax.random.key(seed + 2)))
+  make_state = lambda b: trainer.new_state(
+      reward.init_trainable(jax.random.key(seed + 1), rcfg, cfg, b), optim, jax.random.key(seed + 2))
   state = jax.eval_shape(make_state, base) if abstract else make_state(base)
-  return rcfg, optimizer, state, reward.frozen_params(rcfg, base)
+  return rcfg, optim, state, reward.frozen_params(rcfg, base)
 
 
 def measure(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dtype: str = "bfloat16",
@@ -191,11 +179,11 @@ def measure(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dty
   CPU-only f32 copy of the frozen weights."""
   cfg = dataclasses.replace(cfg, dtype=policy(dtype).compute)
   mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
-  rcfg, optimizer, state, base = build(cfg, mode, dtype, lora_cfg, abstract, base_params)
+  rcfg, optim, state, base = build(cfg, mode, dtype, lora_cfg, abstract, base_params)
   batch = make_batch(pairs, seq, cfg.vocab_size, abstract=abstract)
   state_sh, base_sh = sharding.shardings(state, mesh), sharding.shardings(base, mesh)
   batch_sh = {k: sharding.batch_sharding(mesh, 3) for k in batch}
-  step = reward.jit_train_step(cfg, rcfg, optimizer, state_sh, base_sh, batch_sh, sharding.replicated(mesh))
+  step = trainer.jit_step(functools.partial(reward.loss_fn, cfg, rcfg), optim, state_sh, base_sh, batch_sh, mesh)
   options = CPU_COMPILER_OPTIONS if cpu_no_hoist and jax.default_backend() == "cpu" else None
   t0 = time.perf_counter()
   compiled = step.lower(_abstract(state), _abstract(base), _abstract(batch)).compile(compiler_options=options)
@@ -212,7 +200,7 @@ def measure(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dty
              remat=cfg.remat, lora_rank=lora_cfg.rank if mode == "lora" else None,
              lora_targets=list(lora_cfg.targets) if mode == "lora" else None, abstract=abstract,
              trainable_params=n_trainable, total_params=n_total, tokens_per_step=sequences * seq,
-             **memory_bytes(compiled.memory_analysis()), compile_s=compile_s, compiler_options=options,
+             **trainer.memory_bytes(compiled.memory_analysis()), compile_s=compile_s, compiler_options=options,
              backend=jax.default_backend(), device_kind=device.device_kind, num_devices=mesh.devices.size,
              jax_version=jax.__version__, **flops, peak_flops_bf16=peak_flops(device.device_kind),
              peak_bytes_in_use=None, step_times_s=None, step_s=None, tokens_per_s=None, mfu=None)

@@ -1,4 +1,4 @@
-"""Trained reward models out of a workdir: restore, evaluate on a file, export for transformers / PEFT.
+"""Trained reward models (`reward.restore`) exported for Hugging Face transformers (merged folder) or PEFT (adapter).
 
 Hugging Face `*ForSequenceClassification` heads are `nn.Linear(D, 1, bias=False)` and read the score at the
 rightmost token != `config.pad_token_id`. Our head has a bias and reads the last attention-mask token, so:
@@ -7,138 +7,25 @@ rightmost token != `config.pad_token_id`. Our head has a bias and reads the last
   * the exported pad id differs from eos (our sequences end with eos), so right-padded inputs score alike.
 """
 import copy
-import dataclasses
 import json
 import logging
 import pathlib
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from perl_jax import checkpoint, data, lora, models, reward, sharding, train
+from perl_jax import data, lora, models
 from perl_jax.models import loading
+from perl_jax.reward import TrainedRM, head_bias
 
 log = logging.getLogger("perl_jax")
 
-FORMAT_ALIASES = {"pairwise": "hh_rlhf", "binary": "taskmaster4"}
 ARCHITECTURES = {"llama": "LlamaForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification",
                  "qwen3": "Qwen3ForSequenceClassification", "gemma2": "Gemma2ForSequenceClassification",
                  "gemma3": "Gemma3TextForSequenceClassification"}
 SIDE_FILE = "perl_reward.json"
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainedRM:
-  """A restored reward model: frozen params (reward.frozen_params) and trainable, placed on `mesh`."""
-  config: ml_collections.ConfigDict
-  rcfg: reward.RewardConfig
-  model_cfg: models.ModelConfig
-  base: dict
-  trainable: dict
-  tokenizer: Any
-  step: int
-  mesh: jax.sharding.Mesh
-  model_path: str
-
-
-def read_run(workdir) -> ml_collections.ConfigDict:
-  """The config a run was trained with, from WORKDIR/run.json."""
-  path = pathlib.Path(workdir) / train.RUN_FILE
-  if not path.is_file():
-    raise models.ConfigError(f"{path}: no such file (not a train_reward workdir?)")
-  try:
-    return ml_collections.ConfigDict(json.loads(path.read_text())["config"])
-  except (json.JSONDecodeError, KeyError, TypeError) as e:
-    raise models.ConfigError(f"{path}: not a run file ({e})") from None
-
-
-def restore(workdir, *, step: int | None = None, model_path: str | None = None, mesh=None) -> TrainedRM:
-  """Rebuilds model + RM from run.json and restores the trained params of checkpoint `step` (default latest).
-
-  `model_path` replaces the run's base model path (e.g. when the base moved since training).
-  """
-  workdir = pathlib.Path(workdir)
-  config = read_run(workdir)
-  if model_path is not None:
-    config.model.path = model_path
-  rcfg = train.reward_config(config)
-  model_cfg, base, tokenizer = train.load_model(config.model)
-  ckpt_dir = workdir / "checkpoints"
-  if not ckpt_dir.is_dir():
-    raise models.ConfigError(f"{ckpt_dir}: no such folder (no checkpoint saved yet)")
-  if mesh is None:
-    mesh = sharding.make_mesh(-1, config.mesh.fsdp, config.mesh.tensor)
-  _, optimizer = train.make_optimizer(config)
-  abstract = jax.eval_shape(lambda b: train.new_state(config, rcfg, model_cfg, b, optimizer), base)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, sharding.shardings(abstract, mesh))
-  ckpt = checkpoint.Checkpointer(ckpt_dir, max_to_keep=None)
-  try:
-    if ckpt.latest_step() is None:
-      raise models.ConfigError(f"{ckpt_dir}: no checkpoint")
-    restored_step, state, _ = ckpt.restore(target, step)
-  except FileNotFoundError as e:
-    raise models.ConfigError(str(e)) from None
-  finally:
-    ckpt.close()
-  base = reward.frozen_params(rcfg, base)
-  base = jax.device_put(base, sharding.shardings(base, mesh))
-  return TrainedRM(config, rcfg, model_cfg, base, state["trainable"], tokenizer, restored_step, mesh,
-                   config.model.path or str(models.default_model_path()))
-
-
-def resolve_format(fmt: str | None, config) -> str:
-  """A READERS key from a reader name, 'pairwise' / 'binary', or None (the run's own format)."""
-  fmt = fmt or config.data.format
-  return FORMAT_ALIASES.get(fmt, fmt)
-
-
-def evaluate_examples(rm: TrainedRM, fmt: str, examples: list, batch_size: int | None = None,
-                      where: str = "data") -> dict:
-  """train.evaluate's metrics for read examples, plus num_examples and num_truncated."""
-  if not examples:
-    raise data.DataError(where, problem="no examples")
-  batch_size = batch_size or rm.config.data.eval_batch_size
-  shards = rm.mesh.shape["data"] * rm.mesh.shape["fsdp"]
-  if batch_size % shards:
-    raise models.ConfigError(f"batch_size {batch_size} is not a multiple of the {shards} data shards")
-  arrays, num_truncated = train.encode(fmt, examples, rm.tokenizer, rm.config.data)
-  batch_sh = {k: sharding.batch_sharding(rm.mesh, v.ndim) for k, v in arrays.items() if k in train.MODEL_KEYS}
-  score_fn = reward.jit_scores(rm.model_cfg, rm.rcfg, sharding.shardings(rm.trainable, rm.mesh),
-                               sharding.shardings(rm.base, rm.mesh), batch_sh, sharding.replicated(rm.mesh))
-  metrics = train.evaluate(score_fn, rm.trainable, rm.base, arrays, batch_size, rm.mesh, data.KINDS[fmt])
-  return {**metrics, "num_examples": len(examples), "num_truncated": int(num_truncated)}
-
-
-def head_bias(rm: TrainedRM) -> float:
-  return float(np.asarray(rm.trainable["head"]["bias"]).reshape(-1)[0])
-
-
-def _layer_names(cfg: models.ModelConfig) -> dict[tuple, str]:
-  """Our per-layer param path -> HF tensor name after 'model.layers.{i}.' (inverse of loading._hf_path)."""
-  names = {path: name for name, path in loading._HF_LAYER.items()}
-  names[("post_attn_norm" if cfg.sandwich_norm else "mlp_norm", "scale")] = "post_attention_layernorm.weight"
-  return names
-
-
-def hf_state_dict(cfg: models.ModelConfig, params, dtype=jnp.float32) -> dict[str, jax.Array]:
-  """Our params as HF tensors: kernels [in,out] -> [out,in], stacked layers -> model.layers.{i}.*."""
-  top = {("embed", "embedding"): "model.embed_tokens.weight", ("final_norm", "scale"): "model.norm.weight",
-         ("lm_head", "kernel"): "lm_head.weight"}
-  layer_names = _layer_names(cfg)
-  out = {}
-  for path, x in traverse_util.flatten_dict(params).items():
-    x = jnp.asarray(x, dtype)
-    if path[0] != "layers":
-      out[top[path]] = x.T if path[-1] == "kernel" else x
-      continue
-    for i in range(x.shape[0]):
-      out[f"model.layers.{i}.{layer_names[path[1:]]}"] = x[i].T if path[-1] == "kernel" else x[i]
-  return out
 
 
 def hf_pad_id(tokenizer) -> int | None:
@@ -173,7 +60,7 @@ def export_merged(rm: TrainedRM, out, dtype: str = "float32") -> pathlib.Path:
     params = lora.merge(base32, rm.trainable["lora"], lora.scale(rm.rcfg.lora_cfg))
   else:
     params = {**rm.base, **rm.trainable["backbone"]}
-  tensors = hf_state_dict(rm.model_cfg, params, jnp.dtype(dtype))
+  tensors = loading.hf_state_dict(rm.model_cfg, params, jnp.dtype(dtype))
   if rm.model_cfg.tie_embeddings:
     tensors.pop("lm_head.weight", None)
   tensors["score.weight"] = jnp.asarray(rm.trainable["head"]["kernel"], dtype).T
@@ -196,7 +83,7 @@ def export_merged(rm: TrainedRM, out, dtype: str = "float32") -> pathlib.Path:
 
 def peft_state_dict(cfg: models.ModelConfig, trainable) -> dict[str, jax.Array]:
   """PEFT LoRA names: lora_A [r,in] = a[i].T, lora_B [out,r] = b[i].T; the head as modules_to_save 'score'."""
-  layer_names = _layer_names(cfg)
+  layer_names = loading.hf_layer_names(cfg)
   out = {"base_model.model.score.weight": jnp.asarray(trainable["head"]["kernel"], jnp.float32).T}
   is_ab = lambda _, x: isinstance(x, dict) and "a" in x
   for path, ab in traverse_util.flatten_dict(trainable["lora"]["layers"], is_leaf=is_ab).items():

@@ -95,3 +95,10 @@ def summary(base_params, trainable) -> str:
   n_train, n_base = num_params(trainable), num_params(base_params)
   total = n_base + n_train
   return f"trainable params: {n_train:,} || all params: {total:,} || trainable%: {100 * n_train / total:.4f}"
+
+
+def config_from(c) -> LoraConfig:
+  """LoraConfig from a config's `lora` field {rank, alpha, targets}: targets "attention" (the paper's q/k/v/o),
+  "attention_mlp", or one regex over param paths."""
+  targets = {"attention": ATTENTION, "attention_mlp": ATTENTION_MLP}.get(c.targets, (c.targets,))
+  return LoraConfig(rank=c.rank, alpha=c.alpha, targets=targets)

@@ -1,12 +1,10 @@
 """Reward-model and RL losses for PERL (Sidahmed et al. 2024, arXiv 2403.10704).
 
-Device-side functions are pure jnp and jit-able; masks are 0/1 float or bool
-arrays and every mean is over valid tokens/examples. `binary_metrics` and
-`pairwise_metrics` at the bottom are host-side numpy for gathered eval arrays.
+Pure jnp and jit-able; masks are 0/1 float or bool arrays and every mean is over
+valid tokens/examples. Host-side eval metrics live in `perl_jax.evaluation`.
 """
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 def masked_mean(x, mask, axis=None):
@@ -68,12 +66,15 @@ def kl_divergence_estimate(logp_BxT, ref_logp_BxT, kind="k1"):
   raise ValueError(f"Unknown KL estimator kind {kind!r}; expected k1, k2 or k3.")
 
 
+def last_token_index(mask_BxT):
+  """Index of each row's last valid (non-pad) position, right or left padding alike; −1 for an empty row."""
+  t_T = jnp.arange(mask_BxT.shape[-1])
+  return jnp.max(jnp.where(mask_BxT.astype(bool), t_T, -1), axis=-1)
+
+
 def last_valid_onehot(mask_BxT):
   """One-hot of each row's last valid position (all-zero rows stay zero)."""
-  valid_BxT = mask_BxT.astype(bool)
-  T = valid_BxT.shape[-1]
-  last_B = T - 1 - jnp.argmax(valid_BxT[:, ::-1], axis=-1)
-  return jax.nn.one_hot(last_B, T) * valid_BxT.any(-1, keepdims=True)
+  return jax.nn.one_hot(last_token_index(mask_BxT), mask_BxT.shape[-1])
 
 
 def kl_regularized_rewards(reward_B, kl_BxT, mask_BxT, kl_coef):
@@ -176,57 +177,3 @@ def value_loss(values_BxT, returns_BxT, mask_BxT, old_values_BxT=None,
     clipped_BxT = old_BxT + jnp.clip(values_BxT - old_BxT, -clip_eps, clip_eps)
     err_BxT = jnp.maximum(err_BxT, jnp.square(clipped_BxT - returns_BxT))
   return 0.5 * masked_mean(err_BxT, mask_BxT)
-
-
-# ---------------------------------------------------------------- host metrics
-
-
-def _average_ranks(x_N):
-  """1-based ranks of `x_N`, tied values sharing their average rank."""
-  order_N = np.argsort(x_N, kind="mergesort")
-  sorted_N = x_N[order_N]
-  starts = np.flatnonzero(np.r_[True, sorted_N[1:] != sorted_N[:-1]])
-  ends = np.r_[starts[1:], len(x_N)]
-  ranks_N = np.empty(len(x_N), np.float64)
-  ranks_N[order_N] = np.repeat((starts + ends + 1) / 2, ends - starts)
-  return ranks_N
-
-
-def roc_auc(score_N, label_N):
-  """ROC-AUC via Mann–Whitney U with average ranks for ties; nan if a class is absent."""
-  score_N = np.asarray(score_N, np.float64).reshape(-1)
-  pos_N = np.asarray(label_N).reshape(-1).astype(bool)
-  n_pos, n_neg = int(pos_N.sum()), int((~pos_N).sum())
-  if n_pos == 0 or n_neg == 0:
-    return float("nan")
-  rank_sum = _average_ranks(score_N)[pos_N].sum()
-  return float((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def binary_metrics(score_N, label_N, threshold=0.0):
-  """Accuracy, balanced accuracy (½(TPR+TNR)), ROC-AUC and positive rate of score > threshold, and the BCE
-  loss of the scores as logits."""
-  score_N = np.asarray(score_N, np.float64).reshape(-1)
-  pos_N = np.asarray(label_N).reshape(-1).astype(bool)
-  pred_N = score_N > threshold
-  rates = [np.mean(pred_N[pos_N]) if pos_N.any() else np.nan,
-           np.mean(~pred_N[~pos_N]) if (~pos_N).any() else np.nan]
-  balanced = np.nan if np.isnan(rates).all() else np.nanmean(rates)
-  return dict(
-      accuracy=float(np.mean(pred_N == pos_N)) if len(pos_N) else float("nan"),
-      balanced_accuracy=float(balanced),
-      roc_auc=roc_auc(score_N, pos_N),
-      positive_rate=float(np.mean(pred_N)) if len(pred_N) else float("nan"),
-      loss=float(np.mean(np.logaddexp(0.0, score_N) - pos_N * score_N)) if len(pos_N) else float("nan"),
-  )
-
-
-def pairwise_metrics(r_chosen_N, r_rejected_N):
-  """Preference accuracy (strict r_c > r_r), mean margin and Bradley–Terry loss."""
-  margin_N = (np.asarray(r_chosen_N, np.float64).reshape(-1)
-              - np.asarray(r_rejected_N, np.float64).reshape(-1))
-  return dict(
-      accuracy=float(np.mean(margin_N > 0)),
-      mean_margin=float(np.mean(margin_N)),
-      loss=float(np.mean(np.logaddexp(0.0, -margin_N))),
-  )

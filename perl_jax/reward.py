@@ -1,17 +1,25 @@
-"""Reward model = decoder backbone (+ LoRA) + scalar head on the last non-pad token; train and eval steps.
+"""Reward model = decoder backbone (+ LoRA) + scalar head on the last non-pad token: what an RM is (init, scores,
+loss), its data, its eval, its set-up over the shared loop (`train`) and its restore from a run folder.
 
 Trainable state is {"lora": ..., "head": ...} for PERL (backbone frozen, never differentiated) or
 {"backbone": ..., "head": ...} for full tuning; the frozen params (`frozen_params`) are a separate argument.
 """
 import dataclasses
+import functools
+import logging
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
 
-from perl_jax import losses, lora, models
+from perl_jax import data, evaluation, lora, losses, models, optimizer, runs, sharding, trainer
 from perl_jax.models import ModelConfig
+
+log = logging.getLogger("perl_jax")
+MODEL_KEYS = ("input_ids", "attention_mask", "label")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,6 +28,16 @@ class RewardConfig:
   mode: str = "lora"
   loss: str = "bt"
   lora_cfg: lora.LoraConfig = lora.LoraConfig()
+
+
+def config_from(config: ml_collections.ConfigDict) -> RewardConfig:
+  """RewardConfig from a run config: Bradley-Terry for pairwise formats, BCE for binary ones."""
+  kind = data.KINDS.get(config.data.format)
+  if kind is None:
+    raise models.ConfigError(f"config: field 'data.format': unknown format '{config.data.format}' "
+                             f"(one of {', '.join(sorted(data.KINDS))})")
+  return RewardConfig(mode=config.mode, loss="bt" if kind == "pairwise" else "bce",
+                      lora_cfg=lora.config_from(config.lora))
 
 
 def init_head(rng, hidden_size: int) -> dict:
@@ -37,7 +55,7 @@ def init_trainable(rng, rcfg: RewardConfig, model_cfg: ModelConfig, base_params)
   if rcfg.mode == "full":
     backbone = {k: v for k, v in base_params.items() if k != "lm_head"}
     return {"backbone": jax.tree.map(lambda x: x.astype(jnp.float32), backbone), "head": head}
-  raise ValueError(f"reward mode must be 'lora' or 'full', got '{rcfg.mode}'")
+  raise models.ConfigError(f"config: field 'mode': must be 'lora' or 'full', got '{rcfg.mode}'")
 
 
 def frozen_params(rcfg: RewardConfig, base_params) -> dict:
@@ -48,10 +66,11 @@ def frozen_params(rcfg: RewardConfig, base_params) -> dict:
   return {k: v for k, v in base_params.items() if k == "lm_head"}
 
 
-def last_token_index(mask_BxT):
-  """Index of the last non-pad token per row; right or left padding alike."""
-  t = jnp.arange(mask_BxT.shape[-1])
-  return jnp.max(jnp.where(mask_BxT.astype(bool), t, -1), axis=-1)
+def head_scores(head: dict, hidden_BxTxD, mask_BxT):
+  """r_B = h_last · w + b, read at each row's last non-pad token (float32)."""
+  idx_B = losses.last_token_index(mask_BxT)
+  h_BxD = jnp.take_along_axis(hidden_BxTxD, idx_B[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+  return (h_BxD @ head["kernel"] + head["bias"])[:, 0]
 
 
 def scores(model_cfg: ModelConfig, rcfg: RewardConfig, trainable, base_params, ids_BxT, mask_BxT):
@@ -61,9 +80,7 @@ def scores(model_cfg: ModelConfig, rcfg: RewardConfig, trainable, base_params, i
   else:
     params, adapters = {**base_params, **trainable["backbone"]}, []
   hidden = models.forward(model_cfg, params, ids_BxT, mask_BxT, adapters=adapters, return_logits=False).hidden
-  idx = last_token_index(mask_BxT)
-  h_BxD = jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0].astype(jnp.float32)
-  return (h_BxD @ trainable["head"]["kernel"] + trainable["head"]["bias"])[:, 0]
+  return head_scores(trainable["head"], hidden, mask_BxT)
 
 
 def batch_scores(model_cfg, rcfg, trainable, base_params, batch) -> jax.Array:
@@ -75,8 +92,9 @@ def batch_scores(model_cfg, rcfg, trainable, base_params, batch) -> jax.Array:
   return scores(model_cfg, rcfg, trainable, base_params, ids, mask)
 
 
-def loss_fn(model_cfg, rcfg, trainable, base_params, batch) -> tuple[jax.Array, dict]:
-  """Bradley-Terry on pairs or BCE on thumbs labels, with the matching running metrics."""
+def loss_fn(model_cfg, rcfg, trainable, base_params, batch, rng=None) -> tuple[jax.Array, dict]:
+  """Bradley-Terry on pairs or BCE on thumbs labels, with the matching running metrics (rng unused)."""
+  del rng
   r = batch_scores(model_cfg, rcfg, trainable, base_params, batch)
   if rcfg.loss == "bt":
     loss = losses.bradley_terry_loss(r[:, 0], r[:, 1])
@@ -89,42 +107,160 @@ def loss_fn(model_cfg, rcfg, trainable, base_params, batch) -> tuple[jax.Array, 
   raise ValueError(f"reward loss must be 'bt' or 'bce', got '{rcfg.loss}'")
 
 
-def make_schedule(lr: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
-  """Linear warm-up to `lr` (the first update already moves), then cosine decay to lr/10 at `total_steps`."""
-  warmup = max(warmup_steps, 1)
-  return optax.warmup_cosine_decay_schedule(lr / warmup, lr, warmup, max(total_steps, warmup + 1), lr * 0.1)
-
-
-def make_optimizer(schedule, weight_decay: float = 0.0, clip_norm: float = 1.0) -> optax.GradientTransformation:
-  """AdamW on the schedule, after global-norm clipping."""
-  return optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, weight_decay=weight_decay))
-
-
-def train_step(model_cfg, rcfg, optimizer, state: dict[str, Any], base_params, batch):
-  """One update of the trainable pytree only; the gradient is never taken w.r.t. base_params."""
-  grad_fn = jax.value_and_grad(lambda tr: loss_fn(model_cfg, rcfg, tr, base_params, batch), has_aux=True)
-  (_, metrics), grads = grad_fn(state["trainable"])
-  updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
-  trainable = optax.apply_updates(state["trainable"], updates)
-  metrics["grad_norm"] = optax.global_norm(grads)
-  return {**state, "step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}, metrics
-
-
-def init_state(trainable, optimizer, rng_data) -> dict:
-  """Everything a resumed run needs besides the data position: step, trainable, optimizer, RNG key data."""
-  return {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": optimizer.init(trainable),
-          "rng": rng_data}
-
-
-def jit_train_step(model_cfg, rcfg, optimizer, state_shardings, base_shardings, batch_sharding, replicated):
-  """train_step jitted with explicit in/out shardings; the old state's buffers are donated."""
-  return jax.jit(
-      lambda state, base, batch: train_step(model_cfg, rcfg, optimizer, state, base, batch),
-      in_shardings=(state_shardings, base_shardings, batch_sharding),
-      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-
-
 def jit_scores(model_cfg, rcfg, trainable_shardings, base_shardings, batch_sharding, replicated):
   """Batch rewards, jitted, gathered to every host for host-side metrics."""
   return jax.jit(lambda tr, base, batch: batch_scores(model_cfg, rcfg, tr, base, batch),
                  in_shardings=(trainable_shardings, base_shardings, batch_sharding), out_shardings=replicated)
+
+
+# ---------------------------------------------------------------- data and eval
+
+
+def encode(fmt: str, examples, tokenizer, dc) -> tuple[dict, int]:
+  encoder = data.encode_pairwise if data.KINDS[fmt] == "pairwise" else data.encode_binary
+  return encoder(examples, tokenizer, dc.max_len, min_prompt_tokens=dc.min_prompt_tokens)
+
+
+def load_data(config, tokenizer):
+  """Train/eval arrays: a seeded held-out split of data.path, or data.eval_path when given."""
+  dc = config.data
+  skipped: list = []
+  examples = data.read_examples(dc.format, dc.path, skip_invalid=dc.skip_invalid, skipped=skipped)
+  if skipped:
+    log.warning("%s: skipped %d invalid lines (data.skip_invalid=True)", dc.path, len(skipped))
+  if dc.eval_path:
+    train_ex, eval_ex = examples, data.read_examples(dc.format, dc.eval_path, skip_invalid=dc.skip_invalid)
+  else:
+    train_ex, eval_ex = data.split_train_eval(examples, dc.eval_fraction, seed=dc.seed)
+  if dc.max_train_examples:
+    train_ex = train_ex[: dc.max_train_examples]
+  if dc.max_eval_examples:
+    eval_ex = eval_ex[: dc.max_eval_examples]
+  train_arrays, n_trunc = encode(dc.format, train_ex, tokenizer, dc)
+  eval_arrays, n_trunc_eval = encode(dc.format, eval_ex, tokenizer, dc) if eval_ex else (None, 0)
+  log.info("data: %d train / %d eval examples; %d / %d truncated to %d tokens",
+           len(train_ex), len(eval_ex), n_trunc, n_trunc_eval, dc.max_len)
+  return train_arrays, eval_arrays, {"train_examples": len(train_ex), "eval_examples": len(eval_ex),
+                                     "truncated_train": n_trunc, "truncated_eval": n_trunc_eval}
+
+
+def evaluate(score_fn, trainable, base, arrays, batch_size: int, mesh, kind: str) -> dict:
+  """Scores every eval example once; metrics on the host (balanced accuracy / ROC-AUC for binary)."""
+  it = data.BatchIterator(arrays, batch_size, shuffle=False, num_epochs=1, drop_remainder=False)
+  gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)) if jax.process_count() > 1 else x
+  outs, labels = [], []
+  for batch in it:
+    valid = gather(batch["valid"]).astype(bool)
+    r = np.asarray(score_fn(trainable, base, sharding.global_batch(
+        {k: v for k, v in batch.items() if k in MODEL_KEYS}, mesh)))
+    outs.append(r[valid])
+    if kind == "binary":
+      labels.append(gather(batch["label"])[valid])
+  r = np.concatenate(outs)
+  if kind == "pairwise":
+    return evaluation.pairwise_metrics(r[:, 0], r[:, 1])
+  return evaluation.binary_metrics(r, np.concatenate(labels))
+
+
+# ---------------------------------------------------------------- training and restoring
+
+
+def new_state(config, rcfg: RewardConfig, model_cfg, base_params, optim) -> dict:
+  """The checkpointed train state seeded from config.seed; restore targets are this function's shapes, so
+  checkpoints and their readers cannot drift apart."""
+  trainable = init_trainable(jax.random.key(config.seed), rcfg, model_cfg, base_params)
+  return trainer.new_state(trainable, optim, jax.random.key(config.seed + 1))
+
+
+def check_batch_sizes(config, mesh) -> None:
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  for field in ("batch_size", "eval_batch_size"):
+    if config.data[field] % shards:
+      raise models.ConfigError(f"config: field 'data.{field}': {config.data[field]} is not divisible by "
+                               f"data x fsdp = {shards} devices")
+
+
+def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = None):
+  """Trains (or resumes) the RM described by `config` in `workdir`; returns (final state, eval metrics)."""
+  sharding.initialize_distributed(config.multihost)
+  rcfg = config_from(config)
+  model_cfg, base, tokenizer = runs.load_model(config.model)
+  train_arrays, eval_arrays, data_info = load_data(config, tokenizer)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  check_batch_sizes(config, mesh)
+  schedule, optim = optimizer.make(config.optim, config.steps)
+  state = new_state(config, rcfg, model_cfg, base, optim)
+  state, state_sh = trainer.place(state, mesh)
+  base, base_sh = trainer.place(frozen_params(rcfg, base), mesh)
+  if rcfg.mode == "lora":
+    log.info("PERL reward model: %s", lora.summary(base, state["trainable"]))
+  else:
+    log.info("full reward model: trainable params %s", f"{lora.num_params(state['trainable']):,}")
+
+  batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in train_arrays.items() if k in MODEL_KEYS}
+  model_batch = lambda b: sharding.global_batch({k: v for k, v in b.items() if k in MODEL_KEYS}, mesh)
+  step = trainer.jit_step(functools.partial(loss_fn, model_cfg, rcfg), optim, state_sh, base_sh, batch_sh, mesh)
+  first = {k: v[: config.data.batch_size // jax.process_count()] for k, v in train_arrays.items()}
+  compiled, perf = trainer.compile_step(step, state, base, model_batch(first))
+  perf.update(trainable_params=lora.num_params(state["trainable"]),
+              total_params=lora.num_params(base) + lora.num_params(state["trainable"]))
+  score_fn = jit_scores(model_cfg, rcfg, state_sh["trainable"], base_sh, batch_sh, sharding.replicated(mesh))
+  kind = data.KINDS[config.data.format]
+  evaluate_fn = None if eval_arrays is None else lambda s, f: evaluate(
+      score_fn, s["trainable"], f, eval_arrays, config.data.eval_batch_size, mesh, kind)
+  return trainer.run(config, workdir, state=state, frozen=base, step_fn=lambda s, f, b: compiled(s, f, model_batch(b)),
+                     batches=data.BatchIterator(train_arrays, config.data.batch_size, seed=config.data.seed),
+                     evaluate=evaluate_fn, schedule=schedule, perf=perf, info=data_info, stop_after=stop_after)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRM:
+  """A restored reward model: frozen params (frozen_params) and trainable, placed on `mesh`."""
+  config: ml_collections.ConfigDict
+  rcfg: RewardConfig
+  model_cfg: models.ModelConfig
+  base: dict
+  trainable: dict
+  tokenizer: Any
+  step: int
+  mesh: jax.sharding.Mesh
+  model_path: str
+
+
+def restore(workdir, *, step: int | None = None, model_path: str | None = None, mesh=None) -> TrainedRM:
+  """Rebuilds model + RM from run.json and restores the trained params of checkpoint `step` (default latest).
+
+  `model_path` replaces the run's base model path (e.g. when the base moved since training)."""
+  config = runs.read_config(workdir)
+  if model_path is not None:
+    config.model.path = model_path
+  rcfg = config_from(config)
+  model_cfg, base, tokenizer = runs.load_model(config.model)
+  mesh = mesh or sharding.make_mesh(-1, config.mesh.fsdp, config.mesh.tensor)
+  _, optim = optimizer.make(config.optim, config.steps)
+  target = runs.sharded_abstract(lambda b: new_state(config, rcfg, model_cfg, b, optim), base, mesh)
+  restored_step, state = runs.restore(workdir, target, step=step)
+  base, _ = trainer.place(frozen_params(rcfg, base), mesh)
+  return TrainedRM(config, rcfg, model_cfg, base, state["trainable"], tokenizer, restored_step, mesh,
+                   runs.model_path(config.model))
+
+
+def evaluate_examples(rm: TrainedRM, fmt: str, examples: list, batch_size: int | None = None,
+                      where: str = "data") -> dict:
+  """`evaluate`'s metrics for read examples, plus num_examples and num_truncated."""
+  if not examples:
+    raise data.DataError(where, problem="no examples")
+  batch_size = batch_size or rm.config.data.eval_batch_size
+  shards = rm.mesh.shape["data"] * rm.mesh.shape["fsdp"]
+  if batch_size % shards:
+    raise models.ConfigError(f"batch_size {batch_size} is not a multiple of the {shards} data shards")
+  arrays, num_truncated = encode(fmt, examples, rm.tokenizer, rm.config.data)
+  batch_sh = {k: sharding.batch_sharding(rm.mesh, v.ndim) for k, v in arrays.items() if k in MODEL_KEYS}
+  score_fn = jit_scores(rm.model_cfg, rm.rcfg, sharding.shardings(rm.trainable, rm.mesh),
+                        sharding.shardings(rm.base, rm.mesh), batch_sh, sharding.replicated(rm.mesh))
+  metrics = evaluate(score_fn, rm.trainable, rm.base, arrays, batch_size, rm.mesh, data.KINDS[fmt])
+  return {**metrics, "num_examples": len(examples), "num_truncated": int(num_truncated)}
+
+
+def head_bias(rm: TrainedRM) -> float:
+  return float(np.asarray(rm.trainable["head"]["bias"]).reshape(-1)[0])

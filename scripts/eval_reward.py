@@ -1,6 +1,6 @@
 """Evaluate a trained reward model (a train_reward workdir) on a data file; prints one JSON object.
 
-  python scripts/eval_reward.py --workdir runs/tm4 --data FILE [--format pairwise|binary|hh_rlhf|taskmaster4|tldr|shp]
+  python scripts/eval_reward.py --workdir runs/tm4 --data FILE [--format hh_rlhf|taskmaster4|tldr|shp]
       [--split all|train|eval] [--batch_size 32] [--step N] [--model_path BASE]
 pairwise data gives accuracy, mean_margin, loss; binary data accuracy, balanced_accuracy, roc_auc,
 positive_rate, loss; both add num_examples, num_truncated and the checkpoint step.
@@ -12,12 +12,11 @@ import sys
 
 from absl import app, flags
 
-from perl_jax import data, export, models
+from perl_jax import data, models, reward, runs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder written by train_reward (run.json, checkpoints/).")
 _DATA = flags.DEFINE_string("data", None, "Data file (.jsonl or .jsonl.gz).")
-_FORMAT = flags.DEFINE_enum("format", None, sorted([*export.FORMAT_ALIASES, *data.READERS]),
-                            "Data format; pairwise = hh_rlhf, binary = taskmaster4. Default: the run's format.")
+_FORMAT = flags.DEFINE_enum("format", None, sorted(data.READERS), "Data format (a reader). Default: the run's.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Eval batch size. Default: the run's data.eval_batch_size.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step. Default: the latest.")
 _MODEL_PATH = flags.DEFINE_string("model_path", None, "Base model, if it moved since training.")
@@ -32,16 +31,16 @@ flags.mark_flags_as_required(["workdir", "data"])
 def main(_):
   logging.getLogger().setLevel(logging.WARNING)
   try:
-    run = export.read_run(_WORKDIR.value)
-    fmt = export.resolve_format(_FORMAT.value, run)
+    run = runs.read_config(_WORKDIR.value)
+    fmt = _FORMAT.value or run.data.format
     skip = _SKIP_INVALID.value or (_DATA.value == run.data.path and run.data.skip_invalid)
     examples = data.read_examples(fmt, _DATA.value, skip_invalid=skip)
     if _SPLIT.value != "all":
       dc = run.data
       train_ex, eval_ex = data.split_train_eval(examples, dc.eval_fraction, seed=dc.seed)
       examples = eval_ex if _SPLIT.value == "eval" else train_ex
-    rm = export.restore(_WORKDIR.value, step=_STEP.value, model_path=_MODEL_PATH.value)
-    metrics = export.evaluate_examples(rm, fmt, examples, _BATCH_SIZE.value, where=_DATA.value)
+    rm = reward.restore(_WORKDIR.value, step=_STEP.value, model_path=_MODEL_PATH.value)
+    metrics = reward.evaluate_examples(rm, fmt, examples, _BATCH_SIZE.value, where=_DATA.value)
   except (data.DataError, models.ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

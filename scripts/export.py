@@ -11,7 +11,7 @@ import sys
 
 from absl import app, flags
 
-from perl_jax import data, export, models
+from perl_jax import data, export, models, reward
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder written by train_reward (run.json, checkpoints/).")
 _OUT = flags.DEFINE_string("out", None, "Output folder (created).")
@@ -26,10 +26,7 @@ def main(_):
   logging.getLogger().setLevel(logging.WARNING)
   logging.getLogger("perl_jax").setLevel(logging.INFO)
   try:
-    config = export.read_run(_WORKDIR.value)
-    if _FORMAT.value == "peft" and config.mode != "lora":
-      raise models.ConfigError(f"{_WORKDIR.value}: mode '{config.mode}' trains no adapter: use --format merged")
-    rm = export.restore(_WORKDIR.value, step=_STEP.value, model_path=_MODEL_PATH.value)
+    rm = reward.restore(_WORKDIR.value, step=_STEP.value, model_path=_MODEL_PATH.value)
     if _FORMAT.value == "merged":
       out = export.export_merged(rm, _OUT.value, _DTYPE.value)
     else:
@@ -38,7 +35,7 @@ def main(_):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   logging.getLogger("perl_jax").info("step %d exported to %s (%s); head bias %.6g", rm.step, out, _FORMAT.value,
-                                     export.head_bias(rm))
+                                     reward.head_bias(rm))
 
 
 if __name__ == "__main__":

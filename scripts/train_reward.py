@@ -8,7 +8,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from perl_jax import data, models, train
+from perl_jax import data, models, reward, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: metrics.jsonl, tb/, checkpoints/, eval.json.")
@@ -19,8 +19,8 @@ def main(_):
   logging.getLogger().setLevel(logging.WARNING)
   logging.getLogger("perl_jax").setLevel(logging.INFO)
   try:
-    train.train_reward(_CONFIG.value, _WORKDIR.value)
-  except (data.DataError, models.ConfigError) as e:
+    reward.train(_CONFIG.value, _WORKDIR.value)
+  except (data.DataError, models.ConfigError, trainer.TrainingError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

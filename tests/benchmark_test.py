@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from perl_jax import benchmark, lora, models
+from perl_jax import benchmark, lora, models, trainer
 from tests.conftest import ROOT
 
 
@@ -41,12 +41,12 @@ def test_memory_formula_is_argument_plus_output_plus_temp_minus_alias():
   f = jax.jit(lambda x, y: (x * 2, jnp.sin(y) @ y), donate_argnums=(0,))
   a = f.lower(jax.ShapeDtypeStruct((256, 256), jnp.float32), jax.ShapeDtypeStruct((64, 64), jnp.float32)).compile()
   analysis = a.memory_analysis()
-  m = benchmark.memory_bytes(analysis)
+  m = trainer.memory_bytes(analysis)
   assert m["compiled_peak_bytes"] == (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
                                       + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
   fake = types.SimpleNamespace(argument_size_in_bytes=10, output_size_in_bytes=7, temp_size_in_bytes=5,
                                alias_size_in_bytes=3, peak_memory_in_bytes=0)
-  assert benchmark.memory_bytes(fake)["compiled_peak_bytes"] == 19
+  assert trainer.memory_bytes(fake)["compiled_peak_bytes"] == 19
 
 
 @pytest.fixture(scope="module")

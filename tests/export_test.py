@@ -1,6 +1,6 @@
 """Offline eval and HF / PEFT export of a trained RM, checked against transformers + PEFT (torch) as oracles.
 
-A tiny random Llama (SmolLM2 tokenizer) is saved as an HF folder, trained for 2 steps with train.train_reward on
+A tiny random Llama (SmolLM2 tokenizer) is saved as an HF folder, trained for 2 steps with reward.train on
 a small Taskmaster-4 file (BCE, so the head bias moves off 0), then restored, evaluated and exported.
 """
 import dataclasses
@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from perl_jax import data, export, lora, losses, models, reward, train
+from perl_jax import data, evaluation, export, lora, models, reward
 from tests.conftest import ROOT
 
 WORDS = ("coffee tea latte espresso large small iced hot oat milk sugar please thanks order pickup time name "
@@ -76,14 +76,14 @@ def run(tmp_path_factory):
   config.optim.update(lr=0.05, warmup_steps=1)
   config.update(steps=2, log_every=1, eval_every=2, checkpoint_every=2)
   workdir = root / "run"
-  train.train_reward(config, str(workdir))
-  rm = export.restore(workdir)
+  reward.train(config, str(workdir))
+  rm = reward.restore(workdir)
   host = types.SimpleNamespace(trainable=jax.device_get(rm.trainable), base=jax.device_get(rm.base))
   return types.SimpleNamespace(root=root, base=base, files=files, config=config, workdir=workdir, rm=rm, host=host)
 
 
 def _encoded(run, fmt, path, with_truncated=False):
-  arrays, num_truncated = train.encode(fmt, data.read_examples(fmt, path), run.rm.tokenizer, run.config.data)
+  arrays, num_truncated = reward.encode(fmt, data.read_examples(fmt, path), run.rm.tokenizer, run.config.data)
   return (arrays, num_truncated) if with_truncated else arrays
 
 
@@ -171,7 +171,7 @@ def test_peft_export_refuses_full_mode(run):
 def _expected_binary(run):
   arrays, num_truncated = _encoded(run, "taskmaster4", run.files.eval, with_truncated=True)
   r, y = _our_scores(run, arrays["input_ids"], arrays["attention_mask"]), arrays["label"]
-  return {**losses.binary_metrics(r, y), "loss": float(np.mean(np.logaddexp(0, r) - y * r)), "num_examples": 12,
+  return {**evaluation.binary_metrics(r, y), "loss": float(np.mean(np.logaddexp(0, r) - y * r)), "num_examples": 12,
           "num_truncated": num_truncated}
 
 
@@ -179,10 +179,10 @@ def _expected_pairwise(run):
   arrays, num_truncated = _encoded(run, "hh_rlhf", run.files.hh, with_truncated=True)
   n, two, t = arrays["input_ids"].shape
   r = _our_scores(run, arrays["input_ids"].reshape(-1, t), arrays["attention_mask"].reshape(-1, t)).reshape(n, 2)
-  return {**losses.pairwise_metrics(r[:, 0], r[:, 1]), "num_examples": 10, "num_truncated": num_truncated}
+  return {**evaluation.pairwise_metrics(r[:, 0], r[:, 1]), "num_examples": 10, "num_truncated": num_truncated}
 
 
-@pytest.mark.parametrize("fmt,extra", [("binary", ()), ("pairwise", ("--format", "pairwise", "--batch_size", "16"))])
+@pytest.mark.parametrize("fmt,extra", [("binary", ()), ("pairwise", ("--format", "hh_rlhf", "--batch_size", "16"))])
 def test_eval_reward_cli(run, fmt, extra):
   data_file = run.files.eval if fmt == "binary" else run.files.hh
   result = _cli("scripts/eval_reward.py", "--workdir", str(run.workdir), "--data", str(data_file), *extra)

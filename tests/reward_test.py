@@ -1,10 +1,12 @@
 """Reward model: the head reads the last real token under any padding; losses match hand computation."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perl_jax import lora, models, reward
+from perl_jax import losses, lora, models, optimizer, reward, trainer
 from tests.helpers import tiny_config
 
 
@@ -29,7 +31,7 @@ def _pad(seqs, length, side):
 
 def test_last_token_index():
   mask = jnp.array([[1, 1, 0, 0], [0, 0, 1, 1], [1, 1, 1, 1]])
-  np.testing.assert_array_equal(np.asarray(reward.last_token_index(mask)), [1, 3, 3])
+  np.testing.assert_array_equal(np.asarray(losses.last_token_index(mask)), [1, 3, 3])
 
 
 def test_scores_read_last_real_token_under_left_and_right_padding(rm):
@@ -69,13 +71,13 @@ def test_lora_step_changes_only_adapters_and_head_full_step_changes_backbone(rm)
   cfg, base, rcfg, tr = rm
   ids, mask = _pad([[5, 9, 17], [7, 8, 30], [3, 4], [9, 9, 9, 9]], 6, "right")
   batch = {"input_ids": ids.reshape(2, 2, 6), "attention_mask": mask.reshape(2, 2, 6)}
-  opt = reward.make_optimizer(reward.make_schedule(1e-2, 10, 1))
+  opt = optimizer.make_optimizer(optimizer.make_schedule(1e-2, 10, 1))
   for mode in ("lora", "full"):
     r = reward.RewardConfig(mode=mode, loss="bt", lora_cfg=rcfg.lora_cfg)
     trainable = reward.init_trainable(jax.random.key(1), r, cfg, base)
-    state = reward.init_state(trainable, opt, jnp.zeros(2, jnp.uint32))
+    state = trainer.new_state(trainable, opt, jnp.zeros(2, jnp.uint32))
     step_base = base if mode == "lora" else {}
-    new, metrics = jax.jit(lambda s, b, x: reward.train_step(cfg, r, opt, s, b, x))(state, step_base, batch)
+    new, metrics = jax.jit(lambda s, b, x: trainer.train_step(functools.partial(reward.loss_fn, cfg, r), opt, s, b, x))(state, step_base, batch)
     assert int(new["step"]) == 1 and np.isfinite(float(metrics["loss"]))
     moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), trainable, new["trainable"])
     if mode == "lora":

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from perl_jax import checkpoint, data, models, train
+from perl_jax import checkpoint, data, models, reward
 from tests.conftest import ROOT
 from tests.helpers import head_lines, make_tiny_hf_folder, run_two_hosts
 
@@ -40,10 +40,10 @@ def _config(tiny, arg="tm4_lora", **over):
 @pytest.mark.parametrize("arg", ["tm4_lora", "hh_full"])
 def test_resumed_run_is_bit_identical(tiny, tmp_path, arg):
   cfg = _config(tiny, arg)
-  full_state, full_eval = train.train_reward(cfg, tmp_path / "a")
-  train.train_reward(cfg, tmp_path / "b", stop_after=3)
+  full_state, full_eval = reward.train(cfg, tmp_path / "a")
+  reward.train(cfg, tmp_path / "b", stop_after=3)
   assert checkpoint.Checkpointer(tmp_path / "b" / "checkpoints").latest_step() == 3
-  resumed_state, resumed_eval = train.train_reward(cfg, tmp_path / "b")
+  resumed_state, resumed_eval = reward.train(cfg, tmp_path / "b")
   assert int(resumed_state["step"]) == int(full_state["step"]) == 6
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), full_state, resumed_state)
   np.testing.assert_equal(full_eval, resumed_eval)
@@ -75,7 +75,7 @@ def test_bad_data_line_names_file_line_field_and_writes_nothing(tiny, tmp_path, 
   cfg = _config(tiny)
   cfg.data.path = str(path)
   with pytest.raises(data.DataError) as e:
-    train.train_reward(cfg, tmp_path / "run")
+    reward.train(cfg, tmp_path / "run")
   msg = str(e.value)
   assert msg.startswith(f"{path}:4:") and field in msg and "\n" not in msg
   assert not (tmp_path / "run" / "checkpoints").exists()
@@ -106,7 +106,7 @@ def test_missing_model_is_one_clear_error(tiny, tmp_path):
   cfg = _config(tiny)
   cfg.model.path = str(tmp_path / "no_model")
   with pytest.raises(models.ConfigError, match="no_model: no such file"):
-    train.train_reward(cfg, tmp_path / "run")
+    reward.train(cfg, tmp_path / "run")
 
 
 
@@ -121,8 +121,8 @@ sys.path.insert(0, os.getcwd())
 import numpy as np
 from jax.experimental import multihost_utils
 from tests.train_test import _config_for
-from perl_jax import train
-state, ev = train.train_reward(_config_for(model, data_path), workdir)
+from perl_jax import reward
+state, ev = reward.train(_config_for(model, data_path), workdir)
 b = multihost_utils.process_allgather(state["trainable"]["lora"]["layers"]["attn"]["q_proj"]["b"], tiled=True)
 json.dump({"b_abs_sum": float(np.abs(np.asarray(b)).sum()), "eval": ev}, open(f"{workdir}.{pid}.json", "w"))
 """
@@ -145,7 +145,7 @@ def test_two_process_training_matches_one_process(tiny, tmp_path):
   assert multi[0] == multi[1]
   assert checkpoint.Checkpointer(wd / "checkpoints").latest_step() == 4
 
-  state, ev = train.train_reward(_config_for(tiny / "model", tiny / "tm4.jsonl"), tmp_path / "single")
+  state, ev = reward.train(_config_for(tiny / "model", tiny / "tm4.jsonl"), tmp_path / "single")
   b = np.asarray(state["trainable"]["lora"]["layers"]["attn"]["q_proj"]["b"])
   np.testing.assert_allclose(multi[0]["b_abs_sum"], np.abs(b).sum(), rtol=1e-4)
   for k, v in ev.items():

@@ -61,6 +61,30 @@ def _hf_path(cfg: ModelConfig, name: str):
   return (_HF_LAYER[rest], int(m.group(1))) if rest in _HF_LAYER else None
 
 
+def hf_layer_names(cfg: ModelConfig) -> dict[tuple, str]:
+  """Our per-layer param path -> HF tensor name after 'model.layers.{i}.' (the inverse of `_hf_path`)."""
+  names = {path: name for name, path in _HF_LAYER.items()}
+  names[("post_attn_norm" if cfg.sandwich_norm else "mlp_norm", "scale")] = "post_attention_layernorm.weight"
+  return names
+
+
+def hf_state_dict(cfg: ModelConfig, params, dtype=jnp.float32) -> dict:
+  """Our params as HF tensors: kernels [in,out] -> [out,in], stacked layers -> model.layers.{i}.*."""
+  from flax import traverse_util
+  top = {("embed", "embedding"): "model.embed_tokens.weight", ("final_norm", "scale"): "model.norm.weight",
+         ("lm_head", "kernel"): "lm_head.weight"}
+  layer_names = hf_layer_names(cfg)
+  out = {}
+  for path, x in traverse_util.flatten_dict(params).items():
+    x = jnp.asarray(x, dtype)
+    if path[0] != "layers":
+      out[top[path]] = x.T if path[-1] == "kernel" else x
+      continue
+    for i in range(x.shape[0]):
+      out[f"model.layers.{i}.{layer_names[path[1:]]}"] = x[i].T if path[-1] == "kernel" else x[i]
+  return out
+
+
 def _assemble(cfg: ModelConfig, tensors: Iterator[tuple[str, np.ndarray]], where: str,
               to_path: Callable, dtype) -> dict:
   """Places [out,in] torch-layout tensors into the stacked params pytree, checking every shape."""

@@ -1,0 +1,199 @@
+"""The one training loop: a generic jitted step over a loss, and `run`, which owns everything around it.
+
+Every stage (reward model, SFT, RL) is a short set-up over this module:
+  loss_fn(trainable, frozen, batch, rng) -> (loss, metrics)        the stage's objective, a pure function
+  train_step(loss_fn, optimizer, state, frozen, batch)              grad w.r.t. state["trainable"] only
+  jit_step(...)                                                     explicit in/out shardings, state donated
+  run(config, workdir, state=..., frozen=..., step_fn=..., ...)     resume, cadence, metrics, checkpoints, summary
+The state is a printable dict: {"step": int32[], "trainable": ..., "opt_state": ..., "rng": uint32 key data}.
+"""
+import dataclasses
+import functools
+import json
+import logging
+import math
+import pathlib
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from perl_jax import checkpoint, metrics, runs, sharding
+
+log = logging.getLogger("perl_jax")
+
+
+class TrainingError(RuntimeError):
+  """A run cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+def new_state(trainable, optimizer: optax.GradientTransformation, rng) -> dict:
+  """Everything a resumed run needs besides the data position: step, trainable, optimizer state and the run's
+  RNG (a typed key or its raw uint32 data; stored as data so Orbax can write it)."""
+  return {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": optimizer.init(trainable),
+          "rng": checkpoint.key_to_data(rng)}
+
+
+def step_rng(state: dict) -> jax.Array:
+  """The key of this step: fold_in(run key, step); a resumed run draws exactly what an uninterrupted one would."""
+  return jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+
+
+def train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, state: dict, frozen, batch):
+  """One optimizer update of state["trainable"]; the gradient is never taken w.r.t. `frozen`.
+
+  `loss_fn(trainable, frozen, batch, rng) -> (loss, metrics)`; metrics gain grad_norm."""
+  grad_fn = jax.value_and_grad(lambda tr: loss_fn(tr, frozen, batch, step_rng(state)), has_aux=True)
+  (_, step_metrics), grads = grad_fn(state["trainable"])
+  updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
+  trainable = optax.apply_updates(state["trainable"], updates)
+  step_metrics = {**step_metrics, "grad_norm": optax.global_norm(grads)}
+  return {**state, "step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}, step_metrics
+
+
+def jit_step(loss_fn: Callable, optimizer, state_shardings, frozen_shardings, batch_shardings, mesh):
+  """train_step jitted with explicit in/out shardings (metrics replicated); the old state's buffers are donated."""
+  return jax.jit(functools.partial(train_step, loss_fn, optimizer),
+                 in_shardings=(state_shardings, frozen_shardings, batch_shardings),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
+def memory_bytes(analysis) -> dict:
+  """The compiler's memory figures; compiled_peak_bytes = argument + output + temp - alias."""
+  keys = ("argument", "output", "temp", "alias")
+  if analysis is None:
+    return {f"{k}_bytes": None for k in (*keys, "compiled_peak", "xla_peak")}
+  m = {f"{k}_bytes": int(getattr(analysis, f"{k}_size_in_bytes")) for k in keys}
+  m["compiled_peak_bytes"] = m["argument_bytes"] + m["output_bytes"] + m["temp_bytes"] - m["alias_bytes"]
+  m["xla_peak_bytes"] = int(getattr(analysis, "peak_memory_in_bytes", 0)) or None
+  return m
+
+
+def compile_step(jitted, *args, compiler_options=None) -> tuple[Callable, dict]:
+  """AOT-compiles `jitted` for these (abstract or concrete) arguments: (compiled, {compile_s,
+  compiled_memory_bytes}), the memory being the compiler's own peak estimate."""
+  t0 = time.perf_counter()
+  compiled = jitted.lower(*args).compile(compiler_options=compiler_options)
+  perf = {"compile_s": time.perf_counter() - t0,
+          "compiled_memory_bytes": memory_bytes(compiled.memory_analysis())["compiled_peak_bytes"]}
+  log.info("step compiled in %.1fs; compiler's peak memory estimate %.1f MiB", perf["compile_s"],
+           (perf["compiled_memory_bytes"] or 0) / 2**20)
+  return compiled, perf
+
+
+def itstime(step: int, every: int, total_steps: int, *, first: bool = False, last: bool = True) -> bool:
+  """Whether `step` (1-based, just finished) is a multiple of `every` (0 = never), or the first / last step
+  when asked; big_vision's utils.itstime, the one cadence rule for logging, eval and checkpoints."""
+  return (every > 0 and step % every == 0) or (last and step == total_steps) or (first and step == 1)
+
+
+@dataclasses.dataclass
+class _Pending:
+  """A step's device metrics, read on the host one step later so reading never stalls the device."""
+  step: int
+  metrics: dict
+  tokens: int
+  log: bool
+
+
+def _finite_or_raise(step: int, values: dict, ckpt) -> None:
+  bad = {k: values[k] for k in ("loss", "grad_norm") if k in values and not math.isfinite(values[k])}
+  if bad:
+    raise TrainingError(f"step {step}: non-finite {', '.join(f'{k}={v}' for k, v in bad.items())}; stopped, "
+                        f"the last good checkpoint is step {ckpt.latest_step()}")
+
+
+def run(config, workdir, *, state: dict, frozen, step_fn: Callable, batches, evaluate: Callable | None = None,
+        schedule: Callable | None = None, perf: dict | None = None, info: dict | None = None,
+        progress_keys: tuple[str, ...] = ("accuracy",), tokens_fn: Callable | None = None,
+        stop_after: int | None = None) -> tuple[dict, dict]:
+  """Trains `state` to config.steps in `workdir`, resuming from its latest checkpoint; returns (state, eval).
+
+  step_fn(state, frozen, host_batch) -> (state, device metrics with "loss"); batches: an iterator of host batches
+  with get_state()/set_state(); evaluate(state, frozen) -> host metrics. Cadence (config.log_every, eval_every,
+  checkpoint_every) goes through `itstime`. Writes run.json (first start), metrics.jsonl + tb/ ("train/*",
+  "eval/*"), a progress line, Orbax checkpoints (state + data position), eval.json and summary.json at the end.
+  `stop_after` ends the run early at that step with a checkpoint, as a pre-emption would. A non-finite loss or
+  gradient norm raises TrainingError naming the step, before any checkpoint of the broken state is written.
+  """
+  workdir, perf, info = pathlib.Path(workdir), dict(perf or {}), dict(info or {})
+  tokens_fn = tokens_fn or (lambda b: int(np.sum(b["attention_mask"])) * jax.process_count())
+  ckpt = checkpoint.Checkpointer(workdir / runs.CHECKPOINTS, max_to_keep=config.keep_checkpoints)
+  if ckpt.latest_step() is not None:
+    step, state, extra = ckpt.restore(checkpoint.abstract_like(state))
+    batches.set_state(extra["data"])
+    log.info("resumed from step %d", step)
+  else:
+    runs.write(workdir, config, info)
+  total = config.steps
+  writer = metrics.MetricsWriter(workdir)
+  start = int(state["step"])
+  progress = metrics.Progress(total, start_step=start)
+  eval_metrics, step_times, tokens, pending = {}, [], 0, None
+  last_log = (start, time.perf_counter())
+
+  def flush(p: _Pending):
+    """Checks step p.step's loss is finite (every step) and logs it (log steps); blocks until it is done."""
+    nonlocal last_log
+    if not p.log:
+      _finite_or_raise(p.step, {k: float(v) for k, v in p.metrics.items() if k in ("loss", "grad_norm")}, ckpt)
+      return
+    values = {k: float(v) for k, v in p.metrics.items()}
+    _finite_or_raise(p.step, values, ckpt)
+    now = time.perf_counter()
+    dt = now - last_log[1]
+    step_times.append(dt / (p.step - last_log[0]))
+    values.update(step_time_s=step_times[-1], tokens_per_s=p.tokens / dt)
+    if schedule is not None:
+      values["lr"] = float(schedule(p.step - 1))
+    writer.write(p.step, {f"train/{k}": v for k, v in values.items()})
+    progress.update(p.step, loss=values["loss"], tokens=p.tokens,
+                    **{k: values[k] for k in progress_keys if k in values})
+    last_log = (p.step, now)
+
+  try:
+    for step in range(start + 1, total + 1):
+      batch = next(batches)
+      tokens += tokens_fn(batch)
+      state, step_metrics = step_fn(state, frozen, batch)
+      if pending is not None:
+        flush(pending)
+      pending = _Pending(step, step_metrics, tokens, itstime(step, config.log_every, total))
+      if pending.log:
+        tokens = 0
+      save = itstime(step, config.checkpoint_every, total) or step == stop_after
+      evaluating = evaluate is not None and itstime(step, config.eval_every, total)
+      if save or evaluating:  # Nothing broken is evaluated or saved.
+        flush(pending)
+        pending = None
+      if evaluating:
+        eval_metrics = evaluate(state, frozen)
+        writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+        log.info("eval step %d: %s", step, json.dumps(eval_metrics))
+      if save:
+        ckpt.save(step, state, {"data": batches.get_state()})
+      if last_log[0] == step and (save or evaluating):
+        last_log = (step, time.perf_counter())  # Step times exclude eval and checkpoint writes.
+      if step == stop_after:
+        break
+    if pending is not None:
+      flush(pending)
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+  if jax.process_index() == 0 and stop_after is None and int(state["step"]) > start:
+    perf["median_step_time_s"] = float(np.median(step_times)) if step_times else None
+    if eval_metrics:
+      (workdir / "eval.json").write_text(json.dumps(eval_metrics, indent=1))
+    (workdir / "summary.json").write_text(json.dumps({"eval": eval_metrics, **perf, **info}, indent=1))
+  return state, eval_metrics
+
+
+def place(tree, mesh) -> tuple[Any, Any]:
+  """(tree on `mesh` under the partition rules, its shardings)."""
+  shardings = sharding.shardings(tree, mesh)
+  return jax.device_put(tree, shardings), shardings
