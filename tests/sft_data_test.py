@@ -250,3 +250,23 @@ def test_empty_prompt_set_names_the_file(tmp_path):
     data.read_prompts("taskmaster4", path)
   with pytest.raises(data.DataError, match=f"^{path}: no dialogs$"):
     data.read_dialogs("taskmaster4_dialogs", path)
+
+
+def test_rl_prompts_are_exactly_the_sft_contexts(tok, plain_tok):
+  """The tokens before each SFT target are the encoded RL prompt that ends before that turn: the policy is trained
+  on exactly the contexts it will generate from."""
+  for t in (tok, plain_tok):
+    d = _dialog_sample()[0]
+    arrays, _ = data.encode_sft([d], t, 1024)
+    ids, mask = arrays["input_ids"][0], arrays["loss_mask"][0]
+    starts = [i for i in range(1, len(mask)) if mask[i] and not mask[i - 1]]
+    prompts = dialogs.dialog_prompts(d)
+    assert len(starts) == len(prompts) > 1
+    encoded, _ = data.encode_prompts(prompts, t, 1024)
+    for row, s in enumerate(starts):
+      n = encoded["attention_mask"][row].sum()
+      if t is tok:
+        assert n == s and list(encoded["input_ids"][row, -n:]) == list(ids[:s])
+      else:  # plain format: RL prompts render earlier assistant turns without their eos
+        want = [x for i, x in enumerate(ids[:s]) if not (x == t.eos_token_id and mask[i])]
+        assert list(encoded["input_ids"][row, -n:]) == want
