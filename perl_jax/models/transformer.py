@@ -285,4 +285,5 @@ def init_params(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> Params:
 
 
 def count_params(tree) -> int:
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+  """Number of parameters in `tree`: the sum of sizes of its leaves, arrays, ShapeDtypeStructs or shape tuples."""
+  return sum(math.prod(x if _is_shape(x) else x.shape) for x in jax.tree.leaves(tree, is_leaf=_is_shape))
