@@ -28,6 +28,7 @@ class LoraConfig:
 
 
 def scale(cfg: LoraConfig) -> float:
+  """The LoRA scale α/r multiplying the low-rank path x·A·B."""
   return cfg.alpha / cfg.rank
 
 
@@ -63,6 +64,7 @@ def delta(a_LxIxR, b_LxRxO, scale_: float):
 
 
 def _combine(params, lora_params, scale_: float, sign: float):
+  """W ← W + sign·ΔW for every kernel that `lora_params` adapts, computed in float32, stored in W's dtype."""
   flat = dict(traverse_util.flatten_dict(params, sep="/"))
   for path, ab in traverse_util.flatten_dict(lora_params, sep="/", is_leaf=lambda _, x: "a" in x).items():
     kernel = flat[path + "/kernel"]

@@ -6,7 +6,7 @@ Params (kernels are [in, out]; every leaf under `layers` has a leading layer axi
   layers/attn/{q,k,v,o}_proj/{kernel[,bias]}; layers/attn/{q,k}_norm/scale [L,H] (Qwen3, Gemma 3)
   layers/mlp/{gate,up,down}_proj/{kernel[,bias]}
 Adapters are LoRA trees mirroring `layers/...` with {a [L,in,r], b [L,r,out]} in place of a kernel; the
-forward adds (x @ a) @ b * scale for each adapter set, never forming W + BA.
+forward adds (x @ a) @ b * scale for each adapter set, never forming W + scale·A·B.
 """
 import math
 from typing import Any, NamedTuple, Sequence
