@@ -82,11 +82,6 @@ def unmerge(params, lora_params, scale_: float):
   return _combine(params, lora_params, scale_, -1.0)
 
 
-def num_params(tree) -> int:
-  """Deprecated: use `models.count_params`; kept only until reward.py's callers switch, then delete."""
-  return models.count_params(tree)
-
-
 def closed_form_count(model_cfg, cfg: LoraConfig) -> int:
   """r·(in + out) per adapted kernel per layer: the count a reader can check by hand."""
   shapes = traverse_util.flatten_dict(models.param_shapes(model_cfg), sep="/")
