@@ -197,7 +197,7 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
   if rcfg.mode == "lora":
     log.info("PERL reward model: %s", lora.summary(base, state["trainable"]))
   else:
-    log.info("full reward model: trainable params %s", f"{lora.num_params(state['trainable']):,}")
+    log.info("full reward model: trainable params %s", f"{models.count_params(state['trainable']):,}")
 
   batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in train_arrays.items() if k in MODEL_KEYS}
   model_batch = lambda b: sharding.global_batch({k: v for k, v in b.items() if k in MODEL_KEYS}, mesh)
@@ -205,8 +205,8 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
   first = {k: v[: config.data.batch_size // jax.process_count()] for k, v in train_arrays.items()}
   compiled = {}  # Sequence length -> compiled step; the first (max_len) one gives the memory figure.
   compiled[first["input_ids"].shape[-1]], perf = trainer.compile_step(step, state, base, model_batch(first))
-  perf.update(trainable_params=lora.num_params(state["trainable"]),
-              total_params=lora.num_params(base) + lora.num_params(state["trainable"]))
+  perf.update(trainable_params=models.count_params(state["trainable"]),
+              total_params=models.count_params(base) + models.count_params(state["trainable"]))
 
   def step_fn(s, f, b):
     b = model_batch(b)

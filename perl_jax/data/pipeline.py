@@ -86,9 +86,10 @@ def _fill_row(ids_T, attn_T, resp_T, prompt_ids, response_ids):
 
 
 def _encode(prompts, responses_per_example, tokenizer, max_len, min_prompt_tokens):
-  """Shared core: (input_ids, attention_mask, response_mask) int32[N, K, T] and #truncated."""
-  if not 0 <= min_prompt_tokens < max_len:
-    raise ValueError(f"need 0 <= min_prompt_tokens < max_len, got {min_prompt_tokens=} {max_len=}")
+  """Shared core: (input_ids, attention_mask, response_mask) int32[N, K, T] and #truncated.
+
+  `truncate` checks 0 <= min_prompt_tokens < max_len for every example.
+  """
   n, k = len(prompts), len(responses_per_example[0]) if responses_per_example else 1
   prompt_ids = tokenize_prompts(tokenizer, prompts)
   response_ids = tokenize_responses(tokenizer, [r for rs in responses_per_example for r in rs])
