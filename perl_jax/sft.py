@@ -119,8 +119,11 @@ def load_data(config, tokenizer):
     train_d, eval_d = data.split_by_group(dialogs, dc.eval_fraction, seed=dc.seed)
   train_d = train_d[: dc.max_train_examples or None]
   eval_d = eval_d[: dc.max_eval_examples or None]
-  train_arrays, n_trunc = data.encode_sft(train_d, tokenizer, dc.max_len)
-  eval_arrays, n_trunc_eval = data.encode_sft(eval_d, tokenizer, dc.max_len) if eval_d else (None, 0)
+  try:
+    train_arrays, n_trunc = data.encode_sft(train_d, tokenizer, dc.max_len)
+    eval_arrays, n_trunc_eval = data.encode_sft(eval_d, tokenizer, dc.max_len) if eval_d else (None, 0)
+  except ValueError as e:  # The tokenizer's chat template cannot mark assistant turns (see data.chat).
+    raise models.ConfigError(f"{runs.model_path(config.model)}: tokenizer: {e}") from None
   info = {"train_examples": len(train_d), "eval_examples": len(eval_d), "truncated_train": n_trunc,
           "truncated_eval": n_trunc_eval, "train_target_tokens": int(train_arrays["loss_mask"].sum())}
   log.info("data: %s (max_len %d)", info, dc.max_len)

@@ -97,6 +97,20 @@ def test_bad_line_stops_before_writing(tiny, tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+def test_template_without_stable_prefixes_is_one_config_error(tiny, tmp_path):
+  import shutil
+  from perl_jax import models
+  model = shutil.copytree(tiny / "model", tmp_path / "model")
+  (model / "chat_template.jinja").write_text(  # marks the last turn: earlier renders are not prefixes
+      "{% for m in messages %}{{ m['role'] + ('!' if loop.last else '') + ': ' + m['content'] + eos_token }}"
+      "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+  cfg = _config(tiny, "hh_lora")
+  cfg.model.path = str(model)
+  with pytest.raises(models.ConfigError, match=f"^{model}: tokenizer: chat template is not prefix-stable"):
+    sft.train(cfg, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+
+
 def test_cli_runs_and_fails_with_one_line(tiny, tmp_path):
   args = ["--config", str(ROOT / "experiments/sft/smollm2.py:hh_lora"), "--workdir", str(tmp_path / "run"),
           f"--config.model.path={tiny / 'model'}", "--config.data.max_len=64", "--config.data.batch_size=8",
