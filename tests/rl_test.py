@@ -1,0 +1,235 @@
+"""RL core (perl_jax.rl): every check against an independent truth — plain loops, numpy, exact identities,
+byte counts, a second device layout, and learning a programmatic reward."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from perl_jax import lora, models, optimizer, reward, sharding
+from perl_jax.rl import RLConfig, kl_control, learner, roles, rollout
+from perl_jax.rl.step import RLStep
+from tests.helpers import random_batch, tiny_config
+
+LCFG = lora.LoraConfig(rank=2, alpha=4.0)
+B, P, N = 8, 5, 6
+LEFT_PAD = (0, 2, 1, 0, 3, 0, 0, 1)
+
+
+def _perturb(tree, seed, std):
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(treedef, [x + std * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+def _models(mode="lora", **kw):
+  """Tiny backbone, a trained-looking SFT adapter and LoRA RM (B ≠ 0), and the RL pytrees on top."""
+  cfg = tiny_config()
+  base = models.init_params(cfg, jax.random.key(0))
+  sft = _perturb(lora.init(jax.random.key(1), base, LCFG), 2, 0.2)
+  rm = {"lora": _perturb(lora.init(jax.random.key(3), base, LCFG), 4, 0.2),
+        "head": reward.init_head(jax.random.key(5), cfg.hidden_size)}
+  rlcfg = RLConfig(mode=mode, max_new_tokens=N, eos_id=-1, policy_lora=LCFG, value_lora=LCFG,
+                   sft_scale=lora.scale(LCFG), reward_scale=lora.scale(LCFG), **kw)
+  trainable = roles.init_trainable(jax.random.key(6), cfg, rlcfg, base, sft, rm)
+  frozen = roles.frozen_params(rlcfg, base, sft, rm)
+  return cfg, rlcfg, base, sft, rm, trainable, frozen
+
+
+def _prompts():
+  return random_batch(7, B, P, tiny_config().vocab_size, left_pad=LEFT_PAD)
+
+
+@pytest.fixture(scope="module")
+def ppo():
+  """PPO (GAE, value clipping, whitening) pytrees and one compiled rollout function."""
+  cfg, rlcfg, base, sft, rm, trainable, frozen = _models(
+      algorithm="ppo", gamma=0.95, lam=0.9, value_clip_eps=0.2, kl_coef=0.1, temperature=0.8,
+      ppo_epochs=2, num_minibatches=2)
+  return dict(cfg=cfg, rlcfg=rlcfg, base=base, sft=sft, rm=rm, trainable=trainable, frozen=frozen,
+              rollout=rollout.make_rollout(cfg, rlcfg))
+
+
+# ------------------------------------------------------------------ pure functions vs loops
+
+
+def _loop_returns(r, m, gamma):
+  g = np.zeros_like(r, np.float64)
+  for b in range(r.shape[0]):
+    n = int(m[b].sum())
+    for t in range(n):
+      g[b, t] = sum(gamma ** (k - t) * r[b, k] for k in range(t, n))
+  return g
+
+
+def test_reinforce_returns_and_advantages_vs_loop():
+  rng = np.random.default_rng(0)
+  m = (np.arange(5)[None] < np.array([[5], [3], [1]])).astype(np.float32)
+  r, v = rng.normal(size=(3, 5)).astype(np.float32), rng.normal(size=(3, 5)).astype(np.float32)
+  for gamma in (1.0, 0.9):
+    adv, ret = rollout.reinforce_advantages(jnp.asarray(r), jnp.asarray(v), jnp.asarray(m), gamma)
+    g = _loop_returns(r, m, gamma)
+    np.testing.assert_allclose(ret, g, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(adv, (g - v) * m, rtol=1e-5, atol=1e-6)
+  rlcfg = RLConfig(algorithm="reinforce", whiten_advantages=True)
+  adv, ret = rollout.advantages(rlcfg, jnp.asarray(r), jnp.asarray(v), jnp.asarray(m))
+  raw = (_loop_returns(r, m, 1.0) - v)[m > 0]
+  np.testing.assert_allclose(np.asarray(adv)[m > 0], (raw - raw.mean()) / raw.std(), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(ret, _loop_returns(r, m, 1.0), rtol=1e-5, atol=1e-6)   # targets never whitened
+
+
+def test_token_rewards_perl_and_standard_objectives_by_hand():
+  kl = jnp.array([[0.5, -0.2, 0.3, 9.0]])
+  m = jnp.array([[1.0, 1.0, 1.0, 0.0]])
+  r = jnp.array([2.0])
+  perl = rollout.token_rewards(RLConfig(objective="perl"), r, kl, m, 0.1)
+  std = rollout.token_rewards(RLConfig(objective="standard"), r, kl, m, 0.1)
+  np.testing.assert_allclose(perl, [[-0.05, 0.02, -0.03 + 0.9 * 2.0, 0.0]], rtol=1e-6)
+  np.testing.assert_allclose(std, [[-0.05, 0.02, -0.03 + 2.0, 0.0]], rtol=1e-6)
+
+
+def test_adaptive_kl_controller_by_hand():
+  rlcfg = RLConfig(kl_coef=0.1, kl_target=6.0, kl_horizon=100)
+  assert float(kl_control.next_kl_coef(rlcfg, 0.1, 9.0, 10)) == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))
+  assert float(kl_control.next_kl_coef(rlcfg, 0.1, 6.6, 10)) == pytest.approx(0.1 * (1 + 0.1 * 10 / 100))
+  assert float(kl_control.next_kl_coef(rlcfg, 0.1, 0.0, 10)) == pytest.approx(0.1 * (1 - 0.2 * 10 / 100))
+  assert kl_control.next_kl_coef(RLConfig(kl_coef=0.1), 0.1, 50.0, 10) == 0.1
+
+
+# ------------------------------------------------------------------ rollout and learner vs numpy
+
+STOP = ("x",)
+DECODE = staticmethod(lambda ids: "".join("x" if i % 3 == 0 else "y" for i in ids))  # ragged responses
+
+
+@pytest.fixture(scope="module")
+def ppo():
+  """PPO (GAE, value clipping, whitening, T = 0.8) pytrees and one compiled rollout with a stop string."""
+  cfg, rlcfg, base, sft, rm, trainable, frozen = _models(
+      algorithm="ppo", gamma=0.95, lam=0.9, value_clip_eps=0.2, kl_coef=0.1, temperature=0.8,
+      ppo_epochs=2, num_minibatches=2, vf_coef=0.3)
+  fn = rollout.make_rollout(cfg, rlcfg, decode=DECODE.__func__, stop_strings=STOP)
+  return dict(cfg=cfg, rlcfg=rlcfg, base=base, sft=sft, rm=rm, trainable=trainable, frozen=frozen, rollout=fn)
+
+
+def _log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _np_logp(cfg, params, adapters, ids, mask, temperature):
+  """log π of each response token from full-sequence float64 logits, written out in numpy."""
+  logits = np.asarray(models.forward(cfg, params, ids, mask, adapters=adapters).logits, np.float64)
+  logp = _log_softmax(logits[:, P - 1:-1] / temperature)
+  ent = -(np.exp(logp) * logp).sum(-1)
+  return np.take_along_axis(logp, np.asarray(ids)[:, P:, None], -1)[..., 0], ent
+
+
+def _np_hidden(cfg, params, adapters, ids, mask):
+  return np.asarray(models.forward(cfg, params, ids, mask, adapters=adapters).hidden, np.float64)
+
+
+def _np_head(head, h):
+  return h @ np.asarray(head["kernel"], np.float64)[:, 0] + float(head["bias"][0])
+
+
+def _np_gae(r, v, m, gamma, lam):
+  adv = np.zeros_like(r)
+  for b in range(r.shape[0]):
+    n, nxt_adv = int(m[b].sum()), 0.0
+    for t in reversed(range(n)):
+      v_next = v[b, t + 1] if t + 1 < n else 0.0
+      nxt_adv = r[b, t] + gamma * v_next - v[b, t] + gamma * lam * nxt_adv
+      adv[b, t] = nxt_adv
+  return adv, (adv + v) * m
+
+
+@pytest.fixture(scope="module")
+def moved(ppo):
+  """A rollout from a policy moved away from the reference, so KL, ratios and clipping are all non-trivial."""
+  tr = {**ppo["trainable"], "policy": _perturb(ppo["trainable"]["policy"], 8, 0.3)}
+  ids, mask = _prompts()
+  batch = ppo["rollout"](tr, ppo["frozen"], 0.1, ids, mask, jax.random.key(1))
+  return tr, batch
+
+
+def test_kl_is_exactly_zero_when_policy_equals_reference(ppo):
+  ids, mask = _prompts()
+  batch = rollout.to_host(ppo["rollout"](ppo["trainable"], ppo["frozen"], 0.1, ids, mask, jax.random.key(0)))
+  assert np.all(batch["kl_BxN"] == 0)
+  np.testing.assert_array_equal(batch["old_logp_BxN"], batch["ref_logp_BxN"])
+  # The learner's recomputed log-probs are those of the distribution the sampler drew from.
+  np.testing.assert_allclose(batch["old_logp_BxN"], batch["sampler_logp_BxN"], atol=1e-4)
+
+
+def test_rollout_batch_equals_numpy(ppo, moved):
+  tr, batch = moved
+  batch = rollout.to_host(batch)
+  cfg, rlcfg, base, sft, s = ppo["cfg"], ppo["rlcfg"], ppo["base"], ppo["sft"], lora.scale(LCFG)
+  m = batch["mask_BxN"].astype(np.float64)
+  lengths = m.sum(1).astype(int)
+  assert 1 <= lengths.min() and lengths.min() < N                      # the stop string cut some rows
+  for row, n in enumerate(lengths):                                     # ... right after its first "x" token
+    hits = [i for i, t in enumerate(batch["tokens_BxN"][row]) if t % 3 == 0]
+    assert n == (hits[0] + 1 if hits and hits[0] + 1 <= N else N) or not hits
+  ids = np.concatenate([batch["prompt_BxP"], batch["tokens_BxN"]], 1)
+  mask = np.concatenate([batch["prompt_mask_BxP"], batch["mask_BxN"]], 1)
+  old, _ = _np_logp(cfg, base, [(sft, s), (tr["policy"], s)], ids, mask, 0.8)
+  ref, _ = _np_logp(cfg, base, [(sft, s)], ids, mask, 0.8)
+  vals = _np_head(tr["value"]["head"], _np_hidden(cfg, base, [(sft, s), (tr["value"]["lora"], s)], ids, mask)
+                  [:, P - 1:-1])
+  h_rm = _np_hidden(cfg, base, [(ppo["rm"]["lora"], s)], ids, mask)
+  score = _np_head(ppo["rm"]["head"], h_rm[np.arange(B), P + lengths - 1])
+  np.testing.assert_allclose(batch["old_logp_BxN"], old * m, atol=1e-4)
+  np.testing.assert_allclose(batch["ref_logp_BxN"], ref * m, atol=1e-4)
+  np.testing.assert_allclose(batch["old_values_BxN"], vals * m, atol=1e-4)
+  np.testing.assert_allclose(batch["score_B"], score, atol=1e-4)
+  kl = (old - ref) * m
+  assert np.abs(kl).max() > 1e-2
+  rewards = -0.1 * kl
+  rewards[np.arange(B), lengths - 1] += 0.9 * score                     # PERL: (1 − β)·r − β·KL
+  adv, ret = _np_gae(rewards, vals * m, m, 0.95, 0.9)
+  valid = adv[m > 0]
+  np.testing.assert_allclose(batch["kl_BxN"], kl, atol=1e-4)
+  np.testing.assert_allclose(batch["rewards_BxN"], rewards, atol=1e-4)
+  np.testing.assert_allclose(batch["returns_BxN"], ret, atol=1e-4)
+  np.testing.assert_allclose(batch["advantages_BxN"][m > 0], (valid - valid.mean()) / valid.std(), atol=1e-3)
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "reinforce"])
+def test_learner_loss_equals_numpy(ppo, moved, algorithm):
+  import dataclasses
+  _, batch = moved
+  cfg, base, sft, s = ppo["cfg"], ppo["base"], ppo["sft"], lora.scale(LCFG)
+  rlcfg = dataclasses.replace(ppo["rlcfg"], algorithm=algorithm)
+  tr = {"policy": _perturb(ppo["trainable"]["policy"], 9, 0.4),
+        "value": {"lora": _perturb(ppo["trainable"]["value"]["lora"], 10, 0.3),
+                  "head": ppo["trainable"]["value"]["head"]}}
+  loss, metrics = jax.jit(functools.partial(learner.loss_fn, cfg, rlcfg))(tr, ppo["frozen"], batch)
+  b = rollout.to_host(batch)
+  ids = np.concatenate([b["prompt_BxP"], b["tokens_BxN"]], 1)
+  mask = np.concatenate([b["prompt_mask_BxP"], b["mask_BxN"]], 1)
+  m = b["mask_BxN"].astype(np.float64)
+  logp, ent = _np_logp(cfg, base, [(sft, s), (tr["policy"], s)], ids, mask, 0.8)
+  v = _np_head(tr["value"]["head"], _np_hidden(cfg, base, [(sft, s), (tr["value"]["lora"], s)], ids, mask)
+               [:, P - 1:-1])
+  adv, ret, old_v = b["advantages_BxN"], b["returns_BxN"], b["old_values_BxN"]
+  mean = lambda x: (x * m).sum() / m.sum()
+  ratio = np.exp(logp - b["old_logp_BxN"])
+  clip_frac = mean(np.abs(ratio - 1) > 0.2)
+  if algorithm == "ppo":
+    pg = -mean(np.minimum(ratio * adv, np.clip(ratio, 0.8, 1.2) * adv))
+    vl = 0.5 * mean(np.maximum((v - ret) ** 2, (old_v + np.clip(v - old_v, -0.2, 0.2) - ret) ** 2))
+  else:
+    pg = -mean(adv * logp)
+    vl = 0.5 * mean((v - ret) ** 2)
+  assert 0 < clip_frac < 1
+  assert float(metrics["policy_loss"]) == pytest.approx(pg, rel=1e-4, abs=1e-5)
+  assert float(metrics["value_loss"]) == pytest.approx(vl, rel=1e-4, abs=1e-5)
+  assert float(loss) == pytest.approx(pg + 0.3 * vl, rel=1e-4, abs=1e-5)
+  assert float(metrics["clip_fraction"]) == pytest.approx(clip_frac, abs=1e-6)
+  assert float(metrics["entropy"]) == pytest.approx(mean(ent), rel=1e-4)
+  ev = 1 - np.var((ret - v)[m > 0]) / np.var(ret[m > 0])
+  assert float(metrics["explained_variance"]) == pytest.approx(ev, rel=1e-3, abs=1e-4)
