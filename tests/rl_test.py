@@ -38,6 +38,10 @@ def _models(mode="lora", **kw):
   return cfg, rlcfg, base, sft, rm, trainable, frozen
 
 
+def _copy(tree):
+  return jax.tree.map(jnp.copy, tree)
+
+
 def _prompts():
   return random_batch(7, B, P, tiny_config().vocab_size, left_pad=LEFT_PAD)
 
@@ -233,3 +237,135 @@ def test_learner_loss_equals_numpy(ppo, moved, algorithm):
   assert float(metrics["entropy"]) == pytest.approx(mean(ent), rel=1e-4)
   ev = 1 - np.var((ret - v)[m > 0]) / np.var(ret[m > 0])
   assert float(metrics["explained_variance"]) == pytest.approx(ev, rel=1e-3, abs=1e-4)
+
+
+# ------------------------------------------------------------------ the step: PPO ratio, mesh, memory
+
+
+def _prompt_batch():
+  ids, mask = _prompts()
+  return {"input_ids": np.asarray(ids), "attention_mask": np.asarray(mask)}
+
+
+@pytest.fixture(scope="module")
+def ppo_step_one_device(ppo):
+  """One PPO step (2 epochs × 2 minibatches) on a single device from the fresh state."""
+  opt = optimizer.make_optimizer(optax.constant_schedule(1e-2))
+  state = learner.new_state(_copy(ppo["trainable"]), opt, jax.random.key(11), ppo["rlcfg"])  # it gets donated
+  step = RLStep(ppo["cfg"], ppo["rlcfg"], opt, decode=DECODE.__func__, stop_strings=STOP)
+  new_state, metrics = step(state, ppo["frozen"], _prompt_batch())
+  return opt, jax.device_get(new_state), jax.device_get(metrics), rollout.to_host(step.last_batch)
+
+
+def test_ppo_ratio_is_one_on_first_minibatch_of_first_epoch(ppo_step_one_device):
+  _, state, metrics, _ = ppo_step_one_device
+  assert metrics["first_clip_fraction"] == 0.0
+  assert metrics["first_max_abs_log_ratio"] <= 1e-6       # learner recomputation == rollout's old log-probs
+  assert metrics["max_abs_log_ratio"] > 1e-3              # ... and later minibatches see the moved policy
+  assert int(state["step"]) == 1 and metrics["loss"] == metrics["loss"]
+
+
+def test_step_on_2x2x2_mesh_equals_one_device(ppo, ppo_step_one_device):
+  opt, state1, metrics1, batch1 = ppo_step_one_device
+  mesh = sharding.make_mesh(2, 2, 2)
+  state = learner.new_state(ppo["trainable"], opt, jax.random.key(11), ppo["rlcfg"])
+  state_sh, frozen_sh = sharding.shardings(state, mesh), sharding.shardings(ppo["frozen"], mesh)
+  state, frozen = jax.device_put(state, state_sh), jax.device_put(ppo["frozen"], frozen_sh)
+  step = RLStep(ppo["cfg"], ppo["rlcfg"], opt, mesh=mesh, state_sh=state_sh, frozen_sh=frozen_sh,
+                decode=DECODE.__func__, stop_strings=STOP)
+  state8, metrics8 = step(state, frozen, _prompt_batch())
+  assert len(state8["trainable"]["policy"]["layers"]["attn"]["q_proj"]["a"].sharding.device_set) == 8
+  batch8 = rollout.to_host(step.last_batch)
+  np.testing.assert_array_equal(batch8["tokens_BxN"], batch1["tokens_BxN"])
+  for k in rollout.SCORE_KEYS:
+    np.testing.assert_allclose(batch8[k], batch1[k], atol=1e-5, err_msg=k)
+  for k in ("loss", "policy_loss", "value_loss", "entropy", "kl_ref", "reward_mean"):
+    assert float(metrics8[k]) == pytest.approx(float(metrics1[k]), abs=1e-5), k
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5),
+               jax.device_get(state8["trainable"]), state1["trainable"])
+
+
+def _nbytes(tree):
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def _abstract_batch():
+  f, i = jnp.float32, jnp.int32
+  shapes = {"prompt_BxP": ((B, P), i), "prompt_mask_BxP": ((B, P), i), "tokens_BxN": ((B, N), i),
+            "mask_BxN": ((B, N), i), "score_B": ((B,), f)}
+  return {k: jax.ShapeDtypeStruct(*shapes.get(k, ((B, N), f))) for k in rollout.SAMPLE_KEYS + rollout.SCORE_KEYS}
+
+
+def _argument_bytes(cfg, rlcfg, trainable, frozen):
+  """Argument bytes of the compiled scoring pass (all four roles) and update step (XLA drops unused inputs,
+  so each counts only what that program reads)."""
+  opt = optax.adam(1e-3)
+  state = learner.new_state(trainable, opt, jax.random.key(0), rlcfg)
+  batch = _abstract_batch()
+  samples = {k: batch[k] for k in rollout.SAMPLE_KEYS}
+  score = jax.jit(functools.partial(rollout.score, cfg, rlcfg)).lower(trainable, frozen, 0.1, samples).compile()
+  update = learner.jit_update(cfg, rlcfg, opt).lower(state, frozen, batch).compile()
+  return score.memory_analysis().argument_size_in_bytes, update.memory_analysis().argument_size_in_bytes
+
+
+def test_lora_mode_holds_one_backbone_full_mode_four():
+  cfg, rlcfg, base, _, _, trainable, frozen = _models("lora")
+  base_bytes = _nbytes(base)
+  adapter_bytes = 4 * lora.closed_form_count(cfg, LCFG) * 4           # policy, value, SFT, RM sets (float32)
+  head_bytes = 2 * (cfg.hidden_size + 1) * 4                          # value head, RM head
+  lora_live = _nbytes(trainable) + _nbytes(frozen)
+  assert lora_live == base_bytes + adapter_bytes + head_bytes
+  lora_score, lora_update = _argument_bytes(cfg, rlcfg, trainable, frozen)
+  # The one backbone + adapters (+ Adam moments of the trained sets and the rollout batch in the update).
+  assert base_bytes < lora_score < 1.15 * base_bytes
+  assert base_bytes < lora_update < 1.3 * base_bytes
+
+  cfg, rlcfg, base, _, _, trainable, frozen = _models("full")
+  no_head = base_bytes - _nbytes(base["lm_head"])
+  full_live = _nbytes(trainable) + _nbytes(frozen)
+  assert full_live == 2 * base_bytes + 2 * no_head + head_bytes        # policy, reference; value, reward
+  full_score, full_update = _argument_bytes(cfg, rlcfg, trainable, frozen)
+  assert full_score >= full_live > 3.5 * base_bytes                    # four backbones read by the scoring pass
+  assert full_update > 3 * _nbytes(trainable)                          # two trained backbones + Adam moments
+  print(f"\nargument bytes in backbones (LoRA / full): scoring pass {lora_score / base_bytes:.2f} / "
+        f"{full_score / base_bytes:.2f}, update {lora_update / base_bytes:.2f} / {full_update / base_bytes:.2f}")
+
+
+# ------------------------------------------------------------------ learning a programmatic reward
+
+TARGET = 7
+
+
+def _target_share(frozen, ids_BxS, mask_BxS, prompt_len):
+  """Programmatic reward in place of the RM role: the share of TARGET among the response tokens."""
+  resp_BxN = mask_BxS[:, prompt_len:].astype(jnp.float32)
+  return jnp.sum((ids_BxS[:, prompt_len:] == TARGET) * resp_BxN, 1) / jnp.maximum(jnp.sum(resp_BxN, 1), 1)
+
+
+@pytest.mark.parametrize("algorithm", ["reinforce", "ppo"])
+def test_learns_programmatic_reward_with_bounded_kl(algorithm):
+  cfg = tiny_config(vocab_size=32)
+  base = models.init_params(cfg, jax.random.key(0))
+  # A 10x LM head so the frozen head can express peaked distributions (N(0, .02) caps logits near ±1).
+  base["lm_head"]["kernel"] = base["lm_head"]["kernel"] * 10
+  lcfg = lora.LoraConfig(rank=4, alpha=8.0, targets=lora.ATTENTION_MLP)
+  ppo_ = algorithm == "ppo"
+  rlcfg = RLConfig(algorithm=algorithm, max_new_tokens=8, eos_id=-1, kl_coef=0.05, policy_lora=lcfg,
+                   value_lora=lcfg, value_init="fresh", vf_coef=0.5, ppo_epochs=2 if ppo_ else 1,
+                   num_minibatches=2 if ppo_ else 1)
+  trainable, frozen = roles.init_trainable(jax.random.key(1), cfg, rlcfg, base), roles.frozen_params(rlcfg, base)
+  opt = optimizer.make_optimizer(optax.constant_schedule(5e-3))
+  state = learner.new_state(trainable, opt, jax.random.key(2), rlcfg)
+  step = RLStep(cfg, rlcfg, opt, reward_fn=_target_share)
+  ids, mask = random_batch(0, 32, 4, cfg.vocab_size)
+  history = []
+  for _ in range(40):
+    state, metrics = step(state, frozen, {"input_ids": ids, "attention_mask": mask})
+    history.append({k: float(metrics[k]) for k in ("reward_mean", "kl_ref", "entropy")})
+  before = np.mean([h["reward_mean"] for h in history[:2]])
+  after = np.mean([h["reward_mean"] for h in history[-5:]])
+  kl_after = np.mean([h["kl_ref"] for h in history[-5:]])
+  print(f"\n{algorithm}: reward {before:.3f} -> {after:.3f}, KL/sequence {kl_after:.2f}")
+  assert after > before + 0.08 and after > 2.5 * before
+  assert kl_after < 10.0                       # bounded: under ~1.25 nats per token
+  assert all(np.isfinite(list(h.values())).all() for h in history)

@@ -41,7 +41,7 @@ class RLStep:
     batch = jax.block_until_ready(self.rollout(state["trainable"], frozen, state["kl_coef"], ids, mask, rng))
     t1 = time.perf_counter()
     stats = rollout.rollout_metrics(batch)
-    kl_coef = state["kl_coef"]
+    kl_coef = float(state["kl_coef"])  # Read before the update donates the state's buffers.
     state, stacked = self.update(state, frozen, batch)
     jax.block_until_ready(state["step"])
     t2 = time.perf_counter()
