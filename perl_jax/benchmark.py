@@ -24,7 +24,6 @@ parameters, A = 4 * L * T^2 * num_heads * head_dim (QK^T and PV as computed, unm
 """
 import dataclasses
 import functools
-import math
 import statistics
 import time
 
@@ -33,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from perl_jax import lora, models, optimizer, reward, sharding, trainer
+from perl_jax import checkpoint, lora, models, optimizer, reward, sharding, trainer
 from perl_jax.models import ModelConfig, Rope
 
 _LLAMA3_ROPE = Rope(theta=500000.0, kind="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -100,14 +99,10 @@ def default_shape(name: str, total_params: int) -> tuple[int, int, str]:
   return 8, 1024, "full" if total_params >= 1e9 else "none"
 
 
-def count_from_shapes(shapes) -> int:
-  return sum(math.prod(s) for s in jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple)))
-
-
 def matmul_params(cfg: ModelConfig) -> int:
   """N_mm: parameters of the layers' q, k, v, o, gate, up, down kernels."""
-  flat = traverse_util.flatten_dict(models.param_shapes(cfg), sep="/", is_leaf=lambda _, x: isinstance(x, tuple))
-  return sum(math.prod(s) for p, s in flat.items() if p.startswith("layers/") and p.endswith("/kernel"))
+  flat = traverse_util.flatten_dict(models.param_shapes(cfg), sep="/")
+  return models.count_params([s for p, s in flat.items() if p.startswith("layers/") and p.endswith("/kernel")])
 
 
 def step_flops(cfg: ModelConfig, mode: str, n_lora: int, sequences: int, seq: int, remat: str) -> dict:
@@ -130,10 +125,6 @@ def peak_flops(device_kind: str) -> float | None:
   """Dense bf16 peak FLOP/s by device kind (H100/H200 SXM 989e12, A100 312e12), else None; MFU of a float32
   run is also taken against this bf16 peak."""
   return next((v for k, v in PEAK_FLOPS_BF16.items() if k in device_kind), None)
-
-
-def _abstract(tree):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
 def _shape_structs(cfg: ModelConfig, dtype):
@@ -186,12 +177,12 @@ def measure(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dty
   step = trainer.jit_step(functools.partial(reward.loss_fn, cfg, rcfg), optim, state_sh, base_sh, batch_sh, mesh)
   options = CPU_COMPILER_OPTIONS if cpu_no_hoist and jax.default_backend() == "cpu" else None
   t0 = time.perf_counter()
-  compiled = step.lower(_abstract(state), _abstract(base), _abstract(batch)).compile(compiler_options=options)
+  compiled = step.lower(*checkpoint.abstract_like((state, base, batch))).compile(compiler_options=options)
   compile_s = time.perf_counter() - t0
 
-  n_trainable = lora.num_params(state["trainable"])
-  n_lora = lora.num_params(state["trainable"].get("lora", {}))
-  n_total = lora.num_params(base) + n_trainable if mode == "lora" else n_trainable
+  n_trainable = models.count_params(state["trainable"])
+  n_lora = models.count_params(state["trainable"].get("lora", {}))
+  n_total = models.count_params(base) + n_trainable if mode == "lora" else n_trainable
   device = mesh.devices.flat[0]
   sequences = 2 * pairs
   flops = step_flops(cfg, mode, n_lora, sequences, seq, cfg.remat)
@@ -277,44 +268,3 @@ def markdown(rows: list[dict]) -> str:
           f"| {_num(c['speedup'], '.2f') + ('x' if c['speedup'] else '')} | {c['speedup_ceiling']:.2f}x "
           f"| {c['paper_speedup'][0]}-{c['paper_speedup'][1]}x |")
   return "\n".join(lines)
-
-
-def plot(rows: list[dict], path: str) -> None:
-  """Memory ratio and speed-up vs model size, one series per (dtype, shape, remat, abstract|measured), the
-  paper's RM ranges as shaded bands, the project targets dashed, the FLOP ceilings dotted."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  comps = compare(rows)
-  series = sorted({(c["dtype"], c["pairs"], c["seq"], c["remat"], c["abstract"]) for c in comps})
-  fig, (ax_m, ax_s) = plt.subplots(1, 2, figsize=(12, 4.6))
-  panels = ((ax_m, "memory_ratio", "memory"), (ax_s, "speedup", "speedup"))
-  for ax, field, paper_key in panels:
-    band = PAPER["rm"][paper_key]
-    ax.axhspan(*band, color="tab:green", alpha=0.15, label=f"paper RM range {band[0]}-{band[1]}")
-    for dtype, pairs, seq, remat, abstract in series:
-      pts = sorted((c["total_params"], c[field], c["model"]) for c in comps if c[field] is not None and (
-          c["dtype"], c["pairs"], c["seq"], c["remat"], c["abstract"]) == (dtype, pairs, seq, remat, abstract))
-      if not pts:
-        continue
-      how = "compiled, abstract" if abstract else "measured on CPU"
-      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if dtype == "bfloat16" else "s",
-              ls="-" if len(pts) > 1 else "none", label=f"{dtype} {pairs}x{seq} remat={remat} ({how})")
-      for size, value, name in pts:
-        ax.annotate(f"{name} {value:.2f}", (size, value), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xscale("log")
-    ax.set_xlabel("total parameters")
-    ax.grid(alpha=0.3)
-  ax_m.plot([1e8, 1e9], [0.5, 0.5], "k--", lw=1, label="target <= 0.5 (135M), <= 0.35 (>= 1B)")
-  ax_m.plot([1e9, 1e10], [0.35, 0.35], "k--", lw=1)
-  ax_m.set_ylim(0, 1.05)
-  ax_m.set_ylabel("LoRA / full compiled peak memory")
-  ax_s.axhline(1.5, color="k", ls=":", lw=1, label="FLOP ceiling 1.5x (1.33x with remat)")
-  ax_s.axhline(4 / 3, color="k", ls=":", lw=1)
-  ax_s.set_xlim(ax_m.get_xlim())
-  ax_s.set_ylabel("speed-up (full step time / LoRA step time)")
-  for ax in (ax_m, ax_s):
-    ax.legend(fontsize=7, loc="upper right")
-  fig.suptitle("PERL reward model: LoRA vs full fine-tuning")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)

@@ -1,4 +1,4 @@
-"""Pure-functional LoRA (Hu et al. 2021) over the params pytree: W x + (α/r)·B A x, only A and B trained.
+"""Pure-functional LoRA (Hu et al. 2021) over the params pytree: x·W + (α/r)·x·A·B, only A and B trained.
 
 A LoRA tree mirrors the targeted kernels' paths, with {a [L,in,r], b [L,r,out]} in place of each kernel
 [L,in,out]. `a` is random and `b` zero, so a fresh adapter leaves the model unchanged. The forward pass
@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from perl_jax import models
+
 ATTENTION = (r"layers/attn/(q|k|v|o)_proj/kernel",)
 ATTENTION_MLP = (r"layers/(attn/(q|k|v|o)|mlp/(gate|up|down))_proj/kernel",)
 
@@ -26,6 +28,7 @@ class LoraConfig:
 
 
 def scale(cfg: LoraConfig) -> float:
+  """The LoRA scale α/r multiplying the low-rank path x·A·B."""
   return cfg.alpha / cfg.rank
 
 
@@ -61,6 +64,7 @@ def delta(a_LxIxR, b_LxRxO, scale_: float):
 
 
 def _combine(params, lora_params, scale_: float, sign: float):
+  """W ← W + sign·ΔW for every kernel that `lora_params` adapts, computed in float32, stored in W's dtype."""
   flat = dict(traverse_util.flatten_dict(params, sep="/"))
   for path, ab in traverse_util.flatten_dict(lora_params, sep="/", is_leaf=lambda _, x: "a" in x).items():
     kernel = flat[path + "/kernel"]
@@ -78,21 +82,16 @@ def unmerge(params, lora_params, scale_: float):
   return _combine(params, lora_params, scale_, -1.0)
 
 
-def num_params(tree) -> int:
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
-
-
 def closed_form_count(model_cfg, cfg: LoraConfig) -> int:
   """r·(in + out) per adapted kernel per layer: the count a reader can check by hand."""
-  from perl_jax.models import param_shapes
-  shapes = traverse_util.flatten_dict(param_shapes(model_cfg), sep="/")
+  shapes = traverse_util.flatten_dict(models.param_shapes(model_cfg), sep="/")
   paths = [p for p in shapes if any(re.fullmatch(t, p) for t in cfg.targets)]
   return sum(L * cfg.rank * (i + o) for L, i, o in (shapes[p] for p in paths))
 
 
 def summary(base_params, trainable) -> str:
   """'trainable params: 1,234 || all params: 135,000,000 || trainable%: 0.0009' (PEFT's wording)."""
-  n_train, n_base = num_params(trainable), num_params(base_params)
+  n_train, n_base = models.count_params(trainable), models.count_params(base_params)
   total = n_base + n_train
   return f"trainable params: {n_train:,} || all params: {total:,} || trainable%: {100 * n_train / total:.4f}"
 

@@ -8,13 +8,17 @@ import jax.numpy as jnp
 
 
 def masked_mean(x, mask, axis=None):
-  """Mean of `x` over entries where `mask` is set; 0 where nothing is valid."""
+  """Masked mean Σ m·x / max(Σ m, 1) over `axis` (all axes if None): the mean over valid entries, 0 if none."""
   mask = mask.astype(x.dtype)
   return (x * mask).sum(axis) / jnp.maximum(mask.sum(axis), 1)
 
 
 def whiten(x, mask, shift_mean=True, eps=1e-8):
-  """Normalise `x` to zero mean, unit variance over valid entries (advantage norm)."""
+  """Advantage whitening: x̂ = m·(x − μ)/√(σ² + ε), with μ and σ² the masked mean and variance of x.
+
+  `shift_mean=False` adds μ back, m·((x − μ)/√(σ² + ε) + μ), keeping the mean (TRL's convention for
+  rewards); padded entries (m = 0) give 0.
+  """
   mean = masked_mean(x, mask)
   var = masked_mean(jnp.square(x - mean), mask)
   out = (x - mean) * jax.lax.rsqrt(var + eps)
@@ -27,12 +31,19 @@ def whiten(x, mask, shift_mean=True, eps=1e-8):
 
 
 def bradley_terry_loss(r_chosen_B, r_rejected_B):
-  """Pairwise RM loss: mean −log σ(r_c − r_r) (Bradley–Terry likelihood)."""
+  """Bradley–Terry pairwise RM loss: L = −(1/B) Σ_b log σ(r_c,b − r_r,b).
+
+  r_c, r_r: rewards of the chosen and rejected response of pair b; σ the logistic sigmoid, so
+  σ(r_c − r_r) = P(chosen ≻ rejected) under the Bradley–Terry model.
+  """
   return -jnp.mean(jax.nn.log_sigmoid(r_chosen_B - r_rejected_B))
 
 
 def binary_cross_entropy_loss(logit_B, label_B):
-  """Pointwise RM loss: mean −[y log σ(z) + (1−y) log σ(−z)], stable for large |z|."""
+  """Binary cross-entropy RM loss: L = −(1/B) Σ_b [y_b log σ(z_b) + (1 − y_b) log σ(−z_b)].
+
+  z: reward logit, y ∈ {0, 1} (thumbs up/down) or a soft label in [0, 1]; log σ keeps it stable for large |z|.
+  """
   label_B = label_B.astype(logit_B.dtype)
   return -jnp.mean(label_B * jax.nn.log_sigmoid(logit_B)
                    + (1 - label_B) * jax.nn.log_sigmoid(-logit_B))
@@ -44,7 +55,7 @@ def pairwise_accuracy(r_chosen_B, r_rejected_B):
 
 
 def reward_margin(r_chosen_B, r_rejected_B):
-  """Mean reward margin r_c − r_r."""
+  """Mean reward margin (1/B) Σ_b (r_c,b − r_r,b)."""
   return jnp.mean(r_chosen_B - r_rejected_B)
 
 
@@ -52,9 +63,12 @@ def reward_margin(r_chosen_B, r_rejected_B):
 
 
 def kl_divergence_estimate(logp_BxT, ref_logp_BxT, kind="k1"):
-  """Per-token estimate of KL(π‖π_ref) from samples y ~ π (Schulman's k1/k2/k3).
+  """Per-token estimate of KL(π‖π_ref) from tokens y_t ~ π (Schulman's k1/k2/k3).
 
-  With r = log π_ref − log π: k1 = −r, k2 = ½r², k3 = eʳ − 1 − r (unbiased, ≥ 0).
+  With log-ratio r_t = log π_ref(y_t|·) − log π(y_t|·):
+    k1 = −r_t                   unbiased, can be negative;
+    k2 = ½·r_t²                 biased, low variance, ≥ 0;
+    k3 = (e^{r_t} − 1) − r_t    unbiased, low variance, ≥ 0.
   """
   log_ratio = ref_logp_BxT - logp_BxT
   if kind == "k1":
@@ -78,9 +92,11 @@ def last_valid_onehot(mask_BxT):
 
 
 def kl_regularized_rewards(reward_B, kl_BxT, mask_BxT, kl_coef):
-  """Per-token rewards for the PERL objective (1−β)·r(x,y) − β·KL(π‖π_SFT).
+  """Per-token rewards of the PERL objective (1 − β)·r(x, y) − β·KL(π‖π_anchor), π_anchor the SFT policy.
 
-  Each valid token gets −β·kl_t; (1−β)·r is added at the row's last valid token.
+  r̃_t = −β·k_t·m_t + (1 − β)·r(x, y)·1[t = t_last], with k_t a per-token KL estimate
+  (`kl_divergence_estimate`), β = `kl_coef`, m_t the response mask and t_last the row's last valid token;
+  summed over t this is (1 − β)·r − β·Σ_t k_t.
   """
   mask_BxT = mask_BxT.astype(kl_BxT.dtype)
   terminal_BxT = last_valid_onehot(mask_BxT).astype(kl_BxT.dtype)
@@ -99,7 +115,11 @@ def _reverse_scan_BxT(step_fn, init_B, *xs_BxT):
 
 
 def discounted_returns(rewards_BxT, mask_BxT, gamma):
-  """G_t = m_t·(r_t + γ·G_{t+1}), G_T = 0; padded positions give 0."""
+  """Discounted returns G_t = m_t·(r_t + γ·G_{t+1}), G_T = 0.
+
+  Where valid tokens are contiguous, G_t = Σ_{k≥t} γ^{k−t}·r_k over them. r_t: per-token reward, m_t: valid-token
+  mask, γ = `gamma`; padded positions give 0.
+  """
   mask_BxT = mask_BxT.astype(rewards_BxT.dtype)
 
   def step(next_return_B, x):
@@ -112,9 +132,12 @@ def discounted_returns(rewards_BxT, mask_BxT, gamma):
 
 
 def gae_advantages(rewards_BxT, values_BxT, mask_BxT, gamma, lam):
-  """GAE (Schulman et al. 2016): δ_t = r_t + γV_{t+1} − V_t, A_t = δ_t + γλA_{t+1}.
+  """Generalized advantage estimation (Schulman et al. 2016), computed backwards from t = T − 1:
 
-  V and A after the last valid token are 0; returns R_t = A_t + V_t; pads give 0.
+    δ_t = r_t + γ·V_{t+1} − V_t,   A_t = m_t·(δ_t + γ·λ·A_{t+1}),   R_t = A_t + V_t,
+
+  i.e. A_t = Σ_{k≥t} (γλ)^{k−t}·δ_k. r_t: per-token reward, V_t: value estimate, m_t: valid-token mask,
+  γ = `gamma`, λ = `lam`. V and A after the last valid token are 0. Returns (A, R) [B,T]; pads give 0.
   """
   mask_BxT = mask_BxT.astype(rewards_BxT.dtype)
   values_BxT = values_BxT.astype(rewards_BxT.dtype)
@@ -136,15 +159,21 @@ def gae_advantages(rewards_BxT, values_BxT, mask_BxT, gamma, lam):
 
 
 def reinforce_loss(logp_BxT, advantages_BxT, mask_BxT):
-  """REINFORCE with baseline: −mean_t sg(A_t)·log π(y_t|·) over valid tokens."""
+  """REINFORCE with baseline: L = −Σ_t m_t·sg(A_t)·log π(y_t | x, y_<t) / Σ_t m_t.
+
+  A_t = G_t − b_t: return minus a baseline (e.g. a value estimate, or GAE advantages); sg = stop-gradient,
+  m_t the valid-token mask. −∇L is the policy-gradient estimate mean_t A_t·∇ log π(y_t|·).
+  """
   adv_BxT = jax.lax.stop_gradient(advantages_BxT)
   return -masked_mean(adv_BxT * logp_BxT, mask_BxT)
 
 
 def ppo_clip_loss(logp_BxT, old_logp_BxT, advantages_BxT, mask_BxT, clip_eps):
-  """PPO clipped surrogate: −mean min(ρA, clip(ρ, 1−ε, 1+ε)A), ρ = π/π_old.
+  """PPO clipped surrogate: L = −mean_t min(ρ_t·A_t, clip(ρ_t, 1 − ε, 1 + ε)·A_t) over valid tokens.
 
-  Also returns clip_fraction and approx_kl = mean[(ρ−1) − log ρ] ≈ KL(π_old‖π).
+  ρ_t = π(y_t|·)/π_old(y_t|·) = exp(log π − log π_old), A_t: advantages (stop-gradient), ε = `clip_eps`.
+  Also returns metrics clip_fraction = mean 1[|ρ_t − 1| > ε] and approx_kl = mean[(ρ_t − 1) − log ρ_t]
+  ≈ KL(π_old‖π) (the k3 estimator).
   """
   adv_BxT = jax.lax.stop_gradient(advantages_BxT)
   log_ratio_BxT = logp_BxT - jax.lax.stop_gradient(old_logp_BxT)
@@ -164,9 +193,11 @@ def ppo_clip_loss(logp_BxT, old_logp_BxT, advantages_BxT, mask_BxT, clip_eps):
 
 def value_loss(values_BxT, returns_BxT, mask_BxT, old_values_BxT=None,
                clip_eps=None):
-  """½·mean (V − R)² over valid tokens; with `clip_eps`, PPO's pessimistic clipped form.
+  """Value loss L = ½·mean_t (V_t − R_t)² over valid tokens; with `clip_eps`, PPO's pessimistic clipped form
 
-  Clipped: ½·mean max((V − R)², (V_old + clip(V − V_old, ±ε) − R)²).
+    L = ½·mean_t max((V_t − R_t)², (V_old,t + clip(V_t − V_old,t, −ε, ε) − R_t)²).
+
+  V: predicted values, R: return targets (stop-gradient), V_old: values at rollout time, ε = `clip_eps`.
   """
   returns_BxT = jax.lax.stop_gradient(returns_BxT)
   err_BxT = jnp.square(values_BxT - returns_BxT)

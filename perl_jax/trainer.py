@@ -119,7 +119,7 @@ def run(config, workdir, *, state: dict, frozen, step_fn: Callable, batches, eva
   `stop_after` ends the run early at that step with a checkpoint, as a pre-emption would. A non-finite loss or
   gradient norm raises TrainingError naming the step, before any checkpoint of the broken state is written.
   """
-  workdir, perf, info = pathlib.Path(workdir), dict(perf or {}), dict(info or {})
+  workdir, perf, info, t_start = pathlib.Path(workdir), dict(perf or {}), dict(info or {}), time.perf_counter()
   tokens_fn = tokens_fn or (lambda b: int(np.sum(b["attention_mask"])) * jax.process_count())
   ckpt = checkpoint.Checkpointer(workdir / runs.CHECKPOINTS, max_to_keep=config.keep_checkpoints)
   if ckpt.latest_step() is not None:
@@ -187,6 +187,7 @@ def run(config, workdir, *, state: dict, frozen, step_fn: Callable, batches, eva
     writer.close()
   if jax.process_index() == 0 and stop_after is None and int(state["step"]) > start:
     perf["median_step_time_s"] = float(np.median(step_times)) if step_times else None
+    perf["wall_s"] = time.perf_counter() - t_start  # Of this invocation (a resumed run counts its last leg).
     if eval_metrics:
       (workdir / "eval.json").write_text(json.dumps(eval_metrics, indent=1))
     (workdir / "summary.json").write_text(json.dumps({"eval": eval_metrics, **perf, **info}, indent=1))

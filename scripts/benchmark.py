@@ -9,7 +9,6 @@ pairs: the step sees 2 x batch sequences. --abstract compiles from shapes only (
 memory for 7B comes out on a CPU. Rows are appended to --out as JSON lines and printed as a markdown table.
 Timed runs of several modes run each mode in a fresh process, so peak_bytes_in_use is per mode.
 """
-import argparse
 import dataclasses
 import json
 import os
@@ -17,28 +16,39 @@ import subprocess
 import sys
 import tempfile
 
+from absl import app, flags
+
 RL_MESSAGE = "RL phase needs perl_jax.rl (not yet implemented)"
 
+FLAGS = flags.FlagValues()  # this script's own flags: tests load it by path and call main() repeatedly
+_PHASE = flags.DEFINE_enum("phase", "rm", ["rm", "rl"], "Training phase to benchmark.", flag_values=FLAGS)
+_MODEL = flags.DEFINE_string("model", "smollm2-135m", "Preset name or path to an HF folder / .gguf.", flag_values=FLAGS)
+_MODES = flags.DEFINE_string("modes", "full,lora", "Comma-separated modes: full, lora.", flag_values=FLAGS)
+_BATCH = flags.DEFINE_integer("batch", None, "Pairs per step (default: 8, 2 for tiny).", flag_values=FLAGS)
+_SEQ = flags.DEFINE_integer("seq", None, "Tokens per sequence (default: 1024, 32 for tiny).", flag_values=FLAGS)
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Dtype policy.", flag_values=FLAGS)
+_REMAT = flags.DEFINE_enum("remat", None, ["none", "full", "dots"], "Default: full from 1B params, else none.",
+                           flag_values=FLAGS)
+_RANK = flags.DEFINE_integer("rank", 8, "LoRA rank.", flag_values=FLAGS)
+_ALPHA = flags.DEFINE_float("alpha", 16.0, "LoRA alpha.", flag_values=FLAGS)
+_TARGETS = flags.DEFINE_enum("targets", "attention", ["attention", "attention_mlp"], "LoRA targets.", flag_values=FLAGS)
+_ABSTRACT = flags.DEFINE_bool("abstract", False, "Compile from ShapeDtypeStructs only; no timing.", flag_values=FLAGS)
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps after one warm-up step.", flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", None, "Append one JSON line per run to this file.", flag_values=FLAGS)
+_CPU_HOIST = flags.DEFINE_bool("cpu-hoist", False, "Compile with XLA:CPU's default passes (adds an f32 copy of "
+                               "the frozen bf16 weights).", flag_values=FLAGS)
+_NO_ISOLATE = flags.DEFINE_bool("no-isolate", False, "Run all modes in this process.", flag_values=FLAGS)
 
-def parse(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--phase", choices=("rm", "rl"), default="rm")
-  p.add_argument("--model", default="smollm2-135m", help="preset name or path to an HF folder / .gguf")
-  p.add_argument("--modes", default="full,lora")
-  p.add_argument("--batch", type=int, help="pairs per step (default: 8, 2 for tiny)")
-  p.add_argument("--seq", type=int, help="tokens per sequence (default: 1024, 32 for tiny)")
-  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16", help="dtype policy")
-  p.add_argument("--remat", choices=("none", "full", "dots"), help="default: full from 1B params, else none")
-  p.add_argument("--rank", type=int, default=8)
-  p.add_argument("--alpha", type=float, default=16.0)
-  p.add_argument("--targets", choices=("attention", "attention_mlp"), default="attention")
-  p.add_argument("--abstract", action="store_true", help="compile from ShapeDtypeStructs only; no timing")
-  p.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
-  p.add_argument("--out", help="append one JSON line per run to this file")
-  p.add_argument("--cpu-hoist", action="store_true",
-                 help="compile with XLA:CPU's default passes (adds an f32 copy of the frozen bf16 weights)")
-  p.add_argument("--no-isolate", dest="isolate", action="store_false", help="run all modes in this process")
-  return p.parse_args(argv)
+
+def _no_positional(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+
+
+def parse(argv):
+  """Sets the flags from `argv` (flags only, no program name), every other flag back to its default."""
+  FLAGS.unparse_flags()
+  _no_positional(FLAGS([sys.argv[0], *argv]))
 
 
 def _isolated(argv, modes) -> list[dict]:
@@ -67,47 +77,52 @@ def _strip(argv, names):
   return out
 
 
-def run(args) -> list[dict]:
+def run() -> list[dict]:
+  """Measures every mode of --modes in this process; appends each row to --out."""
   import jax.numpy as jnp
   from perl_jax import benchmark, lora, models
-  targets = {"attention": lora.ATTENTION, "attention_mlp": lora.ATTENTION_MLP}[args.targets]
-  lora_cfg = lora.LoraConfig(rank=args.rank, alpha=args.alpha, targets=targets)
+  targets = {"attention": lora.ATTENTION, "attention_mlp": lora.ATTENTION_MLP}[_TARGETS.value]
+  lora_cfg = lora.LoraConfig(rank=_RANK.value, alpha=_ALPHA.value, targets=targets)
   base = None
-  if args.model in benchmark.PRESETS:
-    name, cfg = args.model, benchmark.preset(args.model)
-    total = benchmark.count_from_shapes(models.param_shapes(cfg))
+  if _MODEL.value in benchmark.PRESETS:
+    name, cfg = _MODEL.value, benchmark.preset(_MODEL.value)
+    total = models.count_params(models.param_shapes(cfg))
   else:
-    name = os.path.basename(os.path.normpath(args.model))
-    cfg, base = models.load_pretrained(args.model, param_dtype=jnp.float32)
+    name = os.path.basename(os.path.normpath(_MODEL.value))
+    cfg, base = models.load_pretrained(_MODEL.value, param_dtype=jnp.float32)
     total = models.count_params(base)
   pairs, seq, remat = benchmark.default_shape(name, total)
-  cfg = dataclasses.replace(cfg, remat=args.remat or remat)
+  cfg = dataclasses.replace(cfg, remat=_REMAT.value or remat)
   rows = []
-  for mode in args.modes.split(","):
-    row = benchmark.measure(cfg, mode, name=name, pairs=args.batch or pairs, seq=args.seq or seq,
-                            dtype=args.dtype, lora_cfg=lora_cfg, abstract=args.abstract, steps=args.steps,
-                            base_params=base, cpu_no_hoist=not args.cpu_hoist)
+  for mode in _MODES.value.split(","):
+    row = benchmark.measure(cfg, mode, name=name, pairs=_BATCH.value or pairs, seq=_SEQ.value or seq,
+                            dtype=_DTYPE.value, lora_cfg=lora_cfg, abstract=_ABSTRACT.value, steps=_STEPS.value,
+                            base_params=base, cpu_no_hoist=not _CPU_HOIST.value)
     rows.append(row)
-    if args.out:
-      with open(args.out, "a") as f:
+    if _OUT.value:
+      with open(_OUT.value, "a") as f:
         f.write(json.dumps(row) + "\n")
   return rows
 
 
-def main(argv=None):
-  argv = sys.argv[1:] if argv is None else argv
-  args = parse(argv)
-  if args.phase == "rl":
+def main(argv=None) -> int:
+  """Benchmarks, prints the table, returns the exit code. `argv`: flags to parse (tests); None: app.run has
+  parsed sys.argv."""
+  if argv is None:
+    argv = sys.argv[1:]
+  else:
+    parse(argv)
+  if _PHASE.value == "rl":
     print(RL_MESSAGE, file=sys.stderr)
     return 2
-  modes = args.modes.split(",")
-  if args.isolate and not args.abstract and len(modes) > 1:
+  modes = _MODES.value.split(",")
+  if not _NO_ISOLATE.value and not _ABSTRACT.value and len(modes) > 1:
     rows = _isolated(_strip(argv, ("--modes", "--out")), modes)
-    if args.out:
-      with open(args.out, "a") as f:
+    if _OUT.value:
+      with open(_OUT.value, "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
   else:
-    rows = run(args)
+    rows = run()
   from perl_jax import benchmark
   print(benchmark.markdown(rows))
   print(f"\nmemory: compiled_peak = argument + output + temp - alias (memory_analysis); FLOPs: "
@@ -115,5 +130,15 @@ def main(argv=None):
   return 0
 
 
+def _app_main(argv) -> int:
+  """app.run's entry: it parsed the global FLAGS, which hold this script's Flag objects (see below)."""
+  _no_positional(argv)
+  FLAGS.mark_as_parsed()
+  return main()
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  flags.FLAGS.append_flag_values(FLAGS)  # so that app.run parses them too and --help lists them
+  for name in FLAGS:
+    flags.declare_key_flag(name)
+  app.run(_app_main)

@@ -3,11 +3,16 @@
   python scripts/plot_benchmark.py rows.jsonl [more.jsonl ...] --prefix experiments/results/benchmark_rm \
       --note "how the rows were produced"
 """
-import argparse
 import json
 import pathlib
 
+from absl import app, flags
+
 from perl_jax import benchmark
+
+_PREFIX = flags.DEFINE_string("prefix", "experiments/results/benchmark_rm", "Output path without suffix.")
+_NOTE = flags.DEFINE_multi_string("note", [], "A line of the commands block in the markdown (repeatable).")
+_FINDING = flags.DEFINE_multi_string("finding", [], "A paragraph for the markdown's findings (repeatable).")
 
 NOTES = f"""Memory: compiled peak = argument + output + temp - alias bytes of
 `jax.jit(reward.train_step, donate state).lower(...).compile().memory_analysis()` (state, frozen base and batch
@@ -26,28 +31,69 @@ LoRA uses {benchmark.PAPER['rm']['memory'][0]:.0%}-{benchmark.PAPER['rm']['memor
 and is {benchmark.PAPER['rm']['speedup'][0]}-{benchmark.PAPER['rm']['speedup'][1]}x faster."""
 
 
-def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("rows", nargs="+", help="JSON-lines files from scripts/benchmark.py --out")
-  p.add_argument("--prefix", default="experiments/results/benchmark_rm")
-  p.add_argument("--note", action="append", default=[], help="a line of the commands block in the markdown")
-  p.add_argument("--finding", action="append", default=[], help="a paragraph for the markdown's findings")
-  args = p.parse_args()
-  rows = [json.loads(line) for f in args.rows for line in pathlib.Path(f).read_text().splitlines() if line.strip()]
-  prefix = pathlib.Path(args.prefix)
+def _plot_series(ax, comps: list[dict], field: str) -> None:
+  """One line of `field` vs total parameters per (dtype, shape, remat, abstract|measured), points annotated."""
+  series = sorted({(c["dtype"], c["pairs"], c["seq"], c["remat"], c["abstract"]) for c in comps})
+  for dtype, pairs, seq, remat, abstract in series:
+    pts = sorted((c["total_params"], c[field], c["model"]) for c in comps if c[field] is not None and (
+        c["dtype"], c["pairs"], c["seq"], c["remat"], c["abstract"]) == (dtype, pairs, seq, remat, abstract))
+    if not pts:
+      continue
+    how = "compiled, abstract" if abstract else "measured on CPU"
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if dtype == "bfloat16" else "s",
+            ls="-" if len(pts) > 1 else "none", label=f"{dtype} {pairs}x{seq} remat={remat} ({how})")
+    for size, value, name in pts:
+      ax.annotate(f"{name} {value:.2f}", (size, value), textcoords="offset points", xytext=(4, 4), fontsize=7)
+
+
+def plot(rows: list[dict], path: str) -> None:
+  """Memory ratio and speed-up vs model size, one series per (dtype, shape, remat, abstract|measured), the
+  paper's RM ranges as shaded bands, the project targets dashed, the FLOP ceilings dotted."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  comps = benchmark.compare(rows)
+  fig, (ax_m, ax_s) = plt.subplots(1, 2, figsize=(12, 4.6))
+  for ax, field, paper_key in ((ax_m, "memory_ratio", "memory"), (ax_s, "speedup", "speedup")):
+    band = benchmark.PAPER["rm"][paper_key]
+    ax.axhspan(*band, color="tab:green", alpha=0.15, label=f"paper RM range {band[0]}-{band[1]}")
+    _plot_series(ax, comps, field)
+    ax.set_xscale("log")
+    ax.set_xlabel("total parameters")
+    ax.grid(alpha=0.3)
+  ax_m.plot([1e8, 1e9], [0.5, 0.5], "k--", lw=1, label="target <= 0.5 (135M), <= 0.35 (>= 1B)")
+  ax_m.plot([1e9, 1e10], [0.35, 0.35], "k--", lw=1)
+  ax_m.set_ylim(0, 1.05)
+  ax_m.set_ylabel("LoRA / full compiled peak memory")
+  ax_s.axhline(1.5, color="k", ls=":", lw=1, label="FLOP ceiling 1.5x (1.33x with remat)")
+  ax_s.axhline(4 / 3, color="k", ls=":", lw=1)
+  ax_s.set_xlim(ax_m.get_xlim())
+  ax_s.set_ylabel("speed-up (full step time / LoRA step time)")
+  for ax in (ax_m, ax_s):
+    ax.legend(fontsize=7, loc="upper right")
+  fig.suptitle("PERL reward model: LoRA vs full fine-tuning")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+def main(argv):
+  """Positional arguments: the JSON-lines files from scripts/benchmark.py --out."""
+  if len(argv) < 2:
+    raise app.UsageError("give at least one rows .jsonl file")
+  rows = [json.loads(line) for f in argv[1:] for line in pathlib.Path(f).read_text().splitlines() if line.strip()]
+  prefix = pathlib.Path(_PREFIX.value)
   prefix.parent.mkdir(parents=True, exist_ok=True)
   comps = benchmark.compare(rows)
   prefix.with_suffix(".json").write_text(json.dumps({"rows": rows, "comparisons": comps}, indent=1))
-  extra = "\n".join(f"    {n}" for n in args.note)
+  extra = "\n".join(f"    {n}" for n in _NOTE.value)
   md = f"# PERL reward-model benchmark: full vs LoRA\n\n{benchmark.markdown(rows)}\n\n{NOTES}\n"
-  if args.finding:
-    md += "\n## Findings\n\n" + "\n\n".join(args.finding) + "\n"
+  if _FINDING.value:
+    md += "\n## Findings\n\n" + "\n\n".join(_FINDING.value) + "\n"
   if extra:
     md += f"\nProduced with:\n\n{extra}\n"
   prefix.with_suffix(".md").write_text(md)
-  benchmark.plot(rows, str(prefix.with_suffix(".png")))
+  plot(rows, str(prefix.with_suffix(".png")))
   print(md)
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

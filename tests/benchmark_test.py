@@ -12,20 +12,20 @@ from tests.conftest import ROOT
 
 @pytest.mark.parametrize("name", sorted(benchmark.KNOWN_TOTALS))
 def test_preset_totals_match_published_sizes(name):
-  total = benchmark.count_from_shapes(models.param_shapes(benchmark.preset(name)))
+  total = models.count_params(models.param_shapes(benchmark.preset(name)))
   assert total == benchmark.KNOWN_TOTALS[name]
 
 
 def test_smollm2_and_llama2_7b_sizes():
-  assert benchmark.count_from_shapes(models.param_shapes(benchmark.preset("smollm2-135m"))) == 134_515_008
-  assert benchmark.count_from_shapes(models.param_shapes(benchmark.preset("7b"))) == 6_738_415_616
+  assert models.count_params(models.param_shapes(benchmark.preset("smollm2-135m"))) == 134_515_008
+  assert models.count_params(models.param_shapes(benchmark.preset("7b"))) == 6_738_415_616
 
 
 @pytest.mark.parametrize("targets", [lora.ATTENTION, lora.ATTENTION_MLP])
 def test_lora_trainable_count_is_closed_form_plus_head(targets):
   cfg, lcfg = benchmark.preset("smollm2-135m"), lora.LoraConfig(rank=4, targets=targets)
   _, _, state, base = benchmark.build(cfg, "lora", "bfloat16", lcfg, abstract=True)
-  assert lora.num_params(state["trainable"]) == lora.closed_form_count(cfg, lcfg) + cfg.hidden_size + 1
+  assert models.count_params(state["trainable"]) == lora.closed_form_count(cfg, lcfg) + cfg.hidden_size + 1
   assert jax.tree.leaves(base)[0].dtype == jnp.bfloat16
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["trainable"]))
 

@@ -108,18 +108,19 @@ def test_max_to_keep_prunes_and_resume_picks_latest(tmp_path):
       c.restore(target, step=1)
 
 
-def test_save_interval_and_empty_workdir(tmp_path):
-  with ckpt.Checkpointer(tmp_path, save_interval_steps=2) as c:
+def test_empty_workdir_every_new_step_saves_and_no_overwrite(tmp_path):
+  with ckpt.Checkpointer(tmp_path, max_to_keep=None) as c:
     with pytest.raises(FileNotFoundError):
       c.restore({"x": jax.ShapeDtypeStruct((2,), jnp.float32)})
     x = {"x": jnp.arange(2.0)}
-    assert c.save(1, x), "Orbax always takes the first save in an empty workdir"
+    assert c.save(1, x)
     assert c.save(2, x)
-    assert not c.save(3, x)
+    assert c.save(3, x)
+    assert not c.save(3, x), "a step not newer than the latest is skipped"
     with pytest.raises(ValueError, match="already exists"):
       c.save(2, x, force=True)
     assert c.save(5, x, force=True)
-    assert c.all_steps() == [1, 2, 5]
+    assert c.all_steps() == [1, 2, 3, 5]
 
 
 def test_crash_during_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):

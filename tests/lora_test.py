@@ -142,6 +142,6 @@ def test_trainable_count_matches_closed_form():
     by_hand = 2 * lcfg.rank * ((64 + 64) * 2 + (64 + 32) * 2)
     if lcfg.targets == lora.ATTENTION_MLP:
       by_hand += 2 * lcfg.rank * (64 + 128) * 3
-    assert lora.num_params(lp) == by_hand == lora.closed_form_count(cfg, lcfg)
+    assert models.count_params(lp) == by_hand == lora.closed_form_count(cfg, lcfg)
   text = lora.summary(params, lp)
   assert text.startswith(f"trainable params: {by_hand:,} || all params: {models.count_params(params) + by_hand:,}")

@@ -367,3 +367,9 @@ def test_gguf_with_unsupported_quantization_names_file_tensor_and_type(tmp_path)
     models.load_pretrained(path)
   msg = str(e.value)
   assert str(path) in msg and "blk.0.attn_q.weight" in msg and "Q8_1" in msg and "\n" not in msg
+
+
+def test_count_params_takes_arrays_shape_dtype_structs_and_shape_tuples():
+  tree = {"a": jnp.zeros((2, 3)), "b": jax.ShapeDtypeStruct((4,), jnp.bfloat16), "c": {"d": (5, 6), "e": ()}}
+  assert models.count_params(tree) == 6 + 4 + 30 + 1
+  assert models.count_params({}) == 0

@@ -21,7 +21,9 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
   c.mode = mode
   c.model = dict(path="", param_dtype="float32", dtype="float32", remat="none", attention="auto")
   c.data = dict(eval_path="", eval_fraction=0.1, seed=0, batch_size=16, eval_batch_size=32,
-                min_prompt_tokens=64, max_train_examples=0, max_eval_examples=0, **DATA[dataset])
+                min_prompt_tokens=64, max_train_examples=0, max_eval_examples=0,
+                bucket_by_length=False,  # Batches of similar lengths cut to 64-token buckets (fewer pad tokens).
+                **DATA[dataset])
   c.lora = dict(rank=4, alpha=8.0, targets="attention")  # Paper: attention projections, ranks 1-16.
   c.optim = dict(lr=5e-4 if mode == "lora" else 2e-5, warmup_steps=20, weight_decay=0.0, clip_norm=1.0)
   c.steps = 300

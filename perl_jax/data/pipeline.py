@@ -86,9 +86,10 @@ def _fill_row(ids_T, attn_T, resp_T, prompt_ids, response_ids):
 
 
 def _encode(prompts, responses_per_example, tokenizer, max_len, min_prompt_tokens):
-  """Shared core: (input_ids, attention_mask, response_mask) int32[N, K, T] and #truncated."""
-  if not 0 <= min_prompt_tokens < max_len:
-    raise ValueError(f"need 0 <= min_prompt_tokens < max_len, got {min_prompt_tokens=} {max_len=}")
+  """Shared core: (input_ids, attention_mask, response_mask) int32[N, K, T] and #truncated.
+
+  `truncate` checks 0 <= min_prompt_tokens < max_len for every example.
+  """
   n, k = len(prompts), len(responses_per_example[0]) if responses_per_example else 1
   prompt_ids = tokenize_prompts(tokenizer, prompts)
   response_ids = tokenize_responses(tokenizer, [r for rs in responses_per_example for r in rs])
@@ -157,11 +158,19 @@ class BatchIterator:
   Every host computes the same permutation from (seed, epoch); process i of n yields rows
   [i*B/n, (i+1)*B/n) of each global batch of size B. get_state()/set_state() restore the
   exact position, so a restored iterator yields what an uninterrupted one would have.
+
+  Length buckets (right-padded rows): with `buckets` (ascending lengths), the sequence fields of
+  each batch are cut to the smallest bucket that holds the global batch's longest row; exact,
+  since pads after a row's last token change nothing, and the step compiles once per bucket.
+  `group_by_length` orders each epoch so batches hold similar lengths: shuffled (seeded by
+  epoch) chunks of `group_batches` batches, sorted by length inside a chunk, batch order
+  shuffled; without shuffle, rows go longest first. Every row is still seen once per epoch.
   """
 
   def __init__(self, arrays: dict, global_batch_size: int, *, seed: int = 0, shuffle: bool = True,
                num_epochs: int | None = None, drop_remainder: bool = True,
-               process_index: int | None = None, process_count: int | None = None):
+               process_index: int | None = None, process_count: int | None = None,
+               buckets: Sequence[int] = (), group_by_length: bool = False, group_batches: int = 32):
     if process_index is None or process_count is None:
       import jax
       process_index = jax.process_index() if process_index is None else process_index
@@ -185,12 +194,19 @@ class BatchIterator:
       raise ValueError(f"{self.num_examples} examples give no batch of {global_batch_size}")
     self.epoch, self.step = 0, 0
     self._order = None
+    self.buckets = tuple(sorted(buckets))
+    self.group_by_length, self.group_batches = group_by_length, group_batches
+    self.lengths = row_lengths(arrays) if (self.buckets or group_by_length) else None
 
   def _epoch_order(self):
     if self._order is None or self._order[0] != self.epoch:
       order = np.arange(self.num_examples)
+      rng = np.random.default_rng([self.seed, self.epoch])
       if self.shuffle:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_examples)
+        order = rng.permutation(self.num_examples)
+      if self.group_by_length:
+        order = length_grouped(order, self.lengths, self.global_batch_size, self.group_batches,
+                               rng if self.shuffle else None)
       self._order = (self.epoch, order)
     return self._order[1]
 
@@ -205,6 +221,9 @@ class BatchIterator:
     valid = (positions < self.num_examples).astype(np.int32)
     rows = order[positions % self.num_examples]
     batch = {k: v[rows] for k, v in self.arrays.items()}
+    if self.buckets:
+      global_rows = order[(self.step * self.global_batch_size + np.arange(self.global_batch_size)) % self.num_examples]
+      batch = cut_to_bucket(batch, int(self.lengths[global_rows].max()), self.buckets)
     batch["valid"] = valid
     self.step += 1
     if self.step == self.steps_per_epoch:
@@ -222,3 +241,37 @@ class BatchIterator:
     if not 0 <= state["step"] < self.steps_per_epoch:
       raise ValueError(f"iterator state step {state['step']} not in [0, {self.steps_per_epoch})")
     self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "response_mask", "loss_mask")
+
+
+def row_lengths(arrays: dict) -> np.ndarray:
+  """Tokens per example (the longest of a pair), from attention_mask [N,T] or [N,K,T]."""
+  mask = arrays["attention_mask"]
+  lengths = mask.reshape(len(mask), -1, mask.shape[-1]).sum(-1).max(-1)
+  return lengths.astype(np.int64)
+
+
+def length_grouped(order: np.ndarray, lengths: np.ndarray, batch_size: int, group_batches: int, rng) -> np.ndarray:
+  """Rows reordered so each batch holds similar lengths: chunks of `group_batches` batches sorted by length
+  (longest first); with an rng, the batches are then shuffled (a partial last batch stays last)."""
+  chunk = batch_size * group_batches
+  parts = [o[np.argsort(-lengths[o], kind="stable")] for o in np.split(order, range(chunk, len(order), chunk))]
+  order = np.concatenate(parts)
+  if rng is None:
+    return order
+  full = len(order) // batch_size
+  batches = order[:full * batch_size].reshape(full, batch_size)[rng.permutation(full)]
+  return np.concatenate([batches.reshape(-1), order[full * batch_size:]])
+
+
+def cut_to_bucket(batch: dict, longest: int, buckets: Sequence[int]) -> dict:
+  """Sequence fields cut to the smallest bucket >= `longest` (the last bucket if none is)."""
+  length = next((b for b in buckets if b >= longest), buckets[-1])
+  return {k: v[..., :length] if k in SEQUENCE_KEYS else v for k, v in batch.items()}
+
+
+def default_buckets(max_len: int, step: int = 64) -> tuple[int, ...]:
+  """Bucket lengths step, 2*step, ... below max_len, then max_len: a few fixed compiled shapes."""
+  return tuple(range(step, max_len, step)) + (max_len,)

@@ -18,8 +18,11 @@ from perl_jax.data import readers
 _SPLITS = ("train", "validation", "test")
 _SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
 
-_MANUAL = """Put the {what} JSON-lines files ({suffixes}) anywhere under the manual dir.
-Files named train / validation / test form those splits; every other file goes to 'train'."""
+
+def _manual(what: str) -> str:
+  """MANUAL_DOWNLOAD_INSTRUCTIONS for files of `what` (a dataset and its fields)."""
+  return (f"Put the {what} JSON-lines files ({', '.join(_SUFFIXES)}) anywhere under the manual dir.\n"
+          "Files named train / validation / test form those splits; every other file goes to 'train'.")
 
 
 def _messages_feature():
@@ -113,7 +116,7 @@ class PerlHhRlhf(_PreferenceBuilder):
   FORMAT = "hh_rlhf"
   DESCRIPTION = "Anthropic HH-RLHF: a shared dialog prompt with a chosen and a rejected final reply."
   HOMEPAGE = "https://github.com/anthropics/hh-rlhf"
-  MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL.format(what="HH-RLHF {chosen, rejected}", suffixes=", ".join(_SUFFIXES))
+  MANUAL_DOWNLOAD_INSTRUCTIONS = _manual("HH-RLHF {chosen, rejected}")
 
 
 class PerlTaskmaster4Reward(_PreferenceBuilder):
@@ -123,8 +126,7 @@ class PerlTaskmaster4Reward(_PreferenceBuilder):
   DESCRIPTION = "Taskmaster-4 coffee-ordering agent turns with binary human rewards (PERL, 2024)."
   HOMEPAGE = "https://github.com/google-research-datasets/Taskmaster"
   CITATION = "Sidahmed et al., PERL: Parameter Efficient Reinforcement Learning from Human Feedback, 2024."
-  MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL.format(
-      what="Taskmaster-4 reward {context, generation, reward}", suffixes=", ".join(_SUFFIXES))
+  MANUAL_DOWNLOAD_INSTRUCTIONS = _manual("Taskmaster-4 reward {context, generation, reward}")
 
 
 class PerlTldrComparisons(_PreferenceBuilder):
@@ -133,8 +135,7 @@ class PerlTldrComparisons(_PreferenceBuilder):
   FORMAT = "tldr"
   DESCRIPTION = "Reddit TL;DR summary comparisons: a post prompt with a preferred and a worse summary."
   HOMEPAGE = "https://github.com/openai/summarize-from-feedback"
-  MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL.format(
-      what="summarize-from-feedback {info, summaries, choice}", suffixes=", ".join(_SUFFIXES))
+  MANUAL_DOWNLOAD_INSTRUCTIONS = _manual("summarize-from-feedback {info, summaries, choice}")
 
 
 class PerlShp(_PreferenceBuilder):
@@ -143,8 +144,7 @@ class PerlShp(_PreferenceBuilder):
   FORMAT = "shp"
   DESCRIPTION = "Stanford SHP: a Reddit post with two human comments, one preferred by votes."
   HOMEPAGE = "https://huggingface.co/datasets/stanfordnlp/SHP"
-  MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL.format(
-      what="SHP {history, human_ref_A, human_ref_B, labels}", suffixes=", ".join(_SUFFIXES))
+  MANUAL_DOWNLOAD_INSTRUCTIONS = _manual("SHP {history, human_ref_A, human_ref_B, labels}")
 
 
 BUILDERS = {cls.FORMAT: cls for cls in (PerlHhRlhf, PerlTaskmaster4Reward, PerlTldrComparisons, PerlShp)}

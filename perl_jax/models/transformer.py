@@ -6,7 +6,7 @@ Params (kernels are [in, out]; every leaf under `layers` has a leading layer axi
   layers/attn/{q,k,v,o}_proj/{kernel[,bias]}; layers/attn/{q,k}_norm/scale [L,H] (Qwen3, Gemma 3)
   layers/mlp/{gate,up,down}_proj/{kernel[,bias]}
 Adapters are LoRA trees mirroring `layers/...` with {a [L,in,r], b [L,r,out]} in place of a kernel; the
-forward adds (x @ a) @ b * scale for each adapter set, never forming W + BA.
+forward adds (x @ a) @ b * scale for each adapter set, never forming W + scale·A·B.
 """
 import math
 from typing import Any, NamedTuple, Sequence
@@ -285,4 +285,5 @@ def init_params(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> Params:
 
 
 def count_params(tree) -> int:
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+  """Number of parameters in `tree`: the sum of sizes of its leaves, arrays, ShapeDtypeStructs or shape tuples."""
+  return sum(math.prod(x if _is_shape(x) else x.shape) for x in jax.tree.leaves(tree, is_leaf=_is_shape))

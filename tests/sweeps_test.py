@@ -1,0 +1,91 @@
+"""Sweeps: a two-point grid runs end to end on a tiny model, re-runs skip finished points, shards split the grid
+without overlap or gap, an unknown key stops everything before anything runs, and the report equals the points'
+own summary.json files."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from perl_jax import sweeps
+from perl_jax.models import ConfigError
+from tests.conftest import ROOT
+from tests.helpers import head_lines, make_tiny_hf_folder
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=dict(os.environ),
+                        timeout=600)
+
+
+def _sweep_file(tmp_path, axes):
+  path = tmp_path / "sweep.py"
+  path.write_text(f"""import ml_collections
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.script = "scripts/train_reward.py"
+  c.config = "experiments/rm/smollm2.py:tm4_lora"
+  c.axes = {axes!r}
+  c.metrics = ("roc_auc", "accuracy")
+  return c
+""")
+  return path
+
+
+def test_grid_names_and_shards_cover_every_point_once(tmp_path):
+  sweep = sweeps.load(ROOT / "experiments/sweeps/rm_ranks.py")
+  points = sweeps.expand(sweep)
+  assert len(points) == 2 * 5 * 2 and len({p.name for p in points}) == len(points)
+  assert points[0].name == "tm4_lora,rank=1,alpha=2,seed=0" and points[-1].overrides["mode"] == "full"
+  for n in (1, 3, 7):
+    shards = [sweeps.select(points, shard=f"{i}/{n}") for i in range(n)]
+    indices = sorted(p.index for s in shards for p in s)
+    assert indices == list(range(len(points)))
+  assert [p.name for p in sweeps.select(points, only="3")] == [points[3].name]
+  with pytest.raises(ConfigError, match="--shard 3/3"):
+    sweeps.select(points, shard="3/3")
+
+
+def test_unknown_override_key_is_one_line_before_anything_runs(tmp_path):
+  path = _sweep_file(tmp_path, [[{"lora.rank": 1}, {"lora.rnak": 2}]])
+  result = _cli("scripts/ablate.py", "--sweep", str(path), "--workdir", str(tmp_path / "w"))
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and "unknown override key 'lora.rnak'" in lines[0]
+  assert not (tmp_path / "w").exists()
+
+
+def test_two_point_sweep_runs_skips_when_done_and_reports_its_summaries(tmp_path):
+  make_tiny_hf_folder(tmp_path / "model")
+  head_lines(ROOT / "experiments/data/taskmaster4/reward.jsonl.gz", tmp_path / "tm4.jsonl", 48)
+  path = _sweep_file(tmp_path, [[{"lora.rank": 1, "lora.alpha": 2.0}, {"lora.rank": 2, "lora.alpha": 4.0}]])
+  common = ["--set", f"model.path={tmp_path / 'model'}", "--set", f"data.path={tmp_path / 'tm4.jsonl'}",
+            "--set", "data.max_len=48", "--set", "data.min_prompt_tokens=8", "--set", "data.batch_size=8",
+            "--set", "data.eval_batch_size=8", "--set", "data.eval_fraction=0.25", "--set", "steps=2",
+            "--set", "eval_every=2", "--set", "checkpoint_every=2", "--set", "optim.warmup_steps=1"]
+  wd = tmp_path / "sweep"
+  first = _cli("scripts/ablate.py", "--sweep", str(path), "--workdir", str(wd), *common)
+  assert first.returncode == 0, first.stderr[-3000:]
+  names = ["rank=1,alpha=2", "rank=2,alpha=4"]
+  assert all((wd / n / "summary.json").is_file() for n in names)
+  mtimes = [(wd / n / "summary.json").stat().st_mtime_ns for n in names]
+
+  again = _cli("scripts/ablate.py", "--sweep", str(path), "--workdir", str(wd), *common)
+  assert again.returncode == 0 and again.stdout.count("done, skipped") == 2
+  assert [(wd / n / "summary.json").stat().st_mtime_ns for n in names] == mtimes
+  dry = _cli("scripts/ablate.py", "--sweep", str(path), "--workdir", str(wd), "--dry-run", *common)
+  assert [l.split()[1:3] for l in dry.stdout.splitlines()] == [["done", n] for n in names]
+
+  report = _cli("scripts/report.py", "--workdir", str(wd))
+  assert report.returncode == 0, report.stderr[-3000:]
+  rows = {r["point"]: r for r in csv.DictReader(open(wd / "results.csv"))}
+  for n in names:
+    summary = json.loads((wd / n / "summary.json").read_text())
+    for key in ("roc_auc", "loss", "balanced_accuracy"):
+      assert float(rows[n][f"eval.{key}"]) == pytest.approx(summary["eval"][key], rel=1e-12, nan_ok=True)
+    assert int(rows[n]["trainable_params"]) == summary["trainable_params"]
+    lead = "roc_auc" if summary["eval"]["roc_auc"] == summary["eval"]["roc_auc"] else "accuracy"  # NaN: 1 class.
+    assert f"| {lead} | {summary['eval'][lead]:.3f} ± 0.000 |" in report.stdout
+  assert (wd / "metric_vs_rank.png").is_file()
