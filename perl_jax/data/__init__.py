@@ -1,4 +1,11 @@
-"""Preference data: readers (HH-RLHF, Taskmaster-4, TL;DR, SHP), tokenisation and batching."""
+"""Preference data: readers (HH-RLHF, Taskmaster-4, TL;DR, SHP), tokenisation and batching; whole dialogs
+for SFT and RL prompt sets (dialogs, chat)."""
+from perl_jax.data.chat import encode_prompts
+from perl_jax.data.chat import encode_sft
+from perl_jax.data.dialogs import read_dialogs
+from perl_jax.data.dialogs import read_prompts
+from perl_jax.data.dialogs import read_tm4_dialogs
+from perl_jax.data.dialogs import split_by_group
 from perl_jax.data.pipeline import BatchIterator
 from perl_jax.data.pipeline import encode_binary
 from perl_jax.data.pipeline import encode_pairwise

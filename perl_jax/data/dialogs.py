@@ -1,0 +1,159 @@
+"""Whole dialogs (for SFT) and RL prompt sets, read from the same files as the reward data.
+
+  dialog: {"messages": [{"role": "user" | "assistant", "content": str}, ...], "group": str}
+  prompt: {"prompt": messages (ending right before an assistant turn), "group": str}
+`group` names the conversation a record comes from; `split_by_group` keeps a conversation on one side of a
+train / held-out split, so no held-out conversation is trained on.
+
+Taskmaster-4 dialogs (dialogs.jsonl.gz) hold API calls and their results as annotations on the user
+utterance that triggered them ({"name": "api_call", "value": FN}, {"name": "request", "value": JSON args},
+{"name": "api_response", "value": FN}, {"name": "response", "value": JSON result}, in that order per call).
+Each call becomes an assistant turn "API call: FN {args}" and its result a user turn "API response: FN {...}",
+after the user's text: exactly what `readers.render_tm4_turn` makes of the reward data's context turns, so SFT
+targets look like the responses the reward model scores. A call without a request has no arguments ({}).
+"""
+from typing import Iterator
+
+from perl_jax.data import pipeline, readers
+from perl_jax.data.readers import DataError, _FieldError, _get, _loads, _read
+
+_SPEAKERS = ("user", "assistant")
+
+
+# ---------------------------------------------------------------- Taskmaster-4 dialogs
+
+
+def _api_turns(annotations: list, name: str) -> list[dict]:
+  """Annotations of one utterance -> reward-style TM-4 turns: [{"role": "agent", "api": {FN: args}},
+  {"role": "api", "response": {FN: result}}, ...] in call order."""
+  turns = []
+  for j, a in enumerate(annotations):
+    where = f"{name}.annotations[{j}]"
+    if not isinstance(a, dict):
+      raise _FieldError(where, f"expected an object, got {type(a).__name__}")
+    kind, value = _get(a, "name", str, f"{where}.name"), _get(a, "value", str, f"{where}.value")
+    last = turns[-1] if turns else {}
+    if kind == "api_call":
+      turns.append({"role": "agent", "api": {value: {}}})
+    elif kind == "request" and last.get("role") == "agent":
+      last["api"] = {fn: _loads(value, f"{where}.value", dict) for fn in last["api"]}
+    elif kind == "api_response" and last.get("role") == "agent" and value in last["api"]:
+      turns.append({"role": "api", "response": {value: None}})
+    elif kind == "response" and last.get("role") == "api" and None in last["response"].values():
+      last["response"] = {fn: _loads(value, f"{where}.value", dict) for fn in last["response"]}
+    else:
+      raise _FieldError(f"{where}.name", f"unexpected {kind!r} here (expected api_call, request, "
+                                         "api_response (same function), response, in that order)")
+  if turns and (turns[-1]["role"] != "api" or None in turns[-1]["response"].values()):
+    raise _FieldError(f"{name}.annotations", "API call without a complete api_response/response")
+  return turns
+
+
+def parse_tm4_utterance(u, name: str) -> list[dict]:
+  """One TM-4 utterance -> messages: its text (user / assistant), then its API calls and results."""
+  if not isinstance(u, dict):
+    raise _FieldError(name, f"expected an utterance object, got {type(u).__name__}")
+  speaker = _get(u, "speaker", str, f"{name}.speaker")
+  if speaker not in _SPEAKERS:
+    raise _FieldError(f"{name}.speaker", f"must be 'user' or 'assistant', got {speaker!r}")
+  text = _get(u, "text", str, f"{name}.text").strip()
+  if not text:
+    raise _FieldError(f"{name}.text", "empty")
+  calls = _api_turns(_get(u, "annotations", list, f"{name}.annotations"), name)
+  return [{"role": speaker, "content": text}] + [
+      readers.render_tm4_turn(t, f"{name}.annotations") for t in calls]
+
+
+def parse_tm4_dialog(record: dict) -> dict:
+  """A dialogs.jsonl line -> {"messages", "group": conversation_id}."""
+  group = _get(record, "conversation_id")
+  utterances = _get(record, "utterances", list)
+  if not utterances:
+    raise _FieldError("utterances", "empty")
+  messages = [m for i, u in enumerate(utterances) for m in parse_tm4_utterance(u, f"utterances[{i}]")]
+  return {"messages": messages, "group": group}
+
+
+def read_tm4_dialogs(path, *, skip_invalid: bool = False, skipped: list | None = None) -> Iterator[dict]:
+  """Taskmaster-4 dialog lines {"conversation_id", "utterances", ...} -> dialogs."""
+  return _read(path, parse_tm4_dialog, skip_invalid, skipped)
+
+
+# ---------------------------------------------------------------- HH-RLHF chosen dialogs
+
+
+def parse_hh_dialog(record: dict) -> dict:
+  """An HH pair -> its chosen dialog (prompt + chosen reply), grouped by the first user turn (the RM's split key,
+  HH having no conversation id)."""
+  example = readers.parse_hh_record(record)
+  messages = example["prompt"] + [{"role": "assistant", "content": example["chosen"]}]
+  return {"messages": messages, "group": pipeline.first_user_turn(example)}
+
+
+def read_hh_dialogs(path, *, skip_invalid: bool = False, skipped: list | None = None) -> Iterator[dict]:
+  return _read(path, parse_hh_dialog, skip_invalid, skipped)
+
+
+DIALOG_READERS = {"taskmaster4_dialogs": read_tm4_dialogs, "hh_rlhf": read_hh_dialogs}
+
+
+def read_dialogs(fmt: str, path, **kwargs) -> list[dict]:
+  """Whole dialogs of a DIALOG_READERS format; a DataError naming the file if there are none."""
+  if fmt not in DIALOG_READERS:
+    raise DataError(path, field="format", problem=f"unknown dialog format {fmt!r} (one of {sorted(DIALOG_READERS)})")
+  dialogs = list(DIALOG_READERS[fmt](path, **kwargs))
+  if not dialogs:
+    raise DataError(path, problem="no dialogs")
+  return dialogs
+
+
+# ---------------------------------------------------------------- RL prompt sets
+
+
+def dialog_prompts(dialog: dict) -> list[dict]:
+  """Every prefix of a dialog that ends right before an assistant turn and holds a user turn."""
+  m = dialog["messages"]
+  return [{"prompt": m[:i], "group": dialog["group"]} for i in range(len(m))
+          if m[i]["role"] == "assistant" and any(t["role"] == "user" for t in m[:i])]
+
+
+def _tm4_reward_prompt(record: dict) -> dict:
+  return {"prompt": readers.parse_tm4_record(record)["prompt"], "group": _get(record, "conversation_id")}
+
+
+def _hh_prompt(record: dict) -> dict:
+  example = readers.parse_hh_record(record)
+  return {"prompt": example["prompt"], "group": pipeline.first_user_turn(example)}
+
+
+def _prompts(fmt: str, path, **kwargs) -> Iterator[dict]:
+  if fmt == "taskmaster4_dialogs":
+    return (p for d in read_tm4_dialogs(path, **kwargs) for p in dialog_prompts(d))
+  if fmt == "taskmaster4":
+    return _read(path, _tm4_reward_prompt, kwargs.get("skip_invalid", False), kwargs.get("skipped"))
+  if fmt == "hh_rlhf":
+    return _read(path, _hh_prompt, kwargs.get("skip_invalid", False), kwargs.get("skipped"))
+  raise DataError(path, field="format", problem=f"unknown prompt format {fmt!r} "
+                  "(one of ['hh_rlhf', 'taskmaster4', 'taskmaster4_dialogs'])")
+
+
+def read_prompts(fmt: str, path, **kwargs) -> list[dict]:
+  """RL prompts: "taskmaster4_dialogs" every prefix before an agent turn, "taskmaster4" a reward line's context,
+  "hh_rlhf" the dialog before its last Assistant turn. Prompts without a user turn are left out, and so are
+  repeats of an identical prompt (the first one's group is kept), so no prompt is on both sides of a split.
+  An empty set is a DataError naming the file."""
+  seen, prompts = set(), []
+  for p in _prompts(fmt, path, **kwargs):
+    key = tuple((m["role"], m["content"]) for m in p["prompt"])
+    if key not in seen and any(m["role"] == "user" for m in p["prompt"]):
+      seen.add(key)
+      prompts.append(p)
+  if not prompts:
+    raise DataError(path, problem="no prompts")
+  return prompts
+
+
+def split_by_group(items, eval_fraction: float, *, seed: int = 0):
+  """(train, held_out) by the seeded hash of item["group"] (pipeline.split_train_eval): a conversation's
+  dialogs and prompts all land on one side."""
+  return pipeline.split_train_eval(items, eval_fraction, seed=seed, key_fn=lambda item: str(item["group"]))

@@ -1,0 +1,242 @@
+"""Supervised fine-tuning: masked next-token loss on assistant tokens, its data and eval, its set-up over the
+shared loop (`train`) and its restore from a run folder (the RL policy starts from it).
+
+Trainable state is {"lora": ...} for PERL (the backbone frozen and never differentiated) or {"backbone": ...}
+(a float32 copy of every base param, LM head included) for full tuning; `frozen_params` is the rest.
+Batches: input_ids / attention_mask / loss_mask int32[B, T] (data.encode_sft) and valid int32[B].
+"""
+import dataclasses
+import functools
+import logging
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from perl_jax import data, lora, models, optimizer, runs, sharding, trainer
+from perl_jax.models import ModelConfig
+
+log = logging.getLogger("perl_jax")
+MODEL_KEYS = ("input_ids", "attention_mask", "loss_mask", "valid")
+
+
+@dataclasses.dataclass(frozen=True)
+class SftConfig:
+  """How the policy is tuned: mode "lora" (PERL) | "full", and the LoRA shape."""
+  mode: str = "lora"
+  lora_cfg: lora.LoraConfig = lora.LoraConfig()
+
+
+def config_from(config: ml_collections.ConfigDict) -> SftConfig:
+  if config.mode not in ("lora", "full"):
+    raise models.ConfigError(f"config: field 'mode': must be 'lora' or 'full', got '{config.mode}'")
+  return SftConfig(mode=config.mode, lora_cfg=lora.config_from(config.lora))
+
+
+def token_logprobs(logits_BxTxV, ids_BxT, temperature: float = 1.0):
+  """logp_Bx(T-1)[b, t] = log_softmax(logits[b, t] / temperature)[ids[b, t+1]], in float32: the log-probability
+  of each next token. The one definition SFT and the RL learner (at the sampling temperature) share."""
+  z_BxTxV = logits_BxTxV[:, :-1].astype(jnp.float32) / temperature
+  picked_BxT = jnp.take_along_axis(z_BxTxV, ids_BxT[:, 1:, None], axis=-1)[..., 0]
+  return picked_BxT - jax.nn.logsumexp(z_BxTxV, axis=-1)
+
+
+def init_trainable(rng, scfg: SftConfig, base_params) -> dict:
+  """{"lora": A ~ U(±1/√in), B = 0} (the policy starts as the base) or {"backbone": float32 copy of the base}."""
+  if scfg.mode == "lora":
+    return {"lora": lora.init(rng, base_params, scfg.lora_cfg)}
+  if scfg.mode == "full":
+    return {"backbone": jax.tree.map(lambda x: x.astype(jnp.float32), base_params)}
+  raise models.ConfigError(f"config: field 'mode': must be 'lora' or 'full', got '{scfg.mode}'")
+
+
+def frozen_params(scfg: SftConfig, base_params) -> dict:
+  """The whole base under LoRA; nothing under full tuning (every param is trained)."""
+  return base_params if scfg.mode == "lora" else {}
+
+
+def model_params(scfg: SftConfig, trainable, frozen) -> tuple[dict, list]:
+  """(params, adapters) for models.forward: base + [(LoRA, α/r)], or the trained backbone alone."""
+  if scfg.mode == "lora":
+    return frozen, [(trainable["lora"], lora.scale(scfg.lora_cfg))]
+  return {**frozen, **trainable["backbone"]}, []
+
+
+def logits(model_cfg: ModelConfig, scfg: SftConfig, trainable, frozen, ids_BxT, mask_BxT):
+  """Policy logits [B, T, V] (float32 from the model's unembedding)."""
+  params, adapters = model_params(scfg, trainable, frozen)
+  return models.forward(model_cfg, params, ids_BxT, mask_BxT, adapters=adapters).logits
+
+
+def target_weights(batch) -> jax.Array:
+  """w_Bx(T-1) = loss_mask[:, 1:] · attention_mask[:, 1:] · valid: which next tokens are scored."""
+  w = batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]
+  if "valid" in batch:
+    w = w * batch["valid"][:, None]
+  return w.astype(jnp.float32)
+
+
+def masked_sums(logits_BxTxV, batch) -> dict:
+  """Σ w·(−log p(next)), Σ w·[argmax == next], Σ w over the batch: what eval adds up across batches."""
+  w = target_weights(batch)
+  logp = token_logprobs(logits_BxTxV, batch["input_ids"])
+  hit = jnp.argmax(logits_BxTxV[:, :-1], axis=-1) == batch["input_ids"][:, 1:]
+  return {"nll_sum": -jnp.sum(w * logp), "correct": jnp.sum(w * hit), "num_tokens": jnp.sum(w)}
+
+
+def loss_fn(model_cfg: ModelConfig, scfg: SftConfig, trainable, frozen, batch, rng=None) -> tuple[jax.Array, dict]:
+  """Token-weighted mean CE over the loss-mask tokens, loss = Σ w·(−log p) / max(Σ w, 1); metrics loss,
+  accuracy (argmax == target on those tokens) and num_tokens. rng unused (no dropout)."""
+  del rng
+  s = masked_sums(logits(model_cfg, scfg, trainable, frozen, batch["input_ids"], batch["attention_mask"]), batch)
+  n = jnp.maximum(s["num_tokens"], 1.0)
+  loss = s["nll_sum"] / n
+  return loss, {"loss": loss, "accuracy": s["correct"] / n, "num_tokens": s["num_tokens"]}
+
+
+def make_loss_fn(model_cfg: ModelConfig, scfg: SftConfig):
+  """loss_fn bound to the model: (trainable, frozen, batch, rng) -> (loss, metrics), trainer's convention."""
+  return functools.partial(loss_fn, model_cfg, scfg)
+
+
+# ---------------------------------------------------------------- data and eval
+
+
+def load_data(config, tokenizer):
+  """Train/eval arrays: dialogs of data.path split by conversation (data.eval_fraction, data.seed), or
+  data.eval_path when given."""
+  dc = config.data
+  skipped: list = []
+  dialogs = data.read_dialogs(dc.format, dc.path, skip_invalid=dc.skip_invalid, skipped=skipped)
+  if skipped:
+    log.warning("%s: skipped %d invalid lines (data.skip_invalid=True)", dc.path, len(skipped))
+  if dc.eval_path:
+    train_d, eval_d = dialogs, data.read_dialogs(dc.format, dc.eval_path, skip_invalid=dc.skip_invalid)
+  else:
+    train_d, eval_d = data.split_by_group(dialogs, dc.eval_fraction, seed=dc.seed)
+  train_d = train_d[: dc.max_train_examples or None]
+  eval_d = eval_d[: dc.max_eval_examples or None]
+  train_arrays, n_trunc = data.encode_sft(train_d, tokenizer, dc.max_len)
+  eval_arrays, n_trunc_eval = data.encode_sft(eval_d, tokenizer, dc.max_len) if eval_d else (None, 0)
+  info = {"train_examples": len(train_d), "eval_examples": len(eval_d), "truncated_train": n_trunc,
+          "truncated_eval": n_trunc_eval, "train_target_tokens": int(train_arrays["loss_mask"].sum())}
+  log.info("data: %s (max_len %d)", info, dc.max_len)
+  return train_arrays, eval_arrays, info
+
+
+def jit_sums(model_cfg, scfg, trainable_shardings, frozen_shardings, batch_shardings, replicated):
+  """masked_sums of a global batch, jitted, replicated to every host."""
+  return jax.jit(lambda tr, fr, b: masked_sums(logits(model_cfg, scfg, tr, fr, b["input_ids"], b["attention_mask"]), b),
+                 in_shardings=(trainable_shardings, frozen_shardings, batch_shardings), out_shardings=replicated)
+
+
+def evaluate(sums_fn, trainable, frozen, arrays, batch_size: int, mesh) -> dict:
+  """Held-out loss = Σ nll / Σ tokens over every eval dialog once (length-bucketed, filler rows weigh 0),
+  accuracy = Σ correct / Σ tokens, perplexity = exp(loss)."""
+  it = data.BatchIterator(arrays, batch_size, shuffle=False, num_epochs=1, drop_remainder=False,
+                          buckets=data.pipeline.default_buckets(arrays["input_ids"].shape[-1]), group_by_length=True)
+  total = {"nll_sum": 0.0, "correct": 0.0, "num_tokens": 0.0}
+  for batch in it:
+    s = sums_fn(trainable, frozen, sharding.global_batch({k: batch[k] for k in MODEL_KEYS}, mesh))
+    total = {k: total[k] + float(s[k]) for k in total}
+  n = max(total["num_tokens"], 1.0)
+  loss = total["nll_sum"] / n
+  return {"loss": loss, "accuracy": total["correct"] / n, "perplexity": math.exp(loss),
+          "num_tokens": int(total["num_tokens"])}
+
+
+# ---------------------------------------------------------------- training and restoring
+
+
+def new_state(config, scfg: SftConfig, base_params, optim) -> dict:
+  """The checkpointed train state seeded from config.seed (restore targets are this function's shapes)."""
+  trainable = init_trainable(jax.random.key(config.seed), scfg, base_params)
+  return trainer.new_state(trainable, optim, jax.random.key(config.seed + 1))
+
+
+def check_batch_sizes(config, mesh) -> None:
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  for field in ("batch_size", "eval_batch_size"):
+    if config.data[field] % shards:
+      raise models.ConfigError(f"config: field 'data.{field}': {config.data[field]} is not divisible by "
+                               f"data x fsdp = {shards} devices")
+
+
+def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = None):
+  """Trains (or resumes) the SFT policy described by `config` in `workdir`; returns (final state, eval metrics)."""
+  sharding.initialize_distributed(config.multihost)
+  scfg = config_from(config)
+  model_cfg, base, tokenizer = runs.load_model(config.model)
+  train_arrays, eval_arrays, data_info = load_data(config, tokenizer)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  check_batch_sizes(config, mesh)
+  schedule, optim = optimizer.make(config.optim, config.steps)
+  state, state_sh = trainer.place(new_state(config, scfg, base, optim), mesh)
+  frozen, frozen_sh = trainer.place(frozen_params(scfg, base), mesh)
+  log.info("%s policy: %s", "PERL (LoRA)" if scfg.mode == "lora" else "full",
+           lora.summary(base if scfg.mode == "lora" else {}, state["trainable"]))
+  del base
+
+  train_arrays = {**train_arrays, "valid": np.ones(len(train_arrays["input_ids"]), np.int32)}
+  batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in train_arrays.items() if k in MODEL_KEYS}
+  model_batch = lambda b: sharding.global_batch({k: b[k] for k in MODEL_KEYS}, mesh)
+  step = trainer.jit_step(make_loss_fn(model_cfg, scfg), optim, state_sh, frozen_sh, batch_sh, mesh)
+  first = {k: v[: config.data.batch_size // jax.process_count()] for k, v in train_arrays.items()}
+  compiled = {}  # Sequence length -> compiled step; the first (max_len) one gives the memory figure.
+  compiled[first["input_ids"].shape[-1]], perf = trainer.compile_step(step, state, frozen, model_batch(first))
+  perf.update(trainable_params=lora.num_params(state["trainable"]),
+              total_params=lora.num_params(frozen) + lora.num_params(state["trainable"]))
+
+  def step_fn(s, f, b):
+    b = model_batch(b)
+    t = b["input_ids"].shape[-1]
+    if t not in compiled:
+      compiled[t] = trainer.compile_step(step, s, f, b)[0]
+    return compiled[t](s, f, b)
+
+  sums_fn = jit_sums(model_cfg, scfg, state_sh["trainable"], frozen_sh, batch_sh, sharding.replicated(mesh))
+  evaluate_fn = None if eval_arrays is None else lambda s, f: evaluate(
+      sums_fn, s["trainable"], f, eval_arrays, config.data.eval_batch_size, mesh)
+  bucketed = config.data.get("bucket_by_length", False)
+  batches = data.BatchIterator(train_arrays, config.data.batch_size, seed=config.data.seed, group_by_length=bucketed,
+                               buckets=data.pipeline.default_buckets(config.data.max_len) if bucketed else ())
+  return trainer.run(config, workdir, state=state, frozen=frozen, step_fn=step_fn, batches=batches,
+                     evaluate=evaluate_fn, schedule=schedule, perf=perf, info=data_info, stop_after=stop_after)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedPolicy:
+  """A restored SFT policy: frozen params (frozen_params) and trainable, placed on `mesh`."""
+  config: ml_collections.ConfigDict
+  scfg: SftConfig
+  model_cfg: models.ModelConfig
+  frozen: dict
+  trainable: dict
+  tokenizer: Any
+  step: int
+  mesh: jax.sharding.Mesh
+  model_path: str
+
+  def params(self) -> tuple[dict, list]:
+    """(params, adapters) to run this policy with models.forward / sampling."""
+    return model_params(self.scfg, self.trainable, self.frozen)
+
+
+def restore(workdir, *, step: int | None = None, model_path: str | None = None, mesh=None) -> TrainedPolicy:
+  """Rebuilds model + policy from run.json and restores the trained params of checkpoint `step` (default latest);
+  `model_path` replaces the run's base model path."""
+  config = runs.read_config(workdir)
+  if model_path is not None:
+    config.model.path = model_path
+  scfg = config_from(config)
+  model_cfg, base, tokenizer = runs.load_model(config.model)
+  mesh = mesh or sharding.make_mesh(-1, config.mesh.fsdp, config.mesh.tensor)
+  _, optim = optimizer.make(config.optim, config.steps)
+  target = runs.sharded_abstract(lambda b: new_state(config, scfg, b, optim), base, mesh)
+  restored_step, state = runs.restore(workdir, target, step=step)
+  frozen, _ = trainer.place(frozen_params(scfg, base), mesh)
+  return TrainedPolicy(config, scfg, model_cfg, frozen, state["trainable"], tokenizer, restored_step, mesh,
+                       runs.model_path(config.model))
