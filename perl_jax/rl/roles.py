@@ -12,7 +12,7 @@ predicted by the hidden state at P−1+n, so per-token log-probs and values read
 import jax
 import jax.numpy as jnp
 
-from perl_jax import lora, models, reward
+from perl_jax import lora, models, reward, sft
 from perl_jax.models import ModelConfig
 
 
@@ -62,19 +62,20 @@ def _response_hidden(model_cfg, params, adapters, ids_BxS, mask_BxS, prompt_len:
   return hidden[:, prompt_len - 1:-1]
 
 
-def token_logprobs(logits_BxNxV, tokens_BxN, temperature: float):
-  """log softmax(logits / T) at the taken tokens, and the entropy −Σ p log p of that tempered distribution."""
-  t = temperature if temperature > 0 else 1.0
-  logp_BxNxV = jax.nn.log_softmax(logits_BxNxV.astype(jnp.float32) / t, axis=-1)
-  logp_BxN = jnp.take_along_axis(logp_BxNxV, tokens_BxN[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  entropy_BxN = -jnp.sum(jnp.exp(logp_BxNxV) * logp_BxNxV, axis=-1)
-  return logp_BxN, entropy_BxN
+def tempered_entropy(logits_BxNxV, temperature: float):
+  """H_n = −Σ_v p_v log p_v of softmax(logits / T) at each position (float32)."""
+  logp_BxNxV = jax.nn.log_softmax(logits_BxNxV.astype(jnp.float32) / temperature, axis=-1)
+  return -jnp.sum(jnp.exp(logp_BxNxV) * logp_BxNxV, axis=-1)
 
 
 def _logprobs(model_cfg, params, adapters, rlcfg, ids_BxS, mask_BxS, prompt_len):
-  h_BxNxD = _response_hidden(model_cfg, params, adapters, ids_BxS, mask_BxS, prompt_len)
-  logits_BxNxV = models.unembed(model_cfg, params, h_BxNxD)
-  return token_logprobs(logits_BxNxV, ids_BxS[:, prompt_len:], rlcfg.temperature)
+  """(log-probs, entropy) [B,N] of the response tokens: the hidden states from P−1 on, unembedded, through
+  sft.token_logprobs (the one next-token log-prob definition SFT and RL share) at the sampling temperature."""
+  hidden = models.forward(model_cfg, params, ids_BxS, mask_BxS, adapters=adapters, return_logits=False).hidden
+  logits_Bx1pNxV = models.unembed(model_cfg, params, hidden[:, prompt_len - 1:])
+  t = rlcfg.temperature if rlcfg.temperature > 0 else 1.0
+  logp_BxN = sft.token_logprobs(logits_Bx1pNxV, ids_BxS[:, prompt_len - 1:], t)
+  return logp_BxN, tempered_entropy(logits_Bx1pNxV[:, :-1], t)
 
 
 def policy_logprobs(model_cfg: ModelConfig, rlcfg, trainable, frozen, ids_BxS, mask_BxS, prompt_len: int):
