@@ -187,8 +187,8 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
   first = {k: v[: config.data.batch_size // jax.process_count()] for k, v in train_arrays.items()}
   compiled = {}  # Sequence length -> compiled step; the first (max_len) one gives the memory figure.
   compiled[first["input_ids"].shape[-1]], perf = trainer.compile_step(step, state, frozen, model_batch(first))
-  perf.update(trainable_params=lora.num_params(state["trainable"]),
-              total_params=lora.num_params(frozen) + lora.num_params(state["trainable"]))
+  perf.update(trainable_params=models.count_params(state["trainable"]),
+              total_params=models.count_params(frozen) + models.count_params(state["trainable"]))
 
   def step_fn(s, f, b):
     b = model_batch(b)
