@@ -1,5 +1,6 @@
 """RL core (perl_jax.rl): every check against an independent truth — plain loops, numpy, exact identities,
 byte counts, a second device layout, and learning a programmatic reward."""
+import dataclasses
 import functools
 
 import jax
@@ -204,7 +205,7 @@ def test_rollout_batch_equals_numpy(ppo, moved):
 
 @pytest.mark.parametrize("algorithm", ["ppo", "reinforce"])
 def test_learner_loss_equals_numpy(ppo, moved, algorithm):
-  import dataclasses
+
   _, batch = moved
   cfg, base, sft, s = ppo["cfg"], ppo["base"], ppo["sft"], lora.scale(LCFG)
   rlcfg = dataclasses.replace(ppo["rlcfg"], algorithm=algorithm)
@@ -369,3 +370,22 @@ def test_learns_programmatic_reward_with_bounded_kl(algorithm):
   assert after > before + 0.08 and after > 2.5 * before
   assert kl_after < 10.0                       # bounded: under ~1.25 nats per token
   assert all(np.isfinite(list(h.values())).all() for h in history)
+
+
+def test_full_mode_step_trains_copies_and_leaves_reference_and_reward_alone():
+  cfg, rlcfg, base, sft, rm, trainable, frozen = _models("full", algorithm="reinforce")
+  frozen_before = jax.device_get(frozen)
+  trainable_before = jax.device_get(trainable)
+  opt = optimizer.make_optimizer(optax.constant_schedule(1e-3))
+  state = learner.new_state(trainable, opt, jax.random.key(3), rlcfg)
+  state, metrics = RLStep(cfg, rlcfg, opt)(state, frozen, _prompt_batch())
+  assert float(metrics["kl_ref"]) == 0.0              # the policy copy starts equal to the (SFT) reference
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(frozen), frozen_before)
+  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), state["trainable"], trainable_before)
+  assert max(jax.tree.leaves(moved["policy"]["layers"])) > 0 and max(jax.tree.leaves(moved["value"])) > 0
+  # The reward role is the RM (base ⊕ RM LoRA merged) and scores like the LoRA-mode RM on the same sequences.
+  ids, mask = _prompts()
+  lora_frozen = roles.frozen_params(dataclasses.replace(rlcfg, mode="lora"), base, sft, rm)
+  r_full = roles.rewards(cfg, rlcfg, frozen, ids, mask)
+  r_lora = roles.rewards(cfg, dataclasses.replace(rlcfg, mode="lora"), lora_frozen, ids, mask)
+  np.testing.assert_allclose(np.asarray(r_full), np.asarray(r_lora), atol=1e-4)
