@@ -2,7 +2,6 @@
 checkpoint, resume), and one-line errors (exit 2) for a missing or mismatched RM / SFT folder."""
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
