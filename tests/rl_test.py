@@ -360,12 +360,12 @@ def test_learns_programmatic_reward_with_bounded_kl(algorithm):
   step = RLStep(cfg, rlcfg, opt, reward_fn=_target_share)
   ids, mask = random_batch(0, 32, 4, cfg.vocab_size)
   history = []
-  for _ in range(40):
+  for _ in range(60):
     state, metrics = step(state, frozen, {"input_ids": ids, "attention_mask": mask})
     history.append({k: float(metrics[k]) for k in ("reward_mean", "kl_ref", "entropy")})
   before = np.mean([h["reward_mean"] for h in history[:2]])
-  after = np.mean([h["reward_mean"] for h in history[-5:]])
-  kl_after = np.mean([h["kl_ref"] for h in history[-5:]])
+  after = np.mean([h["reward_mean"] for h in history[-10:]])
+  kl_after = np.mean([h["kl_ref"] for h in history[-10:]])
   print(f"\n{algorithm}: reward {before:.3f} -> {after:.3f}, KL/sequence {kl_after:.2f}")
   assert after > before + 0.08 and after > 2.5 * before
   assert kl_after < 10.0                       # bounded: under ~1.25 nats per token
