@@ -66,11 +66,15 @@ def frozen_params(rcfg: RewardConfig, base_params) -> dict:
   return {k: v for k, v in base_params.items() if k == "lm_head"}
 
 
+def head_apply(head: dict, hidden_xD):
+  """The scalar head h · w + b at every position ([..., D] -> [...], float32); the RL value head is this too."""
+  return (hidden_xD.astype(jnp.float32) @ head["kernel"] + head["bias"])[..., 0]
+
+
 def head_scores(head: dict, hidden_BxTxD, mask_BxT):
   """r_B = h_last · w + b, read at each row's last non-pad token (float32)."""
   idx_B = losses.last_token_index(mask_BxT)
-  h_BxD = jnp.take_along_axis(hidden_BxTxD, idx_B[:, None, None], axis=1)[:, 0].astype(jnp.float32)
-  return (h_BxD @ head["kernel"] + head["bias"])[:, 0]
+  return head_apply(head, jnp.take_along_axis(hidden_BxTxD, idx_B[:, None, None], axis=1)[:, 0])
 
 
 def scores(model_cfg: ModelConfig, rcfg: RewardConfig, trainable, base_params, ids_BxT, mask_BxT):

@@ -1,0 +1,139 @@
+"""Rollout: prompts -> policy samples -> one scoring pass -> per-token KL, rewards, advantages and returns.
+
+A rollout batch is a flat dict of [B,...] arrays (host-friendly; `to_host` pulls it to numpy):
+  prompt_BxP, prompt_mask_BxP, tokens_BxN, mask_BxN          what was sampled (mask ends at EOS / stop string)
+  sampler_logp_BxN                                           the sampler's log-probs (diagnostics only)
+  old_logp_BxN, ref_logp_BxN, old_values_BxN, score_B        policy / reference / value / reward at rollout
+  kl_BxN, rewards_BxN, advantages_BxN, returns_BxN           KL estimate, shaped rewards, learner targets
+"""
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from perl_jax import losses, sampling, sharding
+from perl_jax.rl import roles
+
+
+def standard_rewards(reward_B, kl_BxN, mask_BxN, kl_coef):
+  """Per-token rewards for the standard objective r(x,y) − β·KL: −β·kl_t per valid token, r at the last one."""
+  mask_BxN = mask_BxN.astype(kl_BxN.dtype)
+  terminal_BxN = losses.last_valid_onehot(mask_BxN).astype(kl_BxN.dtype)
+  return -kl_coef * kl_BxN * mask_BxN + reward_B[:, None] * terminal_BxN
+
+
+def token_rewards(rlcfg, reward_B, kl_BxN, mask_BxN, kl_coef):
+  """Shaped per-token rewards: PERL's (1−β)·r − β·KL (objective "perl") or r − β·KL ("standard")."""
+  if rlcfg.objective == "perl":
+    return losses.kl_regularized_rewards(reward_B, kl_BxN, mask_BxN, kl_coef)
+  return standard_rewards(reward_B, kl_BxN, mask_BxN, kl_coef)
+
+
+def reinforce_advantages(rewards_BxN, values_BxN, mask_BxN, gamma: float):
+  """REINFORCE with a learned baseline: G_t = Σ_k γ^(k−t) r_k (Monte Carlo), A_t = G_t − V_t; returns (A, G)."""
+  returns_BxN = losses.discounted_returns(rewards_BxN, mask_BxN, gamma)
+  return (returns_BxN - values_BxN) * mask_BxN.astype(returns_BxN.dtype), returns_BxN
+
+
+def advantages(rlcfg, rewards_BxN, values_BxN, mask_BxN):
+  """(advantages, returns): Monte-Carlo minus baseline (REINFORCE) or GAE(γ, λ) (PPO), optionally whitened
+  over the batch's valid tokens; returns (the value targets) are never whitened."""
+  if rlcfg.algorithm == "reinforce":
+    adv_BxN, ret_BxN = reinforce_advantages(rewards_BxN, values_BxN, mask_BxN, rlcfg.gamma)
+  else:
+    adv_BxN, ret_BxN = losses.gae_advantages(rewards_BxN, values_BxN, mask_BxN, rlcfg.gamma, rlcfg.lam)
+  if rlcfg.whiten_advantages:
+    adv_BxN = losses.whiten(adv_BxN, mask_BxN)
+  return adv_BxN, ret_BxN
+
+
+def score(model_cfg, rlcfg, trainable, frozen, kl_coef, samples: dict, reward_fn: Callable | None = None) -> dict:
+  """The scoring pass over prompt + response: old/ref log-probs, values, reward, then KL, shaped rewards,
+  advantages and returns. reward_fn(frozen, ids_BxS, mask_BxS, prompt_len) -> r_B replaces the RM role."""
+  prompt_len = samples["prompt_BxP"].shape[1]
+  mask_BxN = samples["mask_BxN"]
+  ids, mask = roles.sequence(samples["prompt_BxP"], samples["prompt_mask_BxP"], samples["tokens_BxN"], mask_BxN)
+  m_BxN = mask_BxN.astype(jnp.float32)
+  old_logp_BxN = roles.policy_logprobs(model_cfg, rlcfg, trainable, frozen, ids, mask, prompt_len)[0] * m_BxN
+  ref_logp_BxN = roles.reference_logprobs(model_cfg, rlcfg, frozen, ids, mask, prompt_len) * m_BxN
+  values_BxN = roles.values(model_cfg, rlcfg, trainable, frozen, ids, mask, prompt_len) * m_BxN
+  if reward_fn is None:
+    score_B = roles.rewards(model_cfg, rlcfg, frozen, ids, mask)
+  else:
+    score_B = reward_fn(frozen, ids, mask, prompt_len).astype(jnp.float32)
+  kl_BxN = losses.kl_divergence_estimate(old_logp_BxN, ref_logp_BxN, rlcfg.kl_estimator) * m_BxN
+  rewards_BxN = token_rewards(rlcfg, score_B, kl_BxN, m_BxN, kl_coef)
+  adv_BxN, ret_BxN = advantages(rlcfg, rewards_BxN, values_BxN, m_BxN)
+  return {**samples, "old_logp_BxN": old_logp_BxN, "ref_logp_BxN": ref_logp_BxN, "old_values_BxN": values_BxN,
+          "score_B": score_B, "kl_BxN": kl_BxN, "rewards_BxN": rewards_BxN, "advantages_BxN": adv_BxN,
+          "returns_BxN": ret_BxN}
+
+
+def sample(model_cfg, rlcfg, trainable, frozen, prompt_BxP, prompt_mask_BxP, rng) -> dict:
+  """Policy samples for left-padded prompts (adapters unmerged): the rollout's first half, as a dict."""
+  params, adapters = roles.policy_model(rlcfg, trainable, frozen)
+  out = sampling.generate_fn(
+      model_cfg, params, [t for t, _ in adapters], prompt_BxP, prompt_mask_BxP, rng,
+      scales=tuple(float(s) for _, s in adapters), max_new_tokens=rlcfg.max_new_tokens,
+      temperature=rlcfg.temperature, top_k=rlcfg.top_k, top_p=rlcfg.top_p, eos_id=rlcfg.eos_id,
+      pad_id=rlcfg.pad_id, cache_dtype="float32")
+  return {"prompt_BxP": prompt_BxP, "prompt_mask_BxP": prompt_mask_BxP, "tokens_BxN": out.tokens_BxN,
+          "mask_BxN": out.mask_BxN, "sampler_logp_BxN": out.logp_BxN}
+
+
+SAMPLE_KEYS = ("prompt_BxP", "prompt_mask_BxP", "tokens_BxN", "mask_BxN", "sampler_logp_BxN")
+SCORE_KEYS = ("old_logp_BxN", "ref_logp_BxN", "old_values_BxN", "score_B", "kl_BxN", "rewards_BxN",
+              "advantages_BxN", "returns_BxN")
+
+
+def batch_shardings(mesh, keys=SAMPLE_KEYS + SCORE_KEYS) -> dict:
+  """Every rollout field sharded over its batch axis (data × fsdp)."""
+  return {k: sharding.batch_sharding(mesh, 1 if k.endswith("_B") else 2) for k in keys}
+
+
+def make_rollout(model_cfg, rlcfg, *, mesh=None, trainable_sh=None, frozen_sh=None, reward_fn=None,
+                 decode: Callable | None = None, stop_strings=()) -> Callable:
+  """rollout(trainable, frozen, kl_coef, prompt_BxP, prompt_mask_BxP, rng) -> batch dict (on device).
+
+  Two jitted programs (explicit shardings when `mesh` is given): sampling, then the scoring pass; between
+  them, when `stop_strings` are given, the host cuts responses at the first stop string (needs `decode`)."""
+  sample_fn = functools.partial(sample, model_cfg, rlcfg)
+  score_fn = functools.partial(score, model_cfg, rlcfg, reward_fn=reward_fn)
+  if mesh is None:
+    sample_jit, score_jit = jax.jit(sample_fn), jax.jit(score_fn)
+  else:
+    b_sh, repl = batch_shardings(mesh), sharding.replicated(mesh)
+    s_sh = {k: b_sh[k] for k in SAMPLE_KEYS}
+    sample_jit = jax.jit(sample_fn, in_shardings=(trainable_sh, frozen_sh, b_sh["prompt_BxP"], b_sh["prompt_BxP"],
+                                                  repl), out_shardings=s_sh)
+    score_jit = jax.jit(score_fn, in_shardings=(trainable_sh, frozen_sh, repl, s_sh), out_shardings=b_sh)
+
+  def rollout(trainable, frozen, kl_coef, prompt_BxP, prompt_mask_BxP, rng):
+    samples = sample_jit(trainable, frozen, prompt_BxP, prompt_mask_BxP, rng)
+    if stop_strings:
+      toks, mask = sampling.cut_at_stop_strings(samples["tokens_BxN"], samples["mask_BxN"], decode, stop_strings,
+                                                rlcfg.pad_id)
+      put = (lambda x, k: jnp.asarray(x)) if mesh is None else (lambda x, k: jax.device_put(x, s_sh[k]))
+      samples = {**samples, "tokens_BxN": put(toks, "tokens_BxN"), "mask_BxN": put(mask, "mask_BxN"),
+                 "sampler_logp_BxN": samples["sampler_logp_BxN"] * put(mask, "mask_BxN")}
+    return score_jit(trainable, frozen, jnp.asarray(kl_coef, jnp.float32), samples)
+
+  return rollout
+
+
+def rollout_metrics(batch: dict) -> dict:
+  """Per-rollout statistics (device scalars): reward mean/std, KL to the reference per sequence (sum over
+  tokens) and per token, response length, shaped return."""
+  m_BxN = batch["mask_BxN"].astype(jnp.float32)
+  kl_seq_B = jnp.sum(batch["kl_BxN"] * m_BxN, axis=1)
+  return {"reward_mean": jnp.mean(batch["score_B"]), "reward_std": jnp.std(batch["score_B"]),
+          "kl_ref": jnp.mean(kl_seq_B), "kl_ref_per_token": losses.masked_mean(batch["kl_BxN"], m_BxN),
+          "response_length": jnp.mean(jnp.sum(m_BxN, axis=1)),
+          "shaped_return": jnp.mean(jnp.sum(batch["rewards_BxN"] * m_BxN, axis=1))}
+
+
+def to_host(batch: dict) -> dict:
+  """The rollout batch as numpy (single-process; multi-host callers gather first)."""
+  return {k: np.asarray(v) for k, v in batch.items()}

@@ -1,0 +1,141 @@
+"""The RL stage over the shared loop: load the RM and SFT runs onto one backbone, read prompts, run RLStep in
+trainer.run (resume, cadence, metrics.jsonl / TensorBoard, checkpoints, summary), log sample texts.
+
+RM / SFT folders that are missing, or trained on another backbone or tokenizer, are a ConfigError (the script
+prints one line and exits 2). LoRA mode keeps one base: the RM's; the SFT run contributes only its adapter.
+"""
+import dataclasses
+import json
+import logging
+import pathlib
+
+import jax
+import ml_collections
+import numpy as np
+
+from perl_jax import data, lora, models, optimizer, reward, runs, sft, sharding, trainer
+from perl_jax.data import pipeline
+from perl_jax.rl import RLConfig, learner, roles
+from perl_jax.rl.step import RLStep
+
+log = logging.getLogger("perl_jax")
+SAMPLES_FILE = "samples.jsonl"
+
+
+def config_from(config: ml_collections.ConfigDict, model_cfg, tokenizer, rm_scale: float, sft_scale: float,
+                value_lora: lora.LoraConfig) -> RLConfig:
+  """RLConfig from a run config plus what the loaded runs fix (adapter scales, EOS / pad ids)."""
+  r = config.rl
+  return RLConfig(
+      mode=config.mode, algorithm=r.algorithm, objective=r.objective, kl_coef=r.kl_coef,
+      kl_estimator=r.kl_estimator, kl_target=r.kl_target or None, kl_horizon=r.kl_horizon,
+      max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+      eos_id=-1 if model_cfg.eos_token_id is None else model_cfg.eos_token_id, pad_id=pipeline.pad_id(tokenizer),
+      gamma=r.gamma, lam=r.lam, whiten_advantages=r.whiten_advantages, clip_eps=r.clip_eps,
+      value_clip_eps=r.value_clip_eps or None, vf_coef=r.vf_coef, ppo_epochs=r.ppo_epochs,
+      num_minibatches=r.num_minibatches, policy_lora=lora.config_from(config.lora), value_lora=value_lora,
+      value_init=r.value_init, sft_scale=sft_scale, reward_scale=rm_scale)
+
+
+def _same_backbone(name: str, workdir, other_cfg, other_tok, model_cfg, tokenizer) -> None:
+  same = dataclasses.replace(other_cfg, dtype=model_cfg.dtype, remat=model_cfg.remat, attention=model_cfg.attention)
+  if same != model_cfg:
+    raise models.ConfigError(f"{workdir}: the {name} run was trained on another backbone than the reward model")
+  if other_tok.get_vocab() != tokenizer.get_vocab():
+    raise models.ConfigError(f"{workdir}: the {name} run used another tokenizer than the reward model")
+
+
+def load_roles(config, mesh):
+  """(model_cfg, tokenizer, base, sft adapter or None, RM {"lora"|"backbone", "head"}, RM scale, SFT scale)."""
+  for name in ("reward_workdir", "sft_workdir"):
+    path = config.get(name) or ""
+    if name == "reward_workdir" and not path:
+      raise models.ConfigError("config: field 'reward_workdir': required (an RM run folder)")
+    if path and not (pathlib.Path(path) / runs.RUN_FILE).is_file():
+      raise models.ConfigError(f"{path}: not a run folder (no {runs.RUN_FILE}); config field '{name}'")
+  rm = reward.restore(config.reward_workdir, model_path=config.model.path or None, mesh=mesh)
+  model_cfg, tokenizer, base = rm.model_cfg, rm.tokenizer, rm.base
+  rm_params = {k: v for k, v in rm.trainable.items()}
+  if "backbone" in rm_params and config.mode == "lora":
+    raise models.ConfigError(f"{config.reward_workdir}: LoRA-mode RL needs a LoRA reward model (one backbone)")
+  if "backbone" in rm_params:  # A full RM's frozen part is only an unused LM head: load the base itself.
+    model_cfg, base, _ = runs.load_model(rm.config.model)
+  sft_lora, sft_scale = None, 1.0
+  if config.get("sft_workdir"):
+    if not config.model.path:  # Refuse before restoring: another model's checkpoint would not even load.
+      a, b = runs.model_path(runs.read_config(config.sft_workdir).model), runs.model_path(rm.config.model)
+      if pathlib.Path(a).resolve() != pathlib.Path(b).resolve():
+        raise models.ConfigError(f"{config.sft_workdir}: the SFT run was trained on another backbone ({a}) "
+                                 f"than the reward model ({b})")
+    pol = sft.restore(config.sft_workdir, model_path=config.model.path or None, mesh=mesh)
+    _same_backbone("SFT", config.sft_workdir, pol.model_cfg, pol.tokenizer, model_cfg, tokenizer)
+    if pol.scfg.mode == "lora":
+      sft_lora, sft_scale = pol.trainable["lora"], lora.scale(pol.scfg.lora_cfg)
+    elif config.mode == "lora":
+      raise models.ConfigError(f"{config.sft_workdir}: LoRA-mode RL needs a LoRA SFT run (one backbone)")
+    else:  # Full SFT under full RL: the SFT backbone is the model everything starts from.
+      base = {**base, **pol.trainable["backbone"]}
+  return model_cfg, tokenizer, base, sft_lora, rm_params, lora.scale(rm.rcfg.lora_cfg), sft_scale, rm.rcfg.lora_cfg
+
+
+def load_prompts(config, tokenizer):
+  dc = config.data
+  prompts = data.read_prompts(dc.format, dc.path, skip_invalid=dc.skip_invalid)
+  train, held_out = data.split_by_group(prompts, dc.eval_fraction, seed=dc.seed)
+  if dc.max_train_prompts:
+    train = train[: dc.max_train_prompts]
+  arrays, n_trunc = data.encode_prompts(train, tokenizer, dc.max_prompt_len)
+  log.info("prompts: %d train (%d truncated to %d tokens), %d held out", len(train), n_trunc, dc.max_prompt_len,
+           len(held_out))
+  return arrays, {"train_prompts": len(train), "held_out_prompts": len(held_out), "truncated_prompts": n_trunc}
+
+
+def _write_samples(workdir, step: int, batch, tokenizer, n: int) -> None:
+  if jax.process_index() != 0 or n <= 0:
+    return
+  b = {k: np.asarray(batch[k][:n]) for k in ("prompt_BxP", "prompt_mask_BxP", "tokens_BxN", "mask_BxN", "score_B")}
+  with open(pathlib.Path(workdir) / SAMPLES_FILE, "a") as f:
+    for i in range(len(b["score_B"])):
+      f.write(json.dumps({"step": step, "reward": float(b["score_B"][i]),
+                          "prompt": tokenizer.decode(b["prompt_BxP"][i][b["prompt_mask_BxP"][i] > 0]),
+                          "response": tokenizer.decode(b["tokens_BxN"][i][b["mask_BxN"][i] > 0])}) + "\n")
+
+
+def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = None):
+  """Trains (or resumes) the RL policy described by `config` in `workdir`; returns (final state, eval)."""
+  sharding.initialize_distributed(config.multihost)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  model_cfg, tokenizer, base, sft_lora, rm_params, rm_scale, sft_scale, rm_lora_cfg = load_roles(config, mesh)
+  value_lora = rm_lora_cfg if config.rl.value_init == "reward" else lora.config_from(config.lora)
+  rlcfg = config_from(config, model_cfg, tokenizer, rm_scale, sft_scale, value_lora)
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.data.batch_size % (shards * rlcfg.num_minibatches):
+    raise models.ConfigError(f"config: field 'data.batch_size': {config.data.batch_size} is not divisible by "
+                             f"data x fsdp ({shards}) x rl.num_minibatches ({rlcfg.num_minibatches})")
+  arrays, info = load_prompts(config, tokenizer)
+  _, optim = optimizer.make(config.optim, config.steps)
+  trainable = roles.init_trainable(jax.random.key(config.seed), model_cfg, rlcfg, base, sft_lora, rm_params)
+  frozen = roles.frozen_params(rlcfg, base, sft_lora, rm_params)
+  state, state_sh = trainer.place(learner.new_state(trainable, optim, jax.random.key(config.seed + 1), rlcfg), mesh)
+  frozen, frozen_sh = trainer.place(frozen, mesh)
+  del trainable, base
+  n_train = models.count_params(state["trainable"])
+  log.info("RL (%s, %s): trainable params %s; frozen params %s", rlcfg.mode, rlcfg.algorithm, f"{n_train:,}",
+           f"{models.count_params(frozen):,}")
+  stop = tuple(config.rl.stop_strings)
+  step = RLStep(model_cfg, rlcfg, optim, mesh=mesh, state_sh=state_sh, frozen_sh=frozen_sh,
+                decode=tokenizer.decode, stop_strings=stop)
+
+  def step_fn(s, f, b):
+    s, metrics = step(s, f, {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]})
+    k = int(s["step"])
+    if trainer.itstime(k, config.log_every, config.steps, first=True):
+      _write_samples(workdir, k, step.last_batch, tokenizer, config.num_sample_texts)
+    return s, metrics
+
+  batches = data.BatchIterator(arrays, config.data.batch_size, seed=config.data.seed)
+  perf = {"trainable_params": n_train, "frozen_params": models.count_params(frozen)}
+  return trainer.run(config, workdir, state=state, frozen=frozen, step_fn=step_fn, batches=batches, perf=perf,
+                     info=info, stop_after=stop_after,
+                     progress_keys=("reward_mean", "kl_ref", "entropy", "response_length"),
+                     tokens_fn=lambda b: int(np.sum(b["attention_mask"])) * jax.process_count())

@@ -1,0 +1,31 @@
+"""RL of a policy (PERL LoRA or full) against a trained reward model, from an SFT run; re-running resumes.
+
+  python scripts/train_rl.py --config experiments/rl/smollm2.py:tm4_lora --workdir runs/rl \
+      --config.reward_workdir=runs/tm4_lora --config.sft_workdir=runs/sft_tm4_lora [--config.steps=20]
+"""
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from perl_jax import data, models, trainer
+from perl_jax.rl import train as rl_train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: metrics.jsonl, tb/, checkpoints/, samples.jsonl.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(_):
+  logging.getLogger().setLevel(logging.WARNING)
+  logging.getLogger("perl_jax").setLevel(logging.INFO)
+  try:
+    rl_train.train(_CONFIG.value, _WORKDIR.value)
+  except (data.DataError, models.ConfigError, trainer.TrainingError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,85 @@
+"""scripts/train_rl.py end to end on a tiny backbone: RM and SFT runs -> RL run (metrics, sample texts,
+checkpoint, resume), and one-line errors (exit 2) for a missing or mismatched RM / SFT folder."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from perl_jax import reward, sft
+from perl_jax.rl import train as rl_train
+from tests.conftest import ROOT
+from tests.helpers import head_lines, make_tiny_hf_folder
+
+from experiments.rl import smollm2 as rl_configs  # noqa: E402
+from experiments.rm import smollm2 as rm_configs  # noqa: E402
+from experiments.sft import smollm2 as sft_configs  # noqa: E402
+
+LOGGED = ("reward_mean", "reward_std", "kl_ref", "entropy", "value_loss", "explained_variance", "clip_fraction",
+          "response_length", "sample_tokens_per_s", "update_tokens_per_s", "kl_coef", "loss", "grad_norm")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """A tiny HF model, a 2-step LoRA RM run on Taskmaster-4 lines and a 2-step LoRA SFT run on its dialogs."""
+  d = tmp_path_factory.mktemp("rl")
+  make_tiny_hf_folder(d / "model")
+  head_lines(ROOT / "experiments/data/taskmaster4/reward.jsonl.gz", d / "tm4.jsonl", 48)
+  head_lines(ROOT / "experiments/data/taskmaster4/dialogs.jsonl.gz", d / "dialogs.jsonl", 16)
+  for name, configs, path in (("rm", rm_configs, "tm4.jsonl"), ("sft", sft_configs, "dialogs.jsonl")):
+    c = configs.get_config("tm4_lora")
+    c.model.path, c.data.path = str(d / "model"), str(d / path)
+    c.data.update(max_len=64, batch_size=8, eval_batch_size=8, eval_fraction=0.25)
+    if name == "rm":
+      c.data.min_prompt_tokens = 16
+    c.update(steps=2, log_every=1, eval_every=2, checkpoint_every=2)
+    (reward if name == "rm" else sft).train(c, d / name)
+  return d
+
+
+def _rl_config(d, **over):
+  c = rl_configs.get_config("tm4_lora")
+  c.reward_workdir, c.sft_workdir, c.data.path = str(d / "rm"), str(d / "sft"), str(d / "tm4.jsonl")
+  c.data.update(batch_size=8, max_prompt_len=48)
+  c.rl.max_new_tokens = 6
+  c.update(steps=2, log_every=1, checkpoint_every=2)
+  c.update(over)
+  return c
+
+
+def test_rl_run_logs_metrics_samples_and_resumes(runs, tmp_path):
+  rl_train.train(_rl_config(runs), tmp_path / "rl")
+  rows = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [1, 2]
+  for key in LOGGED:
+    assert all(f"train/{key}" in r for r in rows), key
+  assert rows[0]["train/kl_ref"] == 0.0                    # fresh policy LoRA: π = π_SFT exactly
+  samples = [json.loads(line) for line in (tmp_path / "rl" / "samples.jsonl").read_text().splitlines()]
+  assert samples and {"step", "reward", "prompt", "response"} <= set(samples[0])
+  assert (tmp_path / "rl" / "summary.json").is_file()
+  state, _ = rl_train.train(_rl_config(runs, steps=3), tmp_path / "rl")   # resumes at step 2
+  rows = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [1, 2, 3] and int(state["step"]) == 3
+
+
+def _cli(tmp_path, *extra):
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  return subprocess.run([sys.executable, "scripts/train_rl.py", "--config", "experiments/rl/smollm2.py:tm4_lora",
+                         "--workdir", str(tmp_path / "cli"), *extra], cwd=ROOT, env=env, capture_output=True,
+                        text=True)
+
+
+def test_missing_or_mismatched_runs_are_one_line_errors(runs, tmp_path):
+  r = _cli(tmp_path, f"--config.reward_workdir={tmp_path / 'nope'}")
+  assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "nope" in r.stderr, r.stderr[-2000:]
+  other = tmp_path / "other_sft"                              # an SFT run that names another tokenizer/backbone
+  other.mkdir()
+  cfg = json.loads((runs / "sft" / "run.json").read_text())
+  cfg["config"]["model"]["path"] = ""                         # the embedded SmolLM2-135M, not the tiny model
+  (other / "run.json").write_text(json.dumps(cfg))
+  (other / "checkpoints").symlink_to(runs / "sft" / "checkpoints")
+  r = _cli(tmp_path, f"--config.reward_workdir={runs / 'rm'}", f"--config.sft_workdir={other}",
+           f"--config.data.path={runs / 'tm4.jsonl'}")
+  assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "another backbone" in r.stderr, r.stderr[-2000:]
+  assert not (tmp_path / "cli" / "checkpoints").exists()
