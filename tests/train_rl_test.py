@@ -83,3 +83,26 @@ def test_missing_or_mismatched_runs_are_one_line_errors(runs, tmp_path):
            f"--config.data.path={runs / 'tm4.jsonl'}")
   assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "another backbone" in r.stderr, r.stderr[-2000:]
   assert not (tmp_path / "cli" / "checkpoints").exists()
+
+
+def test_eval_policy_anchor_equality_and_judge(runs, tmp_path):
+  """lr 0 keeps π = π_SFT: the same samples, so reward_after == reward_before, KL 0 and win rate ½ exactly; the
+  run's own RM as judge gives the RM's figures through the independent reward.scores path."""
+  from perl_jax.rl import evaluate
+  rl_train.train(_rl_config(runs, steps=1, checkpoint_every=1, optim=dict(lr=0.0, warmup_steps=1, weight_decay=0.0,
+                                                                          clip_norm=1.0)), tmp_path / "rl0")
+  policy = evaluate.restore(tmp_path / "rl0")
+  prompts = evaluate.held_out_prompts(policy, "taskmaster4", runs / "tm4.jsonl", "all")[:6]
+  judge = reward.restore(runs / "rm", mesh=policy.mesh)
+  r = evaluate.evaluate(policy, prompts, batch_size=4, judge=judge)
+  assert r["num_prompts"] == 6 and r["step"] == 1
+  assert r["reward_after"] == r["reward_before"] and r["kl"] == 0.0 and r["win_rate"] == 0.5
+  assert r["judge_reward_after"] == pytest.approx(r["reward_after"], abs=1e-5)
+  assert r["response_length_after"] == r["response_length_before"] > 0
+  cli = subprocess.run([sys.executable, "scripts/eval_policy.py", "--workdir", str(tmp_path / "rl0"), "--data",
+                        str(runs / "tm4.jsonl"), "--split", "all", "--max_prompts", "4", "--batch_size", "4"],
+                       cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+  assert cli.returncode == 0, cli.stderr[-2000:]
+  out = json.loads(cli.stdout)
+  assert {"reward_before", "reward_after", "kl", "win_rate", "format", "split"} <= set(out)
+  assert out["format"] == "taskmaster4" and out["win_rate"] == 0.5

@@ -1,0 +1,118 @@
+"""A trained RL policy on held-out prompts: RM reward of the policy and of its SFT anchor, KL to the anchor,
+response length, and the win rate of the policy over the anchor under the RM (and, optionally, under a second
+"judge" RM the policy never trained against, to show over-optimisation).
+
+The anchor is the policy's own stack without the policy LoRA (LoRA mode: the policy LoRA zeroed, which is
+exactly the reference role) or the frozen reference copy (full mode); both sample with the run's settings.
+"""
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from perl_jax import data, lora, models, optimizer, reward, runs, sharding
+from perl_jax.rl import RLConfig, learner, roles, rollout
+from perl_jax.rl import train as rl_train
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedPolicy:
+  config: Any
+  model_cfg: models.ModelConfig
+  tokenizer: Any
+  rlcfg: RLConfig
+  trainable: dict
+  frozen: dict
+  step: int
+  mesh: jax.sharding.Mesh
+
+
+def restore(workdir, *, step: int | None = None, mesh=None) -> TrainedPolicy:
+  """The RL run in `workdir`: its roles rebuilt from its RM / SFT folders and its trained adapters restored."""
+  config = runs.read_config(workdir)
+  mesh = mesh or sharding.make_mesh(-1, config.mesh.fsdp, config.mesh.tensor)
+  model_cfg, tokenizer, base, sft_lora, rm_params, rm_scale, sft_scale, rm_lora_cfg = rl_train.load_roles(config, mesh)
+  value_lora = rm_lora_cfg if config.rl.value_init == "reward" else lora.config_from(config.lora)
+  rlcfg = rl_train.config_from(config, model_cfg, tokenizer, rm_scale, sft_scale, value_lora)
+  _, optim = optimizer.make(config.optim, config.steps)
+  make = lambda b: learner.new_state(roles.init_trainable(jax.random.key(config.seed), model_cfg, rlcfg, b, sft_lora,
+                                                          rm_params), optim, jax.random.key(0), rlcfg)
+  restored_step, state = runs.restore(workdir, runs.sharded_abstract(make, base, mesh), step=step)
+  frozen = roles.frozen_params(rlcfg, base, sft_lora, rm_params)
+  frozen = jax.device_put(frozen, sharding.shardings(frozen, mesh))
+  return TrainedPolicy(config, model_cfg, tokenizer, rlcfg, state["trainable"], frozen, restored_step, mesh)
+
+
+def anchor_trainable(rlcfg: RLConfig, trainable: dict, frozen: dict) -> dict:
+  """The trainable tree with the policy replaced by the SFT anchor: a zero policy LoRA, or the reference copy."""
+  if rlcfg.mode == "lora":
+    return {**trainable, "policy": jax.tree.map(jnp.zeros_like, trainable["policy"])}
+  return {**trainable, "policy": frozen["reference"]}
+
+
+def win_rate(r_policy_N, r_anchor_N) -> float:
+  """P(r_policy > r_anchor) + ½·P(tie) over paired prompts."""
+  a, b = np.asarray(r_policy_N, np.float64), np.asarray(r_anchor_N, np.float64)
+  return float(np.mean((a > b) + 0.5 * (a == b)))
+
+
+def _judge_fn(judge: reward.TrainedRM):
+  """r_B of a second RM (same backbone) on prompt + response sequences."""
+  return jax.jit(lambda ids, mask: reward.scores(judge.model_cfg, judge.rcfg, judge.trainable, judge.base, ids, mask))
+
+
+def evaluate(policy: TrainedPolicy, prompts: list, *, batch_size: int = 8, seed: int = 0,
+             judge: reward.TrainedRM | None = None) -> dict:
+  """Samples the policy and its anchor on every prompt once (same rng per batch) and scores both."""
+  arrays, n_trunc = data.encode_prompts(prompts, policy.tokenizer, policy.config.data.max_prompt_len)
+  rollout_fn = rollout.make_rollout(policy.model_cfg, policy.rlcfg, decode=policy.tokenizer.decode,
+                                    stop_strings=tuple(policy.config.rl.stop_strings))
+  anchor = anchor_trainable(policy.rlcfg, policy.trainable, policy.frozen)
+  judge_fn = None if judge is None else _judge_fn(judge)
+  out = {k: [] for k in ("r_pol", "r_anc", "kl", "len_pol", "len_anc", "j_pol", "j_anc")}
+  it = data.BatchIterator(arrays, batch_size, shuffle=False, num_epochs=1, drop_remainder=False,
+                          process_index=0, process_count=1)
+  for i, batch in enumerate(it):
+    valid = batch["valid"].astype(bool)
+    ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
+    rng = jax.random.fold_in(jax.random.key(seed), i)
+    for name, tr in (("pol", policy.trainable), ("anc", anchor)):
+      b = rollout.to_host(rollout_fn(tr, policy.frozen, policy.rlcfg.kl_coef, ids, mask, rng))
+      m = b["mask_BxN"].astype(np.float64)
+      out[f"r_{name}"].append(b["score_B"][valid])
+      out[f"len_{name}"].append(m.sum(1)[valid])
+      if name == "pol":  # Σ_t log π(y_t) − log π_ref(y_t) over the policy's own samples (k1 per sequence).
+        out["kl"].append(((b["old_logp_BxN"] - b["ref_logp_BxN"]) * m).sum(1)[valid])
+      if judge_fn is not None:
+        seq_ids, seq_mask = roles.sequence(b["prompt_BxP"], b["prompt_mask_BxP"], b["tokens_BxN"], b["mask_BxN"])
+        out[f"j_{name}"].append(np.asarray(judge_fn(seq_ids, seq_mask))[valid])
+  cat = {k: np.concatenate(v) if v else None for k, v in out.items()}
+  result = {"num_prompts": len(prompts), "num_truncated": int(n_trunc), "step": policy.step,
+            "reward_after": float(cat["r_pol"].mean()), "reward_before": float(cat["r_anc"].mean()),
+            "kl": float(cat["kl"].mean()), "win_rate": win_rate(cat["r_pol"], cat["r_anc"]),
+            "response_length_after": float(cat["len_pol"].mean()),
+            "response_length_before": float(cat["len_anc"].mean())}
+  if judge_fn is not None:
+    result.update(judge_reward_after=float(cat["j_pol"].mean()), judge_reward_before=float(cat["j_anc"].mean()),
+                  judge_win_rate=win_rate(cat["j_pol"], cat["j_anc"]))
+  return result
+
+
+def held_out_prompts(policy: TrainedPolicy, fmt: str, path, split: str = "eval", skip_invalid: bool = True) -> list:
+  """Prompts of `path`; with split "eval"/"train", the run's own conversation split of them."""
+  prompts = data.read_prompts(fmt, path, skip_invalid=skip_invalid)
+  if split == "all":
+    return prompts
+  train, held = data.split_by_group(prompts, policy.config.data.eval_fraction, seed=policy.config.data.seed)
+  return held if split == "eval" else train
+
+
+def check_judge(policy: TrainedPolicy, judge: reward.TrainedRM, where: str) -> None:
+  """A judge RM must score sequences of the policy's tokenizer on the same backbone shape."""
+  same = dataclasses.replace(judge.model_cfg, dtype=policy.model_cfg.dtype, remat=policy.model_cfg.remat,
+                             attention=policy.model_cfg.attention)
+  if same != policy.model_cfg or judge.tokenizer.get_vocab() != policy.tokenizer.get_vocab():
+    raise models.ConfigError(f"{where}: the judge RM has another backbone or tokenizer than the policy")
+

@@ -1,0 +1,54 @@
+"""Evaluate an RL policy (a train_rl workdir) on held-out prompts; prints one JSON object.
+
+  python scripts/eval_policy.py --workdir runs/rl_tm4_lora --data experiments/data/taskmaster4/dialogs.jsonl.gz \
+      [--format taskmaster4_dialogs|taskmaster4|hh_rlhf] [--split eval|train|all] [--max_prompts 64]
+      [--judge_workdir OTHER_RM]
+JSON: reward_before (the SFT anchor) / reward_after (the policy) under the run's RM, kl (Σ_t log π − log π_ref per
+response, policy samples), win_rate (policy over anchor on the same prompt, ties ½), response lengths; with
+--judge_workdir the same under a second RM the policy never trained against (judge_*).
+"""
+import json
+import logging
+import sys
+
+from absl import app, flags
+
+from perl_jax import data, models, reward
+from perl_jax.rl import evaluate
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "RL run folder (run.json, checkpoints/).")
+_DATA = flags.DEFINE_string("data", None, "Prompt source: a TM-4 dialogs / reward file or HH pairs file.")
+_FORMAT = flags.DEFINE_enum("format", None, ["taskmaster4_dialogs", "taskmaster4", "hh_rlhf"],
+                            "Prompt format. Default: the run's data.format.")
+_SPLIT = flags.DEFINE_enum("split", "eval", ["eval", "train", "all"],
+                           "eval/train = the run's conversation split of --data; all = every prompt.")
+_MAX_PROMPTS = flags.DEFINE_integer("max_prompts", 64, "Evaluate the first N prompts (0 = all).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Prompts per generation batch.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step. Default: the latest.")
+_JUDGE = flags.DEFINE_string("judge_workdir", None, "A second RM run folder (same backbone) to judge with.")
+flags.mark_flags_as_required(["workdir", "data"])
+
+
+def main(_):
+  logging.getLogger().setLevel(logging.WARNING)
+  try:
+    policy = evaluate.restore(_WORKDIR.value, step=_STEP.value)
+    fmt = _FORMAT.value or policy.config.data.format
+    prompts = evaluate.held_out_prompts(policy, fmt, _DATA.value, _SPLIT.value)
+    if _MAX_PROMPTS.value:
+      prompts = prompts[:_MAX_PROMPTS.value]
+    if not prompts:
+      raise data.DataError(_DATA.value, problem=f"no prompts in split '{_SPLIT.value}'")
+    judge = None
+    if _JUDGE.value:
+      judge = reward.restore(_JUDGE.value, mesh=policy.mesh)
+      evaluate.check_judge(policy, judge, _JUDGE.value)
+    result = evaluate.evaluate(policy, prompts, batch_size=_BATCH_SIZE.value, judge=judge)
+  except (data.DataError, models.ConfigError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(json.dumps({**result, "format": fmt, "split": _SPLIT.value}))
+
+
+if __name__ == "__main__":
+  app.run(main)
