@@ -13,9 +13,9 @@ from perl_jax.models import tokenizer as tokenizer_lib
 TM4 = ROOT / "experiments/data/taskmaster4/reward.jsonl.gz"
 HH = ROOT / "experiments/data/hh-rlhf-harmless/pairs.jsonl.gz"
 N_RECORDS = 80
-EDGE_CASES = ["", " ", "  two  spaces ", "\n\n\tTabs\r\nand CRLF", "naïve café 日本語 😀👍🏽", "1234567 3.14159",
-              "<|im_start|>user\nhi<|im_end|>", "<|endoftext|><repo_name>x</s><s>", "don't I'll we've",
-              "ⅷ ﬁ Ｆｕｌｌ", "\u200b\u00a0zero width", "x" * 300]
+EDGE_CASES = ["", " ", "  two  spaces ", "\n\n\tTabs\r\nand CRLF", "naïve café 日本語 😀👍🏽",
+              "1234567 3.14159", "<|im_start|>user\nhi<|im_end|>", "<|endoftext|><repo_name>x</s><s>",
+              "don't I'll we've", "ⅷ ﬁ Ｆｕｌｌ", "\u200b\u00a0zero width", "x" * 300]
 
 
 @pytest.fixture(scope="module")

@@ -59,6 +59,7 @@ def load_tokenizer(path):
 
 
 def _from_folder(path: pathlib.Path):
+  """An HF model folder's own tokenizer files (tokenizer.json etc.)."""
   from transformers import AutoTokenizer
   try:
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
@@ -67,6 +68,7 @@ def _from_folder(path: pathlib.Path):
 
 
 def _from_gguf(path: pathlib.Path):
+  """Byte-level BPE built here from the metadata; other vocabulary types through transformers."""
   meta = gguf_tokenizer_metadata(path)
   kind = meta.get("tokenizer.ggml.model")
   if kind == "gpt2":
