@@ -1,25 +1,51 @@
 #!/usr/bin/env bash
-# End-to-end demo on the embedded SmolLM2-135M-Instruct and the paper's Taskmaster-4 data, on CPU in minutes:
-#  1. load the real model into our Flax/JAX decoder, attach LoRA, continue a prompt with the KV cache;
-#  2. train a PERL reward model (LoRA rank 4 on attention + scalar head, BCE on thumbs up/down) briefly,
-#     evaluate it on a held-out split, and export it as a PEFT adapter and as a merged HF folder.
+# PERL end to end on the embedded SmolLM2-135M-Instruct and the paper's Taskmaster-4 data, offline, on CPU:
+#  1. load the real model into our JAX decoder, attach LoRA, continue a chat prompt through the KV cache;
+#  2. SFT: a LoRA anchor on the coffee dialogs (every agent turn, API calls included, is a target);
+#  3. RM: a PERL reward model (LoRA + scalar head, BCE on thumbs up/down), held-out metrics, PEFT/HF export;
+#  4. RL: REINFORCE with a LoRA value baseline against the RM, KL to the SFT anchor, all roles on ONE backbone;
+#  5. eval: RM reward before (SFT anchor) and after (policy), KL, win rate on held-out prompts; one JSON line.
+# Every stage keeps its run folder under $W (metrics.jsonl, tb/ for TensorBoard, checkpoints/).
+# DEMO_STEPS scales the step counts (CI uses 2); VENV picks the venv folder (default .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 PY=${VENV:-.venv}/bin/python  # VENV=folder: the venv setup_env.sh makes and uses (default .venv)
-W=${DEMO_WORKDIR:-runs/demo_tm4_lora}
-STEPS=${DEMO_STEPS:-30}
+W=${DEMO_WORKDIR:-runs/demo}
+STEPS=${DEMO_STEPS:-20}
+SFT_STEPS=${DEMO_SFT_STEPS:-$STEPS}
+RM_STEPS=${DEMO_RM_STEPS:-$((STEPS * 2))}
+RL_STEPS=${DEMO_RL_STEPS:-$STEPS}
 rm -rf "$W"
-echo "== 1. generate =="
-$PY scripts/generate.py --max_new_tokens 40
-echo "== 2. PERL reward model on Taskmaster-4 ($STEPS steps) =="
-$PY scripts/train_reward.py --config experiments/rm/smollm2.py:tm4_lora --workdir "$W" \
-  --config.steps="$STEPS" --config.data.batch_size=8 --config.data.max_len=192 --config.eval_every="$STEPS" \
-  --config.checkpoint_every="$STEPS" --config.data.max_eval_examples=128
-echo "== 3. held-out metrics (scripts/eval_reward.py) =="
-$PY scripts/eval_reward.py --workdir "$W" --data experiments/data/taskmaster4/reward.jsonl.gz --split eval
-echo "== 4. export =="
-$PY scripts/export.py --workdir "$W" --out "$W/export_peft" --format peft
-$PY scripts/export.py --workdir "$W" --out "$W/export_merged" --format merged
-ls "$W" "$W/export_peft" "$W/export_merged"
-echo "metrics: $W/metrics.jsonl   TensorBoard: tensorboard --logdir $W/tb"
+TM4=experiments/data/taskmaster4
+echo "== 1. generate (SmolLM2-135M-Instruct, LoRA attached, KV cache) =="
+$PY scripts/generate.py --max_new_tokens 24
+echo "== 2. SFT anchor: LoRA on Taskmaster-4 dialogs ($SFT_STEPS steps) =="
+$PY scripts/train_sft.py --config experiments/sft/smollm2.py:tm4_lora --workdir "$W/sft" \
+  --config.steps="$SFT_STEPS" --config.data.max_len=256 --config.data.max_train_examples=400 \
+  --config.data.max_eval_examples=32 --config.eval_every="$SFT_STEPS" --config.checkpoint_every="$SFT_STEPS" \
+  --config.optim.warmup_steps=2
+echo "== 3. PERL reward model: LoRA on Taskmaster-4 thumbs up/down ($RM_STEPS steps) =="
+$PY scripts/train_reward.py --config experiments/rm/smollm2.py:tm4_lora --workdir "$W/rm" \
+  --config.steps="$RM_STEPS" --config.data.batch_size=8 --config.data.max_len=192 --config.eval_every="$RM_STEPS" \
+  --config.checkpoint_every="$RM_STEPS" --config.data.max_eval_examples=128 --config.data.bucket_by_length=True
+$PY scripts/eval_reward.py --workdir "$W/rm" --data $TM4/reward.jsonl.gz --split eval
+$PY scripts/export.py --workdir "$W/rm" --out "$W/rm/export_peft" --format peft
+$PY scripts/export.py --workdir "$W/rm" --out "$W/rm/export_merged" --format merged
+echo "== 4. RL: REINFORCE + LoRA value baseline against the RM, β=0.05, T=0.7 ($RL_STEPS steps) =="
+$PY scripts/train_rl.py --config experiments/rl/smollm2.py:tm4_lora --workdir "$W/rl" \
+  --config.reward_workdir="$W/rm" --config.sft_workdir="$W/sft" --config.steps="$RL_STEPS" \
+  --config.data.max_train_prompts=512 --config.rl.max_new_tokens=32 --config.log_every=1 \
+  --config.checkpoint_every="$RL_STEPS" --config.optim.warmup_steps=2
+echo "== 5. held-out prompts: SFT anchor (before) vs RL policy (after) under the RM =="
+$PY scripts/eval_policy.py --workdir "$W/rl" --data $TM4/reward.jsonl.gz --max_prompts 16 > "$W/eval_policy.json"
+$PY - "$W/eval_policy.json" <<'PYEOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+s = r.pop("sample")
+print(f"prompt (end): ...{s['prompt'][-300:]!r}\nbefore (SFT anchor): {s['before']!r}\nafter (RL policy):   {s['after']!r}")
+print(f"reward {r['reward_before']:.3f} -> {r['reward_after']:.3f} | KL {r['kl']:.3f} | win rate {r['win_rate']:.2f} "
+      f"| {r['num_prompts']} held-out prompts")
+print(json.dumps({k: r[k] for k in ("reward_before", "reward_after", "kl", "win_rate", "num_prompts",
+                                    "response_length_before", "response_length_after")}))
+PYEOF

@@ -72,6 +72,7 @@ def evaluate(policy: TrainedPolicy, prompts: list, *, batch_size: int = 8, seed:
   anchor = anchor_trainable(policy.rlcfg, policy.trainable, policy.frozen)
   judge_fn = None if judge is None else _judge_fn(judge)
   out = {k: [] for k in ("r_pol", "r_anc", "kl", "len_pol", "len_anc", "j_pol", "j_anc")}
+  sample = {}
   it = data.BatchIterator(arrays, batch_size, shuffle=False, num_epochs=1, drop_remainder=False,
                           process_index=0, process_count=1)
   for i, batch in enumerate(it):
@@ -81,6 +82,9 @@ def evaluate(policy: TrainedPolicy, prompts: list, *, batch_size: int = 8, seed:
     for name, tr in (("pol", policy.trainable), ("anc", anchor)):
       b = rollout.to_host(rollout_fn(tr, policy.frozen, policy.rlcfg.kl_coef, ids, mask, rng))
       m = b["mask_BxN"].astype(np.float64)
+      if i == 0:  # The first prompt's responses, as text, before (anchor) and after (policy).
+        sample["prompt"] = policy.tokenizer.decode(b["prompt_BxP"][0][b["prompt_mask_BxP"][0] > 0])
+        sample["before" if name == "anc" else "after"] = policy.tokenizer.decode(b["tokens_BxN"][0][m[0] > 0])
       out[f"r_{name}"].append(b["score_B"][valid])
       out[f"len_{name}"].append(m.sum(1)[valid])
       if name == "pol":  # Σ_t log π(y_t) − log π_ref(y_t) over the policy's own samples (k1 per sequence).
@@ -93,7 +97,7 @@ def evaluate(policy: TrainedPolicy, prompts: list, *, batch_size: int = 8, seed:
             "reward_after": float(cat["r_pol"].mean()), "reward_before": float(cat["r_anc"].mean()),
             "kl": float(cat["kl"].mean()), "win_rate": win_rate(cat["r_pol"], cat["r_anc"]),
             "response_length_after": float(cat["len_pol"].mean()),
-            "response_length_before": float(cat["len_anc"].mean())}
+            "response_length_before": float(cat["len_anc"].mean()), "sample": sample}
   if judge_fn is not None:
     result.update(judge_reward_after=float(cat["j_pol"].mean()), judge_reward_before=float(cat["j_anc"].mean()),
                   judge_win_rate=win_rate(cat["j_pol"], cat["j_anc"]))
