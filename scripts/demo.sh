@@ -2,7 +2,7 @@
 # PERL end to end on the embedded SmolLM2-135M-Instruct and the paper's Taskmaster-4 data, offline, on CPU:
 #  1. load the real model into our JAX decoder, attach LoRA, continue a chat prompt through the KV cache;
 #  2. SFT: a LoRA anchor on the coffee dialogs (every agent turn, API calls included, is a target);
-#  3. RM: a PERL reward model (LoRA + scalar head, BCE on thumbs up/down), held-out metrics, PEFT/HF export;
+#  3. RM: a PERL reward model (LoRA + scalar head, BCE on thumbs up/down), held-out metrics, PEFT export;
 #  4. RL: REINFORCE with a LoRA value baseline against the RM, KL to the SFT anchor, all roles on ONE backbone;
 #  5. eval: RM reward before (SFT anchor) and after (policy), KL, win rate on held-out prompts; one JSON line.
 # Every stage keeps its run folder under $W (metrics.jsonl, tb/ for TensorBoard, checkpoints/).
@@ -29,9 +29,8 @@ echo "== 3. PERL reward model: LoRA on Taskmaster-4 thumbs up/down ($RM_STEPS st
 $PY scripts/train_reward.py --config experiments/rm/smollm2.py:tm4_lora --workdir "$W/rm" \
   --config.steps="$RM_STEPS" --config.data.batch_size=8 --config.data.max_len=192 --config.eval_every="$RM_STEPS" \
   --config.checkpoint_every="$RM_STEPS" --config.data.max_eval_examples=128 --config.data.bucket_by_length=True
-$PY scripts/eval_reward.py --workdir "$W/rm" --data $TM4/reward.jsonl.gz --split eval
-$PY scripts/export.py --workdir "$W/rm" --out "$W/rm/export_peft" --format peft
-$PY scripts/export.py --workdir "$W/rm" --out "$W/rm/export_merged" --format merged
+echo "RM held-out metrics ($W/rm/eval.json): $(tr -d ' \n' < "$W/rm/eval.json")"
+$PY scripts/export.py --workdir "$W/rm" --out "$W/rm/export_peft" --format peft  # or --format merged (HF folder)
 echo "== 4. RL: REINFORCE + LoRA value baseline against the RM, β=0.05, T=0.7 ($RL_STEPS steps) =="
 $PY scripts/train_rl.py --config experiments/rl/smollm2.py:tm4_lora --workdir "$W/rl" \
   --config.reward_workdir="$W/rm" --config.sft_workdir="$W/sft" --config.steps="$RL_STEPS" \
