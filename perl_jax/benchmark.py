@@ -27,6 +27,7 @@ import functools
 import math
 import statistics
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -170,13 +171,30 @@ def build(cfg: ModelConfig, mode: str, dtype: str, lora_cfg: lora.LoraConfig, ab
   return rcfg, optim, state, reward.frozen_params(rcfg, base)
 
 
-def measure(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dtype: str = "bfloat16",
-            lora_cfg: lora.LoraConfig = lora.LoraConfig(), abstract: bool = False, steps: int = 5,
-            base_params=None, mesh=None, cpu_no_hoist: bool = True) -> dict:
-  """Compiles (and unless abstract, times) reward.train_step for one mode; returns one JSON-able row.
+@dataclasses.dataclass
+class Prepared:
+  """A compiled RM step with its placed state, frozen base and batch; `step()` runs one step and blocks."""
+  compiled: Any
+  state: Any
+  base: Any
+  batch: Any
+  host_batch: dict
+  row: dict
+  metrics: Any = None
+
+  def step(self):
+    self.state, self.metrics = self.compiled(self.state, self.base, self.batch)
+    jax.block_until_ready((self.state, self.metrics))
+
+
+def prepare(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dtype: str = "bfloat16",
+            lora_cfg: lora.LoraConfig = lora.LoraConfig(), abstract: bool = False, base_params=None, mesh=None,
+            cpu_no_hoist: bool = True, compiler_options: dict | None = None) -> Prepared:
+  """Compiles reward.train_step for one mode (placing state, base and batch unless abstract); the row holds
+  everything known before timing.
 
   `cpu_no_hoist` compiles with CPU_COMPILER_OPTIONS on CPU, so the memory estimate is not inflated by a
-  CPU-only f32 copy of the frozen weights."""
+  CPU-only f32 copy of the frozen weights; `compiler_options` replaces the options altogether."""
   cfg = dataclasses.replace(cfg, dtype=policy(dtype).compute)
   mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
   rcfg, optim, state, base = build(cfg, mode, dtype, lora_cfg, abstract, base_params)
@@ -185,6 +203,7 @@ def measure(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dty
   batch_sh = {k: sharding.batch_sharding(mesh, 3) for k in batch}
   step = trainer.jit_step(functools.partial(reward.loss_fn, cfg, rcfg), optim, state_sh, base_sh, batch_sh, mesh)
   options = CPU_COMPILER_OPTIONS if cpu_no_hoist and jax.default_backend() == "cpu" else None
+  options = options if compiler_options is None else compiler_options
   t0 = time.perf_counter()
   compiled = step.lower(_abstract(state), _abstract(base), _abstract(batch)).compile(compiler_options=options)
   compile_s = time.perf_counter() - t0
@@ -205,22 +224,32 @@ def measure(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dty
              jax_version=jax.__version__, **flops, peak_flops_bf16=peak_flops(device.device_kind),
              peak_bytes_in_use=None, step_times_s=None, step_s=None, tokens_per_s=None, mfu=None)
   if abstract:
-    return row
+    return Prepared(compiled, state, base, batch, batch, row)
+  placed = jax.device_put((state, base, batch), (state_sh, base_sh, batch_sh))
+  return Prepared(compiled, *placed, batch, row)
 
-  state, base = jax.device_put(state, state_sh), jax.device_put(base, base_sh)
-  batch = jax.device_put(batch, batch_sh)
+
+def measure(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dtype: str = "bfloat16",
+            lora_cfg: lora.LoraConfig = lora.LoraConfig(), abstract: bool = False, steps: int = 5,
+            base_params=None, mesh=None, cpu_no_hoist: bool = True) -> dict:
+  """Compiles (and unless abstract, times) reward.train_step for one mode; returns one JSON-able row."""
+  p = prepare(cfg, mode, name=name, pairs=pairs, seq=seq, dtype=dtype, lora_cfg=lora_cfg, abstract=abstract,
+              base_params=base_params, mesh=mesh, cpu_no_hoist=cpu_no_hoist)
+  row = p.row
+  if abstract:
+    return row
   times = []
   for _ in range(steps + 1):
     t0 = time.perf_counter()
-    state, metrics = compiled(state, base, batch)
-    jax.block_until_ready((state, metrics))
+    p.step()
     times.append(time.perf_counter() - t0)
   step_s = statistics.median(times[1:])
+  device = jax.tree.leaves(p.state)[0].devices().pop()
   stats = device.memory_stats() or {}
-  row.update(step_times_s=times, step_s=step_s, tokens_per_s=sequences * seq / step_s,
-             peak_bytes_in_use=stats.get("peak_bytes_in_use"), loss=float(metrics["loss"]))
+  row.update(step_times_s=times, step_s=step_s, tokens_per_s=row["tokens_per_step"] / step_s,
+             peak_bytes_in_use=stats.get("peak_bytes_in_use"), loss=float(p.metrics["loss"]))
   if row["peak_flops_bf16"]:
-    row["mfu"] = flops["model_flops"] / step_s / row["peak_flops_bf16"]
+    row["mfu"] = row["model_flops"] / step_s / row["peak_flops_bf16"]
   return row
 
 

@@ -37,6 +37,8 @@ def parse(argv=None):
   p.add_argument("--out", help="append one JSON line per run to this file")
   p.add_argument("--cpu-hoist", action="store_true",
                  help="compile with XLA:CPU's default passes (adds an f32 copy of the frozen bf16 weights)")
+  p.add_argument("--against", choices=("torch",), help="time the fp32 LoRA step beside PyTorch + PEFT on the "
+                 "same weights and batch, interleaved, and print ours/torch (needs requirements-test.txt)")
   p.add_argument("--no-isolate", dest="isolate", action="store_false", help="run all modes in this process")
   return p.parse_args(argv)
 
@@ -100,6 +102,11 @@ def main(argv=None):
   if args.phase == "rl":
     print(RL_MESSAGE, file=sys.stderr)
     return 2
+  if args.against:
+    from perl_jax import bench_torch, lora
+    targets = {"attention": lora.ATTENTION, "attention_mlp": lora.ATTENTION_MLP}[args.targets]
+    return bench_torch.cli(model=args.model, pairs=args.batch, seq=args.seq, rank=args.rank, alpha=args.alpha,
+                           targets=targets, steps=args.steps, out=args.out)
   modes = args.modes.split(",")
   if args.isolate and not args.abstract and len(modes) > 1:
     rows = _isolated(_strip(argv, ("--modes", "--out")), modes)

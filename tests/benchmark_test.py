@@ -97,3 +97,33 @@ def test_cli_abstract_writes_jsonl(tmp_path, capsys):
   (row,) = [json.loads(line) for line in out.read_text().splitlines()]
   assert row["model"] == "tiny" and row["mode"] == "lora" and row["flop_formula"]
   assert "| tiny | lora |" in capsys.readouterr().out
+
+
+def test_cli_against_torch_prints_ratio_line(tmp_path, capsys):
+  pytest.importorskip("torch")
+  pytest.importorskip("peft")
+  out = tmp_path / "rows.jsonl"
+  assert _cli().main(["--model", "tiny", "--against", "torch", "--steps", "1", "--out", str(out)]) == 0
+  line = capsys.readouterr().out.strip().splitlines()[-1]
+  assert line.startswith("ours ") and "torch+peft" in line and "ours/torch" in line
+  import json
+  (row,) = [json.loads(r) for r in out.read_text().splitlines()]
+  assert row["ratio"] == pytest.approx(row["ours_s"] / row["torch_s"])
+  assert row["peft_targets"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+  # Same weights, head and batch: the first (pre-update) Bradley-Terry losses agree.
+  assert row["first_loss"]["ours"] == pytest.approx(row["first_loss"]["torch"], rel=1e-4)
+
+
+def test_cli_against_torch_without_extras_is_one_line(monkeypatch, capsys):
+  import builtins
+  real_import = builtins.__import__
+
+  def no_peft(name, *args, **kwargs):
+    if name == "peft" or name.startswith("peft."):
+      raise ImportError("No module named 'peft'")
+    return real_import(name, *args, **kwargs)
+
+  monkeypatch.setattr(builtins, "__import__", no_peft)
+  assert _cli().main(["--model", "tiny", "--against", "torch"]) == 2
+  assert capsys.readouterr().err.strip().splitlines() == [
+      "error: --against torch needs the test extras: pip install -r requirements-test.txt"]
