@@ -62,10 +62,8 @@ KNOWN_TOTALS = {"smollm2-135m": 134_515_008, "1b": 1_235_814_400, "2b": 2_614_34
 PAPER = {"rm": {"memory": (0.43, 0.74), "speedup": (1.15, 1.9)}, "rl": {"memory": (0.74, 0.80),
                                                                       "speedup": (1.05, 1.3)}}
 PEAK_FLOPS_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-# XLA:CPU has no bf16 dot: it upcasts operands to f32 and then hoists the convert of each whole stacked
-# [L,in,out] frozen kernel out of the layer loop, i.e. an f32 copy of the base (4 * N_mm bytes) that GPU/TPU,
-# with native bf16 dots, never make. Without loop-invariant code motion the copy is one layer at a time.
-CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+# One definition for training and benchmarks (see trainer.CPU_COMPILER_OPTIONS).
+CPU_COMPILER_OPTIONS = trainer.CPU_COMPILER_OPTIONS
 
 
 def memory_target(total_params: int) -> float:
@@ -193,8 +191,9 @@ def prepare(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dty
   """Compiles reward.train_step for one mode (placing state, base and batch unless abstract); the row holds
   everything known before timing.
 
-  `cpu_no_hoist` compiles with CPU_COMPILER_OPTIONS on CPU, so the memory estimate is not inflated by a
-  CPU-only f32 copy of the frozen weights; `compiler_options` replaces the options altogether."""
+  Compiles as training does (trainer.compile_step, trainer.default_compiler_options: CPU_COMPILER_OPTIONS on CPU,
+  so the memory estimate is not inflated by a CPU-only f32 copy of the frozen weights); `cpu_no_hoist=False`
+  compiles with XLA's default passes, `compiler_options` replaces the options altogether."""
   cfg = dataclasses.replace(cfg, dtype=policy(dtype).compute)
   mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
   rcfg, optim, state, base = build(cfg, mode, dtype, lora_cfg, abstract, base_params)
@@ -202,11 +201,11 @@ def prepare(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dty
   state_sh, base_sh = sharding.shardings(state, mesh), sharding.shardings(base, mesh)
   batch_sh = {k: sharding.batch_sharding(mesh, 3) for k in batch}
   step = trainer.jit_step(functools.partial(reward.loss_fn, cfg, rcfg), optim, state_sh, base_sh, batch_sh, mesh)
-  options = CPU_COMPILER_OPTIONS if cpu_no_hoist and jax.default_backend() == "cpu" else None
-  options = options if compiler_options is None else compiler_options
-  t0 = time.perf_counter()
-  compiled = step.lower(_abstract(state), _abstract(base), _abstract(batch)).compile(compiler_options=options)
-  compile_s = time.perf_counter() - t0
+  if compiler_options is None:
+    compiler_options = trainer.default_compiler_options() if cpu_no_hoist else {}
+  compiled, perf = trainer.compile_step(step, _abstract(state), _abstract(base), _abstract(batch),
+                                        compiler_options=compiler_options)
+  options, compile_s = compiler_options or None, perf["compile_s"]
 
   n_trainable = lora.num_params(state["trainable"])
   n_lora = lora.num_params(state["trainable"].get("lora", {}))
