@@ -107,7 +107,7 @@ def against_torch(cfg: ModelConfig, *, name: str, pairs: int, seq: int, lora_cfg
                   steps: int = 3, base_params=None, threads: int | None = None) -> dict:
   """Our fp32 LoRA RM step vs the PyTorch + PEFT one on the same weights and batch: medians and their ratio."""
   torch, _, _ = _imports()
-  threads = threads or os.cpu_count()
+  threads = threads or len(os.sched_getaffinity(0))
   torch.set_num_threads(threads)
   if base_params is None:
     base_params = models.init_params(cfg, jax.random.key(0))
