@@ -77,7 +77,11 @@ def memory_bytes(analysis) -> dict:
 # with native bf16 dots, never make. Without loop-invariant code motion the copy is one layer at a time; fp32
 # step time is unchanged (SmolLM2-135M LoRA RM step, 4 pairs x 256 tokens: CPU time 0.98-1.00x of XLA's default
 # passes, within noise).
-CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+# XLA:CPU's YNNPACK dot fusions ran the step's [2048,576]x[576,1536] fp32 matmuls at 85 GFLOP/s on one AVX2
+# core, XLA's own dot emitter at 100; the whole LoRA RM step (4 x 256 tokens) takes 0.93-0.95x the CPU time
+# without them. An empty fusion type turns them off.
+CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion",
+                        "xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 def default_compiler_options() -> dict | None:
