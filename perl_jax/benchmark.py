@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import statistics
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -60,10 +61,8 @@ KNOWN_TOTALS = {"smollm2-135m": 134_515_008, "1b": 1_235_814_400, "2b": 2_614_34
 PAPER = {"rm": {"memory": (0.43, 0.74), "speedup": (1.15, 1.9)}, "rl": {"memory": (0.74, 0.80),
                                                                       "speedup": (1.05, 1.3)}}
 PEAK_FLOPS_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-# XLA:CPU has no bf16 dot: it upcasts operands to f32 and then hoists the convert of each whole stacked
-# [L,in,out] frozen kernel out of the layer loop, i.e. an f32 copy of the base (4 * N_mm bytes) that GPU/TPU,
-# with native bf16 dots, never make. Without loop-invariant code motion the copy is one layer at a time.
-CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+# One definition for training and benchmarks (see trainer.CPU_COMPILER_OPTIONS).
+CPU_COMPILER_OPTIONS = trainer.CPU_COMPILER_OPTIONS
 
 
 def memory_target(total_params: int) -> float:
@@ -161,13 +160,31 @@ def build(cfg: ModelConfig, mode: str, dtype: str, lora_cfg: lora.LoraConfig, ab
   return rcfg, optim, state, reward.frozen_params(rcfg, base)
 
 
-def measure(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dtype: str = "bfloat16",
-            lora_cfg: lora.LoraConfig = lora.LoraConfig(), abstract: bool = False, steps: int = 5,
-            base_params=None, mesh=None, cpu_no_hoist: bool = True) -> dict:
-  """Compiles (and unless abstract, times) reward.train_step for one mode; returns one JSON-able row.
+@dataclasses.dataclass
+class Prepared:
+  """A compiled RM step with its placed state, frozen base and batch; `step()` runs one step and blocks."""
+  compiled: Any
+  state: Any
+  base: Any
+  batch: Any
+  host_batch: dict
+  row: dict
+  metrics: Any = None
 
-  `cpu_no_hoist` compiles with CPU_COMPILER_OPTIONS on CPU, so the memory estimate is not inflated by a
-  CPU-only f32 copy of the frozen weights."""
+  def step(self):
+    self.state, self.metrics = self.compiled(self.state, self.base, self.batch)
+    jax.block_until_ready((self.state, self.metrics))
+
+
+def prepare(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dtype: str = "bfloat16",
+            lora_cfg: lora.LoraConfig = lora.LoraConfig(), abstract: bool = False, base_params=None, mesh=None,
+            cpu_no_hoist: bool = True, compiler_options: dict | None = None) -> Prepared:
+  """Compiles reward.train_step for one mode (placing state, base and batch unless abstract); the row holds
+  everything known before timing.
+
+  Compiles as training does (trainer.compile_step, trainer.default_compiler_options: CPU_COMPILER_OPTIONS on CPU,
+  so the memory estimate is not inflated by a CPU-only f32 copy of the frozen weights); `cpu_no_hoist=False`
+  compiles with XLA's default passes, `compiler_options` replaces the options altogether."""
   cfg = dataclasses.replace(cfg, dtype=policy(dtype).compute)
   mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
   rcfg, optim, state, base = build(cfg, mode, dtype, lora_cfg, abstract, base_params)
@@ -175,10 +192,11 @@ def measure(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dty
   state_sh, base_sh = sharding.shardings(state, mesh), sharding.shardings(base, mesh)
   batch_sh = {k: sharding.batch_sharding(mesh, 3) for k in batch}
   step = trainer.jit_step(functools.partial(reward.loss_fn, cfg, rcfg), optim, state_sh, base_sh, batch_sh, mesh)
-  options = CPU_COMPILER_OPTIONS if cpu_no_hoist and jax.default_backend() == "cpu" else None
-  t0 = time.perf_counter()
-  compiled = step.lower(*checkpoint.abstract_like((state, base, batch))).compile(compiler_options=options)
-  compile_s = time.perf_counter() - t0
+  if compiler_options is None:
+    compiler_options = trainer.default_compiler_options() if cpu_no_hoist else {}
+  compiled, perf = trainer.compile_step(step, *checkpoint.abstract_like((state, base, batch)),
+                                        compiler_options=compiler_options)
+  options, compile_s = compiler_options or None, perf["compile_s"]
 
   n_trainable = models.count_params(state["trainable"])
   n_lora = models.count_params(state["trainable"].get("lora", {}))
@@ -196,22 +214,32 @@ def measure(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dty
              jax_version=jax.__version__, **flops, peak_flops_bf16=peak_flops(device.device_kind),
              peak_bytes_in_use=None, step_times_s=None, step_s=None, tokens_per_s=None, mfu=None)
   if abstract:
-    return row
+    return Prepared(compiled, state, base, batch, batch, row)
+  placed = jax.device_put((state, base, batch), (state_sh, base_sh, batch_sh))
+  return Prepared(compiled, *placed, batch, row)
 
-  state, base = jax.device_put(state, state_sh), jax.device_put(base, base_sh)
-  batch = jax.device_put(batch, batch_sh)
+
+def measure(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dtype: str = "bfloat16",
+            lora_cfg: lora.LoraConfig = lora.LoraConfig(), abstract: bool = False, steps: int = 5,
+            base_params=None, mesh=None, cpu_no_hoist: bool = True) -> dict:
+  """Compiles (and unless abstract, times) reward.train_step for one mode; returns one JSON-able row."""
+  p = prepare(cfg, mode, name=name, pairs=pairs, seq=seq, dtype=dtype, lora_cfg=lora_cfg, abstract=abstract,
+              base_params=base_params, mesh=mesh, cpu_no_hoist=cpu_no_hoist)
+  row = p.row
+  if abstract:
+    return row
   times = []
   for _ in range(steps + 1):
     t0 = time.perf_counter()
-    state, metrics = compiled(state, base, batch)
-    jax.block_until_ready((state, metrics))
+    p.step()
     times.append(time.perf_counter() - t0)
   step_s = statistics.median(times[1:])
+  device = jax.tree.leaves(p.state)[0].devices().pop()
   stats = device.memory_stats() or {}
-  row.update(step_times_s=times, step_s=step_s, tokens_per_s=sequences * seq / step_s,
-             peak_bytes_in_use=stats.get("peak_bytes_in_use"), loss=float(metrics["loss"]))
+  row.update(step_times_s=times, step_s=step_s, tokens_per_s=row["tokens_per_step"] / step_s,
+             peak_bytes_in_use=stats.get("peak_bytes_in_use"), loss=float(p.metrics["loss"]))
   if row["peak_flops_bf16"]:
-    row["mfu"] = flops["model_flops"] / step_s / row["peak_flops_bf16"]
+    row["mfu"] = row["model_flops"] / step_s / row["peak_flops_bf16"]
   return row
 
 

@@ -72,11 +72,30 @@ def memory_bytes(analysis) -> dict:
   return m
 
 
+# XLA:CPU has no bf16 dot: it upcasts operands to f32 and then hoists the convert of each whole stacked
+# [L,in,out] frozen kernel out of the layer loop, i.e. an f32 copy of the base (4 * N_mm bytes) that GPU/TPU,
+# with native bf16 dots, never make. Without loop-invariant code motion the copy is one layer at a time; fp32
+# step time is unchanged (SmolLM2-135M LoRA RM step, 4 pairs x 256 tokens: CPU time 0.98-1.00x of XLA's default
+# passes, within noise).
+# XLA:CPU's YNNPACK dot fusions ran the step's [2048,576]x[576,1536] fp32 matmuls at 85 GFLOP/s on one AVX2
+# core, XLA's own dot emitter at 100; the whole LoRA RM step (4 x 256 tokens) takes 0.93-0.95x the CPU time
+# without them. An empty fusion type turns them off.
+CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion",
+                        "xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def default_compiler_options() -> dict | None:
+  """What every train step compiles with, training and benchmarks alike: CPU_COMPILER_OPTIONS on XLA:CPU."""
+  return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else None
+
+
 def compile_step(jitted, *args, compiler_options=None) -> tuple[Callable, dict]:
-  """AOT-compiles `jitted` for these (abstract or concrete) arguments: (compiled, {compile_s,
-  compiled_memory_bytes}), the memory being the compiler's own peak estimate."""
+  """AOT-compiles `jitted` for these (abstract or concrete) arguments with `compiler_options` (default:
+  default_compiler_options()): (compiled, {compile_s, compiled_memory_bytes}), the memory being the compiler's
+  own peak estimate."""
   t0 = time.perf_counter()
-  compiled = jitted.lower(*args).compile(compiler_options=compiler_options)
+  options = default_compiler_options() if compiler_options is None else compiler_options
+  compiled = jitted.lower(*args).compile(compiler_options=options)
   perf = {"compile_s": time.perf_counter() - t0,
           "compiled_memory_bytes": memory_bytes(compiled.memory_analysis())["compiled_peak_bytes"]}
   log.info("step compiled in %.1fs; compiler's peak memory estimate %.1f MiB", perf["compile_s"],

@@ -1,13 +1,19 @@
-"""Benchmark one RM train step, full vs LoRA: params, step time, tokens/s, compiled / measured peak memory.
+"""Benchmark one RM or RL train step, full vs LoRA: params, step time, tokens/s, compiled / measured peak memory.
 
   python scripts/benchmark.py --phase rm --model 7b --modes full,lora --abstract --out rows.jsonl
   python scripts/benchmark.py --phase rm --model smollm2-135m --batch 4 --seq 128 --steps 5 --out rows.jsonl
   python scripts/benchmark.py --phase rm --model /path/to/hf_folder_or.gguf --dtype float32
+  python scripts/benchmark.py --phase rm --model smollm2-135m --batch 4 --seq 256 --rank 8 --against torch
+  python scripts/benchmark.py --phase rl --model 7b --abstract --out rl_rows.jsonl
+  python scripts/benchmark.py --phase rl --model smollm2-135m --batch 4 --prompt_len 128 --new_tokens 32 --steps 3
 
 --model is a preset (tiny, smollm2-135m, 1b, 2b, 7b; random weights) or a real model path. --batch counts
 pairs: the step sees 2 x batch sequences. --abstract compiles from shapes only (nothing is allocated), so
 memory for 7B comes out on a CPU. Rows are appended to --out as JSON lines and printed as a markdown table.
 Timed runs of several modes run each mode in a fresh process, so peak_bytes_in_use is per mode.
+--phase rl: one RL step (REINFORCE) with every role resident; --batch counts prompts of --prompt_len tokens, each
+with --new_tokens sampled; timed runs time rollout + update. --against torch (RM, test extras): the fp32 LoRA step
+beside transformers + PEFT on the same weights and batch, interleaved; prints ours/torch.
 """
 import dataclasses
 import json
@@ -17,8 +23,6 @@ import sys
 import tempfile
 
 from absl import app, flags
-
-RL_MESSAGE = "RL phase needs perl_jax.rl (not yet implemented)"
 
 FLAGS = flags.FlagValues()  # this script's own flags: tests load it by path and call main() repeatedly
 _PHASE = flags.DEFINE_enum("phase", "rm", ["rm", "rl"], "Training phase to benchmark.", flag_values=FLAGS)
@@ -38,6 +42,13 @@ _OUT = flags.DEFINE_string("out", None, "Append one JSON line per run to this fi
 _CPU_HOIST = flags.DEFINE_bool("cpu-hoist", False, "Compile with XLA:CPU's default passes (adds an f32 copy of "
                                "the frozen bf16 weights).", flag_values=FLAGS)
 _NO_ISOLATE = flags.DEFINE_bool("no-isolate", False, "Run all modes in this process.", flag_values=FLAGS)
+_AGAINST = flags.DEFINE_enum("against", None, ["torch"], "Time the fp32 LoRA RM step beside PyTorch + PEFT on the "
+                             "same weights and batch, interleaved; print ours/torch (needs requirements-test.txt).",
+                             flag_values=FLAGS)
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", None, "RL: prompt tokens (default 256, 16 for tiny).",
+                                   flag_values=FLAGS)
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", None, "RL: sampled tokens per prompt (default 256, 8 for tiny).",
+                                   flag_values=FLAGS)
 
 
 def _no_positional(argv):
@@ -95,9 +106,19 @@ def run() -> list[dict]:
   cfg = dataclasses.replace(cfg, remat=_REMAT.value or remat)
   rows = []
   for mode in _MODES.value.split(","):
-    row = benchmark.measure(cfg, mode, name=name, pairs=_BATCH.value or pairs, seq=_SEQ.value or seq,
-                            dtype=_DTYPE.value, lora_cfg=lora_cfg, abstract=_ABSTRACT.value, steps=_STEPS.value,
-                            base_params=base, cpu_no_hoist=not _CPU_HOIST.value)
+    if _PHASE.value == "rl":
+      from perl_jax.rl import benchmark as rl_benchmark
+      tiny = name == "tiny"
+      row = rl_benchmark.measure(cfg, mode, name=name, batch=_BATCH.value or (2 if tiny else 8),
+                                 prompt_len=_PROMPT_LEN.value or (16 if tiny else 256),
+                                 new_tokens=_NEW_TOKENS.value or (8 if tiny else 256), dtype=_DTYPE.value,
+                                 lora_cfg=lora_cfg, abstract=_ABSTRACT.value, steps=_STEPS.value,
+                                 cpu_no_hoist=not _CPU_HOIST.value)
+      row["remat"] = cfg.remat
+    else:
+        row = benchmark.measure(cfg, mode, name=name, pairs=_BATCH.value or pairs, seq=_SEQ.value or seq,
+                              dtype=_DTYPE.value, lora_cfg=lora_cfg, abstract=_ABSTRACT.value, steps=_STEPS.value,
+                              base_params=base, cpu_no_hoist=not _CPU_HOIST.value)
     rows.append(row)
     if _OUT.value:
       with open(_OUT.value, "a") as f:
@@ -112,9 +133,11 @@ def main(argv=None) -> int:
     argv = sys.argv[1:]
   else:
     parse(argv)
-  if _PHASE.value == "rl":
-    print(RL_MESSAGE, file=sys.stderr)
-    return 2
+  if _AGAINST.value:
+    from perl_jax import bench_torch, lora
+    targets = {"attention": lora.ATTENTION, "attention_mlp": lora.ATTENTION_MLP}[_TARGETS.value]
+    return bench_torch.cli(model=_MODEL.value, pairs=_BATCH.value, seq=_SEQ.value, rank=_RANK.value,
+                           alpha=_ALPHA.value, targets=targets, steps=_STEPS.value, out=_OUT.value)
   modes = _MODES.value.split(",")
   if not _NO_ISOLATE.value and not _ABSTRACT.value and len(modes) > 1:
     rows = _isolated(_strip(argv, ("--modes", "--out")), modes)
@@ -123,6 +146,10 @@ def main(argv=None) -> int:
         f.writelines(json.dumps(r) + "\n" for r in rows)
   else:
     rows = run()
+  if _PHASE.value == "rl":
+    from perl_jax.rl import benchmark as rl_benchmark
+    print(rl_benchmark.markdown(rows))
+    return 0
   from perl_jax import benchmark
   print(benchmark.markdown(rows))
   print(f"\nmemory: compiled_peak = argument + output + temp - alias (memory_analysis); FLOPs: "

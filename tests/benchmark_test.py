@@ -1,5 +1,6 @@
 """Benchmark machinery: preset sizes, counts, the memory formula, abstract full vs LoRA, CLI wiring."""
 import importlib.util
+import json
 import types
 
 import jax
@@ -85,9 +86,20 @@ def _cli():
   return module
 
 
-def test_cli_rl_phase_exits_nonzero(capsys):
-  assert _cli().main(["--phase", "rl"]) != 0
-  assert "RL phase needs perl_jax.rl (not yet implemented)" in capsys.readouterr().err
+def test_cli_rl_phase_abstract_and_timed_on_tiny(tmp_path, capsys):
+  """--phase rl compiles the RL update with every role resident: LoRA holds one backbone, full four."""
+  out = tmp_path / "rl.jsonl"
+  assert _cli().main(["--phase", "rl", "--model", "tiny", "--abstract", "--out", str(out)]) == 0
+  rows = {r["mode"]: r for r in map(json.loads, out.read_text().splitlines())}
+  backbone = rows["lora"]["backbone_params"]
+  assert rows["lora"]["frozen_params"] < 1.2 * backbone < rows["full"]["frozen_params"]
+  assert rows["full"]["trainable_params"] > 1.9 * backbone  # policy + value copies
+  assert rows["lora"]["trainable_params"] < 0.25 * backbone  # policy + value adapters and head
+  assert rows["lora"]["compiled_peak_bytes"] < rows["full"]["compiled_peak_bytes"]
+  assert "LoRA/full compiled peak" in capsys.readouterr().out
+  assert _cli().main(["--phase", "rl", "--model", "tiny", "--modes", "lora", "--steps", "1", "--out", str(out)]) == 0
+  timed = json.loads(out.read_text().splitlines()[-1])
+  assert timed["step_s"] > 0 and len(timed["step_times_s"]) == 2
 
 
 def test_cli_abstract_writes_jsonl(tmp_path, capsys):
@@ -97,3 +109,33 @@ def test_cli_abstract_writes_jsonl(tmp_path, capsys):
   (row,) = [json.loads(line) for line in out.read_text().splitlines()]
   assert row["model"] == "tiny" and row["mode"] == "lora" and row["flop_formula"]
   assert "| tiny | lora |" in capsys.readouterr().out
+
+
+def test_cli_against_torch_prints_ratio_line(tmp_path, capsys):
+  pytest.importorskip("torch")
+  pytest.importorskip("peft")
+  out = tmp_path / "rows.jsonl"
+  assert _cli().main(["--model", "tiny", "--against", "torch", "--steps", "1", "--out", str(out)]) == 0
+  line = capsys.readouterr().out.strip().splitlines()[-1]
+  assert line.startswith("ours ") and "torch+peft" in line and "ours/torch" in line
+  import json
+  (row,) = [json.loads(r) for r in out.read_text().splitlines()]
+  assert row["ratio"] == pytest.approx(row["ours_s"] / row["torch_s"])
+  assert row["peft_targets"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+  # Same weights, head and batch: the first (pre-update) Bradley-Terry losses agree.
+  assert row["first_loss"]["ours"] == pytest.approx(row["first_loss"]["torch"], rel=1e-4)
+
+
+def test_cli_against_torch_without_extras_is_one_line(monkeypatch, capsys):
+  import builtins
+  real_import = builtins.__import__
+
+  def no_peft(name, *args, **kwargs):
+    if name == "peft" or name.startswith("peft."):
+      raise ImportError("No module named 'peft'")
+    return real_import(name, *args, **kwargs)
+
+  monkeypatch.setattr(builtins, "__import__", no_peft)
+  assert _cli().main(["--model", "tiny", "--against", "torch"]) == 2
+  assert capsys.readouterr().err.strip().splitlines() == [
+      "error: --against torch needs the test extras: pip install -r requirements-test.txt"]

@@ -108,3 +108,20 @@ def compare(rows: list[dict]) -> list[dict]:
                       memory_ratio=lo["compiled_peak_bytes"] / fu["compiled_peak_bytes"], speedup=speed,
                       lora_peak_gib=lo["compiled_peak_bytes"] / 2**30, full_peak_gib=fu["compiled_peak_bytes"] / 2**30))
   return out
+
+
+def markdown(rows: list[dict]) -> str:
+  """One line per row (model, mode, shapes, params, compiled peak, step time), then LoRA/full per shape."""
+  head = ["model", "mode", "dtype", "batch × (prompt + new)", "trainable", "frozen", "compiled peak (GiB)",
+          "step (s)", "response tok/s"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    step = f"{r['step_s']:.2f}" if r.get("step_s") else "–"
+    tps = f"{r['response_tokens_per_s']:.1f}" if r.get("response_tokens_per_s") else "–"
+    lines.append(f"| {r['model']} | {r['mode']} | {r['dtype']} | {r['batch']} × ({r['prompt_len']} + "
+                 f"{r['new_tokens']}) | {r['trainable_params']:,} | {r['frozen_params']:,} | "
+                 f"{r['compiled_peak_bytes'] / 2**30:.2f} | {step} | {tps} |")
+  for c in compare(rows):
+    speed = f", full/LoRA step time {c['speedup']:.2f}×" if c["speedup"] else ""
+    lines.append(f"\n{c['model']} {c['dtype']}: LoRA/full compiled peak {c['memory_ratio']:.3f}{speed}")
+  return "\n".join(lines)

@@ -1,0 +1,166 @@
+"""The same reward-model step in PyTorch + transformers + PEFT, timed beside ours (`scripts/benchmark.py --against
+torch`). Test extras only: torch, transformers' PyTorch models and peft are imported lazily, inside functions.
+
+Same work on both sides: the same weights (ours converted with `loading.hf_state_dict` into an HF
+`LlamaForSequenceClassification`), the same batch (pairs x 2 sequences x T tokens, no padding), LoRA rank r on
+the same kernels (PEFT, A Kaiming-uniform, B = 0, α/r), the scalar head trained, Bradley-Terry loss, backward
+and one AdamW update. Steps alternate ours / theirs (A B A B ...) so load on shared machines hits both alike.
+"""
+import os
+import re
+import statistics
+import time
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from perl_jax import benchmark, lora, models
+from perl_jax.models import ModelConfig
+from perl_jax.models import loading
+
+EXTRAS_ERROR = "error: --against torch needs the test extras: pip install -r requirements-test.txt"
+_HF_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+class MissingExtras(ImportError):
+  """torch, transformers' PyTorch models or peft is not installed."""
+
+
+def _imports():
+  try:
+    import peft
+    import torch
+    import transformers
+  except ImportError as e:
+    raise MissingExtras(EXTRAS_ERROR) from e
+  return torch, transformers, peft
+
+
+def hf_config(cfg: ModelConfig, transformers):
+  """A transformers LlamaConfig for a Llama-family ModelConfig (what the presets and SmolLM2 are)."""
+  if cfg.family != "llama" or cfg.rope.kind != "default":
+    raise ValueError(f"--against torch supports plain Llama configs, got family={cfg.family} rope={cfg.rope.kind}")
+  return transformers.LlamaConfig(
+      vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+      head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope.theta,
+      tie_word_embeddings=cfg.tie_embeddings, num_labels=1, pad_token_id=0, max_position_embeddings=8192)
+
+
+def peft_targets(lora_cfg: lora.LoraConfig, cfg: ModelConfig) -> list[str]:
+  """The HF module names (q_proj, ...) of the kernels our LoRA regexes select."""
+  flat = traverse_util.flatten_dict(models.param_shapes(cfg), sep="/", is_leaf=lambda _, x: isinstance(x, tuple))
+  paths = [p for p in flat if any(re.fullmatch(t, p) for t in lora_cfg.targets)]
+  return sorted({p.split("/")[-2] for p in paths} & _HF_TARGETS)
+
+
+def torch_model(cfg: ModelConfig, params, lora_cfg: lora.LoraConfig, head_kernel, seed: int = 0):
+  """HF LlamaForSequenceClassification holding `params` and our head kernel [D,1] (fp32), wrapped in a PEFT LoRA
+  (SEQ_CLS: head trained). With B = 0 on both sides, the first step's loss is ours (BT ignores the head bias)."""
+  torch, transformers, peft = _imports()
+  torch.manual_seed(seed)
+  model = transformers.LlamaForSequenceClassification(hf_config(cfg, transformers))
+  state = {k: torch.from_numpy(np.array(v)) for k, v in loading.hf_state_dict(cfg, params).items()
+           if k != "lm_head.weight"}
+  state["score.weight"] = torch.from_numpy(np.array(head_kernel, np.float32).T)
+  missing, unexpected = model.load_state_dict(state, strict=False)
+  if unexpected or missing:
+    raise ValueError(f"weights do not fit the HF model: missing {missing}, unexpected {unexpected}")
+  pcfg = peft.LoraConfig(r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=0.0,
+                         target_modules=peft_targets(lora_cfg, cfg), task_type="SEQ_CLS")
+  return peft.get_peft_model(model, pcfg).float()
+
+
+def torch_step_fn(model, ids_Px2xT, lr: float = 1e-5):
+  """A closure running one Bradley-Terry + AdamW step of `model` on the pairwise batch; returns the loss."""
+  torch, _, _ = _imports()
+  pairs, _, t = ids_Px2xT.shape
+  ids = torch.from_numpy(np.asarray(ids_Px2xT, np.int64).reshape(2 * pairs, t))
+  mask = torch.ones_like(ids)
+  opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+  model.train()
+
+  def step():
+    r = model(input_ids=ids, attention_mask=mask).logits[:, 0].reshape(pairs, 2)
+    loss = -torch.nn.functional.logsigmoid(r[:, 0] - r[:, 1]).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+  return step
+
+
+def interleaved(fns: dict, steps: int) -> dict:
+  """{name: [seconds per call]}; calls alternate across names (the callers warm up first)."""
+  times = {name: [] for name in fns}
+  for _ in range(steps):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t0)
+  return times
+
+
+def against_torch(cfg: ModelConfig, *, name: str, pairs: int, seq: int, lora_cfg: lora.LoraConfig,
+                  steps: int = 3, base_params=None, threads: int | None = None) -> dict:
+  """Our fp32 LoRA RM step vs the PyTorch + PEFT one on the same weights and batch: medians and their ratio."""
+  torch, _, _ = _imports()
+  threads = threads or len(os.sched_getaffinity(0))
+  torch.set_num_threads(threads)
+  if base_params is None:
+    base_params = models.init_params(cfg, jax.random.key(0))
+  ours = benchmark.prepare(cfg, "lora", name=name, pairs=pairs, seq=seq, dtype="float32", lora_cfg=lora_cfg,
+                           base_params=base_params)
+  head = jax.device_get(ours.state["trainable"]["head"]["kernel"])
+  model = torch_model(cfg, jax.device_get(base_params), lora_cfg, head)
+  theirs = torch_step_fn(model, ours.host_batch["input_ids"])
+  first = {"torch": theirs()}
+  ours.step()
+  first["ours"] = float(ours.metrics["loss"])
+  times = interleaved({"ours": ours.step, "torch": theirs}, steps)
+  med = {k: statistics.median(v) for k, v in times.items()}
+  return dict(model=name, pairs=pairs, sequences=2 * pairs, seq=seq, dtype="float32", lora_rank=lora_cfg.rank,
+              peft_targets=peft_targets(lora_cfg, cfg), threads_torch=threads,
+              xla_flags=os.environ.get("XLA_FLAGS", ""), compiler_options=ours.row["compiler_options"],
+              compile_s=ours.row["compile_s"], first_loss=first, step_times_s=times, ours_s=med["ours"], torch_s=med["torch"],
+              ratio=med["ours"] / med["torch"], torch_version=torch.__version__, jax_version=jax.__version__)
+
+
+def ratio_line(row: dict) -> str:
+  """'ours 9.81 s/step | torch+peft 12.02 s/step | ours/torch 0.82x (...)'."""
+  return (f"ours {row['ours_s']:.3f} s/step | torch+peft {row['torch_s']:.3f} s/step | ours/torch "
+          f"{row['ratio']:.2f}x ({row['model']}, {row['pairs']} pairs x {row['seq']} tokens, fp32, LoRA r="
+          f"{row['lora_rank']} on {','.join(row['peft_targets'])}, medians of {len(row['step_times_s']['ours'])} "
+          f"interleaved steps, torch threads {row['threads_torch']}; first-step loss ours "
+          f"{row['first_loss']['ours']:.6f} torch {row['first_loss']['torch']:.6f})")
+
+
+def resolve_model(model: str):
+  """(name, ModelConfig, base params or None) for a preset name or a model path (fp32)."""
+  if model in benchmark.PRESETS:
+    return model, benchmark.preset(model), None
+  cfg, base = models.load_pretrained(model, param_dtype=np.float32)
+  return os.path.basename(os.path.normpath(model)), cfg, base
+
+
+def cli(*, model: str, pairs: int | None, seq: int | None, rank: int, alpha: float, targets, steps: int,
+        out: str | None = None) -> int:
+  """`scripts/benchmark.py --against torch`: prints one ratio line (and appends the row to `out`); exit code."""
+  import json
+  import sys
+  try:
+    _imports()
+  except MissingExtras as e:
+    print(str(e), file=sys.stderr)
+    return 2
+  name, cfg, base = resolve_model(model)
+  d_pairs, d_seq, _ = benchmark.default_shape(name, models.count_params(models.param_shapes(cfg)))
+  row = against_torch(cfg, name=name, pairs=pairs or d_pairs, seq=seq or d_seq, steps=steps, base_params=base,
+                      lora_cfg=lora.LoraConfig(rank=rank, alpha=alpha, targets=targets))
+  if out:
+    with open(out, "a") as f:
+      f.write(json.dumps({"phase": "rm_against_torch", **row}) + "\n")
+  print(ratio_line(row))
+  return 0

@@ -1,0 +1,47 @@
+"""Bag-of-words reward baseline (TF-IDF + logistic regression) on the RM configs' held-out split; one JSON object.
+
+  python scripts/baseline_bow.py --data experiments/data/taskmaster4/reward.jsonl.gz --format taskmaster4
+  python scripts/baseline_bow.py --data experiments/data/hh-rlhf-harmless/pairs.jsonl.gz --format hh_rlhf \
+      --skip_invalid
+  python scripts/baseline_bow.py --data TRAIN --eval EVAL --format hh_rlhf
+Without --eval, --data is split as the RM configs split it (data.split_train_eval, eval_fraction 0.1, seed 0).
+Settings are picked on a dev split of the train part. Prints scripts/eval_reward.py's keys (binary: accuracy,
+balanced_accuracy, roc_auc, positive_rate, loss; pairwise: accuracy, mean_margin, loss; num_examples, ...).
+Needs scikit-learn (requirements-test.txt).
+"""
+import json
+import math
+import sys
+
+from absl import app, flags
+
+from perl_jax import baseline, data
+
+_DATA = flags.DEFINE_string("data", None, "Data file (.jsonl or .jsonl.gz): the train part, or all of it.")
+_FORMAT = flags.DEFINE_enum("format", None, sorted(data.READERS), "Data format (a reader).")
+_EVAL = flags.DEFINE_string("eval", None, "Held-out file. Default: the seeded split of --data.")
+_EVAL_FRACTION = flags.DEFINE_float("eval_fraction", 0.1, "Held-out fraction of --data (the RM configs' 0.1).")
+_SEED = flags.DEFINE_integer("seed", 0, "Split seed (the RM configs' data.seed).")
+_SKIP_INVALID = flags.DEFINE_bool("skip_invalid", False, "Skip invalid records (the HH config does).")
+flags.mark_flags_as_required(["data", "format"])
+
+
+def main(_):
+  try:
+    baseline._sklearn()
+    examples = data.read_examples(_FORMAT.value, _DATA.value, skip_invalid=_SKIP_INVALID.value)
+    if _EVAL.value:
+      train, held_out = examples, data.read_examples(_FORMAT.value, _EVAL.value, skip_invalid=_SKIP_INVALID.value)
+    else:
+      train, held_out = data.split_train_eval(examples, _EVAL_FRACTION.value, seed=_SEED.value)
+    if not train or not held_out:
+      raise data.DataError(_DATA.value, problem="empty train or eval split")
+    row = baseline.run(_FORMAT.value, train, held_out)
+  except (baseline.MissingSklearn, data.DataError) as e:
+    print(e if isinstance(e, baseline.MissingSklearn) else f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}))
+
+
+if __name__ == "__main__":
+  app.run(main)

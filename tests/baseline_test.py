@@ -1,0 +1,70 @@
+"""scripts/baseline_bow.py: TF-IDF + logistic regression on a slice of the shipped data, eval_reward's keys, and
+metrics equal to perl_jax.evaluation on its scores (ROC-AUC checked independently with scikit-learn)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from perl_jax import baseline, data, evaluation
+from tests.conftest import ROOT
+from tests.helpers import head_lines
+
+TM4 = ROOT / "experiments/data/taskmaster4/reward.jsonl.gz"
+HH = ROOT / "experiments/data/hh-rlhf-harmless/pairs.jsonl.gz"
+BINARY_KEYS = {"accuracy", "balanced_accuracy", "roc_auc", "positive_rate", "loss", "num_examples", "num_truncated"}
+PAIRWISE_KEYS = {"accuracy", "mean_margin", "loss", "num_examples", "num_truncated"}
+
+
+def _cli(*args, env=None):
+  return subprocess.run([sys.executable, "scripts/baseline_bow.py", *map(str, args)], cwd=ROOT, capture_output=True,
+                        text=True, env=env or dict(os.environ), timeout=300)
+
+
+@pytest.mark.parametrize("fmt,src,n,keys", [("taskmaster4", TM4, 400, BINARY_KEYS), ("hh_rlhf", HH, 300, PAIRWISE_KEYS)])
+def test_baseline_cli_prints_eval_reward_keys(tmp_path, fmt, src, n, keys):
+  pytest.importorskip("sklearn")
+  train, held = head_lines(src, tmp_path / "train.jsonl", n), head_lines(src, tmp_path / "eval.jsonl", 60, start=n)
+  result = _cli("--data", train, "--eval", held, "--format", fmt, "--skip_invalid")
+  assert result.returncode == 0, result.stderr
+  row = json.loads(result.stdout)
+  assert keys <= set(row) and row["format"] == fmt and row["baseline"] == "tfidf_logreg"
+  # The same pipeline in-process gives the same figures, and they are evaluation's metrics of its scores.
+  train_ex = data.read_examples(fmt, train, skip_invalid=True)
+  eval_ex = data.read_examples(fmt, held, skip_invalid=True)
+  assert row["num_examples"] == len(eval_ex)
+  model = baseline.fit(data.KINDS[fmt], train_ex, baseline.Settings(**row["settings"]))
+  scores = model.scores(eval_ex)
+  if fmt == "taskmaster4":
+    labels = np.array([e["label"] for e in eval_ex]) > 0.5
+    expected = evaluation.binary_metrics(scores, labels)
+    from sklearn.metrics import roc_auc_score
+    assert row["roc_auc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-9)
+    assert row["accuracy"] == pytest.approx(np.mean((scores > 0) == labels))
+  else:
+    expected = evaluation.pairwise_metrics(scores[:, 0], scores[:, 1])
+    assert row["accuracy"] == pytest.approx(np.mean(scores[:, 0] > scores[:, 1]))
+  for key, value in expected.items():
+    assert row[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+def test_baseline_folds_stay_inside_train():
+  ex = data.read_examples("taskmaster4", TM4)[:300]
+  fold = baseline.folds(ex)
+  assert set(fold) == set(range(baseline.FOLDS))
+  by_key = {}
+  for e, f in zip(ex, fold):
+    by_key.setdefault(data.pipeline.first_user_turn(e), set()).add(f)
+  assert all(len(v) == 1 for v in by_key.values())
+
+
+def test_baseline_without_sklearn_is_one_line(tmp_path):
+  blocker = tmp_path / "sklearn"
+  blocker.mkdir()
+  (blocker / "__init__.py").write_text("raise ImportError('no sklearn here')\n")
+  env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+  result = _cli("--data", TM4, "--format", "taskmaster4", env=env)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [baseline.SKLEARN_ERROR]
