@@ -91,9 +91,10 @@ class Progress:
     self._stream = stream
     self._start_time = self._last_time = time_fn()
 
-  def update(self, step, loss=None, tokens=None, **extra):
-    """Returns (and on process 0 prints) the progress line for `step`."""
-    now = self._time_fn()
+  def update(self, step, loss=None, tokens=None, now=None, **extra):
+    """Returns (and on process 0 prints) the progress line for `step`; `now` (in time_fn's clock) is when the
+    step finished, if the caller knows better than the time of this call."""
+    now = self._time_fn() if now is None else now
     dt, self._last_time = now - self._last_time, now
     parts = [f"step {int(step)}/{self.total_steps}"]
     if loss is not None:

@@ -116,6 +116,13 @@ class _Pending:
   metrics: dict
   tokens: int
   log: bool
+  t_done: float | None = None  # When the step was known to be done: at creation if step_fn blocked on it.
+
+
+def _done_now(step_metrics: dict) -> float | None:
+  """perf_counter() if every metric is already computed (a synchronous step_fn, e.g. RL's), else None."""
+  ready = all(v.is_ready() for v in step_metrics.values() if hasattr(v, "is_ready"))
+  return time.perf_counter() if ready else None
 
 
 def _finite_or_raise(step: int, values: dict, ckpt) -> None:
@@ -150,7 +157,7 @@ def run(config, workdir, *, state: dict, frozen, step_fn: Callable, batches, eva
   total = config.steps
   writer = metrics.MetricsWriter(workdir)
   start = int(state["step"])
-  progress = metrics.Progress(total, start_step=start)
+  progress = metrics.Progress(total, start_step=start, time_fn=time.perf_counter)
   eval_metrics, step_times, tokens, pending = {}, [], 0, None
   last_log = (start, time.perf_counter())
 
@@ -162,14 +169,14 @@ def run(config, workdir, *, state: dict, frozen, step_fn: Callable, batches, eva
       return
     values = {k: float(v) for k, v in p.metrics.items()}
     _finite_or_raise(p.step, values, ckpt)
-    now = time.perf_counter()
+    now = p.t_done if p.t_done is not None else time.perf_counter()
     dt = now - last_log[1]
     step_times.append(dt / (p.step - last_log[0]))
     values.update(step_time_s=step_times[-1], tokens_per_s=p.tokens / dt)
     if schedule is not None:
       values["lr"] = float(schedule(p.step - 1))
     writer.write(p.step, {f"train/{k}": v for k, v in values.items()})
-    progress.update(p.step, loss=values["loss"], tokens=p.tokens,
+    progress.update(p.step, loss=values["loss"], tokens=p.tokens, now=now,
                     **{k: values[k] for k in progress_keys if k in values})
     last_log = (p.step, now)
 
@@ -180,7 +187,7 @@ def run(config, workdir, *, state: dict, frozen, step_fn: Callable, batches, eva
       state, step_metrics = step_fn(state, frozen, batch)
       if pending is not None:
         flush(pending)
-      pending = _Pending(step, step_metrics, tokens, itstime(step, config.log_every, total))
+      pending = _Pending(step, step_metrics, tokens, itstime(step, config.log_every, total), _done_now(step_metrics))
       if pending.log:
         tokens = 0
       save = itstime(step, config.checkpoint_every, total) or step == stop_after
