@@ -81,18 +81,36 @@ def export_merged(rm: TrainedRM, out, dtype: str = "float32") -> pathlib.Path:
   return out
 
 
-def peft_state_dict(cfg: models.ModelConfig, trainable) -> dict[str, jax.Array]:
-  """PEFT LoRA names: lora_A [r,in] = a[i].T, lora_B [out,r] = b[i].T; the head as modules_to_save 'score'."""
+def lora_tensors(cfg: models.ModelConfig, lora_tree) -> dict[str, jax.Array]:
+  """PEFT LoRA names for a LoRA tree: lora_A [r,in] = a[i].T, lora_B [out,r] = b[i].T, per layer."""
   layer_names = loading.hf_layer_names(cfg)
-  out = {"base_model.model.score.weight": jnp.asarray(trainable["head"]["kernel"], jnp.float32).T}
+  out = {}
   is_ab = lambda _, x: isinstance(x, dict) and "a" in x
-  for path, ab in traverse_util.flatten_dict(trainable["lora"]["layers"], is_leaf=is_ab).items():
+  for path, ab in traverse_util.flatten_dict(lora_tree["layers"], is_leaf=is_ab).items():
     module = layer_names[path + ("kernel",)][: -len(".weight")]
     for i in range(ab["a"].shape[0]):
       prefix = f"base_model.model.model.layers.{i}.{module}"
       out[f"{prefix}.lora_A.weight"] = jnp.asarray(ab["a"][i], jnp.float32).T
       out[f"{prefix}.lora_B.weight"] = jnp.asarray(ab["b"][i], jnp.float32).T
   return out
+
+
+def peft_state_dict(cfg: models.ModelConfig, trainable) -> dict[str, jax.Array]:
+  """The RM's PEFT tensors: its LoRA (`lora_tensors`) and the head as modules_to_save 'score'."""
+  return {"base_model.model.score.weight": jnp.asarray(trainable["head"]["kernel"], jnp.float32).T,
+          **lora_tensors(cfg, trainable["lora"])}
+
+
+def write_adapter(out: pathlib.Path, tensors: dict, task: str, base_path: str, rank: int, alpha: float,
+                  modules_to_save=None) -> None:
+  """adapter_config.json + adapter_model.safetensors of a PEFT LoRA adapter."""
+  modules = sorted({name.split(".")[-3] for name in tensors if ".lora_A." in name})
+  alpha = int(alpha) if float(alpha).is_integer() else float(alpha)
+  adapter = dict(peft_type="LORA", task_type=task, base_model_name_or_path=base_path, r=rank, lora_alpha=alpha,
+                 target_modules=modules, lora_dropout=0.0, bias="none", fan_in_fan_out=False, use_rslora=False,
+                 use_dora=False, modules_to_save=modules_to_save, inference_mode=True)
+  (out / "adapter_config.json").write_text(json.dumps(adapter, indent=1))
+  _save_safetensors(tensors, out / "adapter_model.safetensors")
 
 
 def export_peft(rm: TrainedRM, out) -> pathlib.Path:
@@ -102,14 +120,7 @@ def export_peft(rm: TrainedRM, out) -> pathlib.Path:
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   tensors = peft_state_dict(rm.model_cfg, rm.trainable)
-  modules = sorted({name.split(".")[-3] for name in tensors if ".lora_A." in name})
-  lcfg = rm.rcfg.lora_cfg
-  alpha = int(lcfg.alpha) if float(lcfg.alpha).is_integer() else float(lcfg.alpha)
-  adapter = dict(peft_type="LORA", task_type="SEQ_CLS", base_model_name_or_path=rm.model_path, r=lcfg.rank,
-                 lora_alpha=alpha, target_modules=modules, lora_dropout=0.0, bias="none", fan_in_fan_out=False,
-                 use_rslora=False, use_dora=False, modules_to_save=["score"], inference_mode=True)
-  (out / "adapter_config.json").write_text(json.dumps(adapter, indent=1))
-  _save_safetensors(tensors, out / "adapter_model.safetensors")
+  write_adapter(out, tensors, "SEQ_CLS", rm.model_path, rm.rcfg.lora_cfg.rank, rm.rcfg.lora_cfg.alpha, ["score"])
   side = {"bias": head_bias(rm), "pad_token_id": _pad_for_export(rm.tokenizer), "step": rm.step}
   (out / SIDE_FILE).write_text(json.dumps(side, indent=1))
   return out

@@ -1,17 +1,19 @@
-"""Export a trained reward model (a train_reward workdir) for Hugging Face transformers or PEFT.
+"""Export a trained reward model (a train_reward workdir) or RL policy (a train_rl workdir) for transformers / PEFT.
 
   python scripts/export.py --workdir runs/tm4 --out exported/tm4 --format merged|peft [--step N]
 merged: a self-contained AutoModelForSequenceClassification folder (LoRA merged, tokenizer included).
 peft:   a LoRA adapter folder for PeftModel.from_pretrained(AutoModelForSequenceClassification(base), OUT).
 transformers' score layer has no bias: add config.json "perl_reward_bias" (merged) or perl_reward.json
 "bias" (peft) to its logits to get this codebase's rewards.
+An RL run (its run.json has an `rl` field) exports its policy: merged = a *ForCausalLM folder (SFT and policy
+adapters merged), peft = one CAUSAL_LM adapter for the base model standing for both adapters.
 """
 import logging
 import sys
 
 from absl import app, flags
 
-from perl_jax import data, export, models, reward
+from perl_jax import data, export, export_policy, models, reward, runs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder written by train_reward (run.json, checkpoints/).")
 _OUT = flags.DEFINE_string("out", None, "Output folder (created).")
@@ -26,6 +28,8 @@ def main(_):
   logging.getLogger().setLevel(logging.WARNING)
   logging.getLogger("perl_jax").setLevel(logging.INFO)
   try:
+    if "rl" in runs.read_config(_WORKDIR.value):
+      return _export_policy()
     rm = reward.restore(_WORKDIR.value, step=_STEP.value, model_path=_MODEL_PATH.value)
     if _FORMAT.value == "merged":
       out = export.export_merged(rm, _OUT.value, _DTYPE.value)
@@ -36,6 +40,17 @@ def main(_):
     sys.exit(2)
   logging.getLogger("perl_jax").info("step %d exported to %s (%s); head bias %.6g", rm.step, out, _FORMAT.value,
                                      reward.head_bias(rm))
+
+
+def _export_policy():
+  from perl_jax.rl import evaluate
+  policy = evaluate.restore(_WORKDIR.value, step=_STEP.value)
+  model_path = runs.model_path(policy.config.model)
+  if _FORMAT.value == "merged":
+    out = export_policy.export_merged(policy, _OUT.value, model_path, _DTYPE.value)
+  else:
+    out = export_policy.export_peft(policy, _OUT.value, model_path)
+  logging.getLogger("perl_jax").info("RL policy step %d exported to %s (%s)", policy.step, out, _FORMAT.value)
 
 
 if __name__ == "__main__":

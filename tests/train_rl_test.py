@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from perl_jax import reward, sft
@@ -106,3 +107,33 @@ def test_eval_policy_anchor_equality_and_judge(runs, tmp_path):
   out = json.loads(cli.stdout)
   assert {"reward_before", "reward_after", "kl", "win_rate", "format", "split"} <= set(out)
   assert out["format"] == "taskmaster4" and out["win_rate"] == 0.5
+
+
+def test_policy_export_merged_and_peft_match_transformers(runs, tmp_path):
+  """The exported policy (SFT + policy adapters) gives our policy logits in transformers, merged and via PEFT."""
+  import numpy as np
+  import torch
+  import transformers
+  from peft import PeftModel
+  from perl_jax import models
+  from perl_jax.export_policy import adapter_sets
+  from perl_jax.rl import evaluate
+  rl_train.train(_rl_config(runs, steps=2, optim=dict(lr=0.05, warmup_steps=1, weight_decay=0.0, clip_norm=1.0)),
+                 tmp_path / "rl")
+  policy = evaluate.restore(tmp_path / "rl")
+  assert all(float(np.abs(np.asarray(x)).max()) > 0 for x in jax.tree.leaves(policy.trainable["policy"]))
+  ids = np.random.default_rng(0).integers(3, 1000, size=(2, 12)).astype(np.int32)
+  ours = np.asarray(models.forward(policy.model_cfg, policy.frozen["base"], ids, None,
+                                   adapters=adapter_sets(policy)).logits)
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  for fmt in ("merged", "peft"):
+    r = subprocess.run([sys.executable, "scripts/export.py", "--workdir", str(tmp_path / "rl"), "--out",
+                        str(tmp_path / fmt), "--format", fmt], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+  merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+  peft = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(runs / "model"),
+                                   tmp_path / "peft").eval()
+  with torch.no_grad():
+    for model in (merged, peft):
+      theirs = model(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+      np.testing.assert_allclose(theirs, ours, atol=2e-4)

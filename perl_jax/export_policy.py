@@ -1,0 +1,84 @@
+"""A trained RL policy (`rl.evaluate.restore`) exported for Hugging Face transformers or PEFT.
+
+merged: a self-contained `*ForCausalLM` folder: base ⊕ SFT adapter ⊕ policy adapter merged into the kernels (LoRA
+  mode) or the trained policy copy (full mode), with the tokenizer.
+peft:   one LoRA adapter (task CAUSAL_LM) for the BASE model that stands for SFT and policy adapters together: ranks
+  concatenated, A = [A_sft | A_pol], B = [s_sft·B_sft ; s_pol·B_pol], scale 1 (lora_alpha = r), so
+  x·A·B = s_sft·x·A_sft·B_sft + s_pol·x·A_pol·B_pol exactly.
+"""
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from perl_jax import export, lora, models
+from perl_jax.models import loading
+
+CAUSAL_LM = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+             "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+
+
+def adapter_sets(policy) -> list:
+  """[(lora tree, scale), ...]: the SFT adapter (if any) then the policy adapter (LoRA mode)."""
+  sets = [] if policy.frozen.get("sft") is None else [(policy.frozen["sft"], policy.rlcfg.sft_scale)]
+  return sets + [(policy.trainable["policy"], policy.rlcfg.policy_scale)]
+
+
+def merged_params(policy) -> dict:
+  """The policy as one params tree (float32)."""
+  if policy.rlcfg.mode == "full":
+    return jax.tree.map(lambda x: np.asarray(x, np.float32), policy.trainable["policy"])
+  params = jax.tree.map(lambda x: np.asarray(x, np.float32), policy.frozen["base"])
+  for tree, scale in adapter_sets(policy):
+    params = lora.merge(params, tree, scale)
+  return params
+
+
+def combined_adapter(sets) -> tuple[dict, int]:
+  """One LoRA tree (scale 1) equal to the sum of `sets`: ranks concatenated, each B pre-scaled; a kernel one set
+  does not adapt gets zero blocks there. Returns (tree, total rank)."""
+  flats = [traverse_util.flatten_dict(t, is_leaf=lambda _, x: isinstance(x, dict) and "a" in x) for t, _ in sets]
+  ranks = [next(iter(f.values()))["a"].shape[-1] for f in flats]
+  out = {}
+  for path in sorted(set().union(*flats)):
+    a_parts, b_parts = [], []
+    ref = next(f[path] for f in flats if path in f)
+    for f, (_, scale), r in zip(flats, sets, ranks):
+      if path in f:
+        a_parts.append(jnp.asarray(f[path]["a"], jnp.float32))
+        b_parts.append(scale * jnp.asarray(f[path]["b"], jnp.float32))
+      else:
+        a_parts.append(jnp.zeros(ref["a"].shape[:-1] + (r,), jnp.float32))
+        b_parts.append(jnp.zeros(ref["b"].shape[:1] + (r,) + ref["b"].shape[2:], jnp.float32))
+    out[path] = {"a": jnp.concatenate(a_parts, -1), "b": jnp.concatenate(b_parts, 1)}
+  return traverse_util.unflatten_dict(out), sum(ranks)
+
+
+def export_merged(policy, out, model_path: str, dtype: str = "float32") -> pathlib.Path:
+  out = pathlib.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  tensors = loading.hf_state_dict(policy.model_cfg, merged_params(policy), jnp.dtype(dtype))
+  if policy.model_cfg.tie_embeddings:
+    tensors.pop("lm_head.weight", None)
+  export._save_safetensors(tensors, out / "model.safetensors")
+  hf = models.to_hf_dict(policy.model_cfg)
+  base_config = pathlib.Path(model_path) / "config.json"
+  if base_config.is_file():
+    hf.update({k: v for k, v in json.loads(base_config.read_text()).items() if k == "max_position_embeddings"})
+  hf.update(architectures=[CAUSAL_LM[policy.model_cfg.family]], dtype=dtype)
+  (out / "config.json").write_text(json.dumps(hf, indent=1))
+  policy.tokenizer.save_pretrained(str(out))
+  return out
+
+
+def export_peft(policy, out, model_path: str) -> pathlib.Path:
+  if policy.rlcfg.mode != "lora":
+    raise models.ConfigError(f"mode '{policy.rlcfg.mode}' trains no adapter: export it with --format merged")
+  out = pathlib.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  tree, rank = combined_adapter(adapter_sets(policy))
+  export.write_adapter(out, export.lora_tensors(policy.model_cfg, tree), "CAUSAL_LM", model_path, rank, rank)
+  return out
