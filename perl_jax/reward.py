@@ -178,14 +178,6 @@ def new_state(config, rcfg: RewardConfig, model_cfg, base_params, optim) -> dict
   return trainer.new_state(trainable, optim, jax.random.key(config.seed + 1))
 
 
-def check_batch_sizes(config, mesh) -> None:
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  for field in ("batch_size", "eval_batch_size"):
-    if config.data[field] % shards:
-      raise models.ConfigError(f"config: field 'data.{field}': {config.data[field]} is not divisible by "
-                               f"data x fsdp = {shards} devices")
-
-
 def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = None):
   """Trains (or resumes) the RM described by `config` in `workdir`; returns (final state, eval metrics)."""
   sharding.initialize_distributed(config.multihost)
@@ -193,7 +185,7 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
   model_cfg, base, tokenizer = runs.load_model(config.model)
   train_arrays, eval_arrays, data_info = load_data(config, tokenizer)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  check_batch_sizes(config, mesh)
+  trainer.check_batch_sizes(config, mesh)
   schedule, optim = optimizer.make(config.optim, config.steps)
   state = new_state(config, rcfg, model_cfg, base, optim)
   state, state_sh = trainer.place(state, mesh)
@@ -207,17 +199,9 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
   model_batch = lambda b: sharding.global_batch({k: v for k, v in b.items() if k in MODEL_KEYS}, mesh)
   step = trainer.jit_step(functools.partial(loss_fn, model_cfg, rcfg), optim, state_sh, base_sh, batch_sh, mesh)
   first = {k: v[: config.data.batch_size // jax.process_count()] for k, v in train_arrays.items()}
-  compiled = {}  # Sequence length -> compiled step; the first (max_len) one gives the memory figure.
-  compiled[first["input_ids"].shape[-1]], perf = trainer.compile_step(step, state, base, model_batch(first))
+  step_fn, perf = trainer.compile_by_length(step, model_batch, state, base, first)
   perf.update(trainable_params=models.count_params(state["trainable"]),
               total_params=models.count_params(base) + models.count_params(state["trainable"]))
-
-  def step_fn(s, f, b):
-    b = model_batch(b)
-    t = b["input_ids"].shape[-1]
-    if t not in compiled:
-      compiled[t] = trainer.compile_step(step, s, f, b)[0]
-    return compiled[t](s, f, b)
 
   score_fn = jit_scores(model_cfg, rcfg, state_sh["trainable"], base_sh, batch_sh, sharding.replicated(mesh))
   kind = data.KINDS[config.data.format]

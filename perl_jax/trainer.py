@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from perl_jax import checkpoint, metrics, runs, sharding
+from perl_jax.models import ConfigError
 
 log = logging.getLogger("perl_jax")
 
@@ -101,6 +102,32 @@ def compile_step(jitted, *args, compiler_options=None) -> tuple[Callable, dict]:
   log.info("step compiled in %.1fs; compiler's peak memory estimate %.1f MiB", perf["compile_s"],
            (perf["compiled_memory_bytes"] or 0) / 2**20)
   return compiled, perf
+
+
+def compile_by_length(jitted, model_batch: Callable, state, frozen, first_host_batch) -> tuple[Callable, dict]:
+  """step_fn(state, frozen, host_batch) for `run`: `jitted` compiled once per sequence length (length buckets
+  give a few), and the perf (compile time, compiled memory) of the first, full-length compile."""
+  first = model_batch(first_host_batch)
+  compiled = {}
+  compiled[first["input_ids"].shape[-1]], perf = compile_step(jitted, state, frozen, first)
+
+  def step_fn(s, f, host_batch):
+    b = model_batch(host_batch)
+    t = b["input_ids"].shape[-1]
+    if t not in compiled:
+      compiled[t] = compile_step(jitted, s, f, b)[0]
+    return compiled[t](s, f, b)
+
+  return step_fn, perf
+
+
+def check_batch_sizes(config, mesh) -> None:
+  """data.batch_size and data.eval_batch_size must divide over the data x fsdp devices: one line otherwise."""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  for field in ("batch_size", "eval_batch_size"):
+    if config.data[field] % shards:
+      raise ConfigError(f"config: field 'data.{field}': {config.data[field]} is not divisible by "
+                        f"data x fsdp = {shards} devices")
 
 
 def itstime(step: int, every: int, total_steps: int, *, first: bool = False, last: bool = True) -> bool:

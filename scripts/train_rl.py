@@ -3,13 +3,10 @@
   python scripts/train_rl.py --config experiments/rl/smollm2.py:tm4_lora --workdir runs/rl \
       --config.reward_workdir=runs/tm4_lora --config.sft_workdir=runs/sft_tm4_lora [--config.steps=20]
 """
-import logging
-import sys
-
 from absl import app, flags
 from ml_collections import config_flags
 
-from perl_jax import data, models, trainer
+from perl_jax import cli
 from perl_jax.rl import train as rl_train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).")
@@ -18,13 +15,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(_):
-  logging.getLogger().setLevel(logging.WARNING)
-  logging.getLogger("perl_jax").setLevel(logging.INFO)
-  try:
-    rl_train.train(_CONFIG.value, _WORKDIR.value)
-  except (data.DataError, models.ConfigError, trainer.TrainingError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  cli.run_or_exit(rl_train.train, _CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
