@@ -44,15 +44,17 @@ def _rl_config(d, **over):
   c.reward_workdir, c.sft_workdir, c.data.path = str(d / "rm"), str(d / "sft"), str(d / "tm4.jsonl")
   c.data.update(batch_size=8, max_prompt_len=48)
   c.rl.max_new_tokens = 6
-  c.update(steps=2, log_every=1, checkpoint_every=2)
+  c.update(steps=2, log_every=1, checkpoint_every=2, eval_prompts=4)
   c.update(over)
   return c
 
 
 def test_rl_run_logs_metrics_samples_and_resumes(runs, tmp_path):
-  rl_train.train(_rl_config(runs), tmp_path / "rl")
-  rows = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in rows] == [1, 2]
+  _, ev = rl_train.train(_rl_config(runs), tmp_path / "rl")
+  assert {"reward_before", "reward_after", "kl", "win_rate"} <= set(ev) and 0 <= ev["win_rate"] <= 1
+  lines = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+  rows = [r for r in lines if "train/loss" in r]
+  assert [r["step"] for r in rows] == [1, 2] and [r["step"] for r in lines if "eval/win_rate" in r] == [2]
   for key in LOGGED:
     assert all(f"train/{key}" in r for r in rows), key
   assert rows[0]["train/kl_ref"] == 0.0                    # fresh policy LoRA: π = π_SFT exactly
@@ -61,7 +63,7 @@ def test_rl_run_logs_metrics_samples_and_resumes(runs, tmp_path):
   assert (tmp_path / "rl" / "summary.json").is_file()
   state, _ = rl_train.train(_rl_config(runs, steps=3), tmp_path / "rl")   # resumes at step 2
   rows = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in rows] == [1, 2, 3] and int(state["step"]) == 3
+  assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3] and int(state["step"]) == 3
 
 
 def _cli(tmp_path, *extra):

@@ -35,7 +35,8 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
   c.optim = dict(lr=1e-4 if mode == "lora" else 5e-6, warmup_steps=5, weight_decay=0.0, clip_norm=1.0)
   c.steps = 100
   c.log_every = 5
-  c.eval_every = 0
+  c.eval_every = 0  # Held-out eval cadence (0 = only at the last step).
+  c.eval_prompts = 32  # Held-out prompts the eval samples (policy vs SFT anchor under the RM); 0 = no eval.
   c.checkpoint_every = 25
   c.keep_checkpoints = 2
   c.num_sample_texts = 3

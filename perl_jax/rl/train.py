@@ -87,7 +87,8 @@ def load_prompts(config, tokenizer):
   arrays, n_trunc = data.encode_prompts(train, tokenizer, dc.max_prompt_len)
   log.info("prompts: %d train (%d truncated to %d tokens), %d held out", len(train), n_trunc, dc.max_prompt_len,
            len(held_out))
-  return arrays, {"train_prompts": len(train), "held_out_prompts": len(held_out), "truncated_prompts": n_trunc}
+  return arrays, held_out, {"train_prompts": len(train), "held_out_prompts": len(held_out),
+                            "truncated_prompts": n_trunc}
 
 
 def _write_samples(workdir, step: int, batch, tokenizer, n: int) -> None:
@@ -112,7 +113,7 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
   if config.data.batch_size % (shards * rlcfg.num_minibatches):
     raise models.ConfigError(f"config: field 'data.batch_size': {config.data.batch_size} is not divisible by "
                              f"data x fsdp ({shards}) x rl.num_minibatches ({rlcfg.num_minibatches})")
-  arrays, info = load_prompts(config, tokenizer)
+  arrays, held_out, info = load_prompts(config, tokenizer)
   _, optim = optimizer.make(config.optim, config.steps)
   trainable = roles.init_trainable(jax.random.key(config.seed), model_cfg, rlcfg, base, sft_lora, rm_params)
   frozen = roles.frozen_params(rlcfg, base, sft_lora, rm_params)
@@ -135,7 +136,17 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
 
   batches = data.BatchIterator(arrays, config.data.batch_size, seed=config.data.seed)
   perf = {"trainable_params": n_train, "frozen_params": models.count_params(frozen)}
+  n_eval = config.get("eval_prompts", 0)
+
+  def evaluate_fn(s, f):
+    """eval_policy's figures on the first `eval_prompts` held-out prompts: reward before / after, KL, win rate."""
+    from perl_jax.rl import evaluate  # evaluate imports this module (load_roles)
+    policy = evaluate.TrainedPolicy(config, model_cfg, tokenizer, rlcfg, s["trainable"], f, int(s["step"]), mesh)
+    result = evaluate.evaluate(policy, held_out[:n_eval], batch_size=config.data.batch_size)
+    result.pop("sample")
+    return {k: v for k, v in result.items() if isinstance(v, (int, float))}
+
   return trainer.run(config, workdir, state=state, frozen=frozen, step_fn=step_fn, batches=batches, perf=perf,
-                     info=info, stop_after=stop_after,
+                     info=info, stop_after=stop_after, evaluate=evaluate_fn if n_eval and held_out else None,
                      progress_keys=("reward_mean", "kl_ref", "entropy", "response_length"),
                      tokens_fn=lambda b: int(np.sum(b["attention_mask"])) * jax.process_count())
