@@ -42,7 +42,7 @@ def runs(tmp_path_factory):
 def _rl_config(d, **over):
   c = rl_configs.get_config("tm4_lora")
   c.reward_workdir, c.sft_workdir, c.data.path = str(d / "rm"), str(d / "sft"), str(d / "tm4.jsonl")
-  c.data.update(batch_size=8, max_prompt_len=48)
+  c.data.update(batch_size=8, max_prompt_len=48, eval_fraction=0.5)
   c.rl.max_new_tokens = 6
   c.update(steps=2, log_every=1, checkpoint_every=2, eval_prompts=4)
   c.update(over)
