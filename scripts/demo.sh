@@ -6,7 +6,7 @@
 #  4. RL: REINFORCE with a LoRA value baseline against the RM, KL to the SFT anchor, all roles on ONE backbone;
 #  5. eval: RM reward before (SFT anchor) and after (policy), KL, win rate on held-out prompts; one JSON line.
 # Every stage keeps its run folder under $W (metrics.jsonl, tb/ for TensorBoard, checkpoints/).
-# DEMO_STEPS scales the step counts (CI uses 2); VENV picks the venv folder (default .venv).
+# DEMO_STEPS scales the step counts (SFT = N, RM = 1.5 N, RL = N/2; CI uses 2); VENV picks the venv folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
@@ -14,8 +14,8 @@ PY=${VENV:-.venv}/bin/python  # VENV=folder: the venv setup_env.sh makes and use
 W=${DEMO_WORKDIR:-runs/demo}
 STEPS=${DEMO_STEPS:-20}
 SFT_STEPS=${DEMO_SFT_STEPS:-$STEPS}
-RM_STEPS=${DEMO_RM_STEPS:-$((STEPS * 2))}
-RL_STEPS=${DEMO_RL_STEPS:-$STEPS}
+RM_STEPS=${DEMO_RM_STEPS:-$((STEPS * 3 / 2))}
+RL_STEPS=${DEMO_RL_STEPS:-$((STEPS / 2 > 1 ? STEPS / 2 : STEPS))}
 rm -rf "$W"
 TM4=experiments/data/taskmaster4
 echo "== 1. generate (SmolLM2-135M-Instruct, LoRA attached, KV cache) =="
@@ -35,7 +35,7 @@ echo "== 4. RL: REINFORCE + LoRA value baseline against the RM, β=0.05, T=0.7 (
 $PY scripts/train_rl.py --config experiments/rl/smollm2.py:tm4_lora --workdir "$W/rl" \
   --config.reward_workdir="$W/rm" --config.sft_workdir="$W/sft" --config.steps="$RL_STEPS" \
   --config.data.max_train_prompts=512 --config.rl.max_new_tokens=32 --config.log_every=1 \
-  --config.checkpoint_every="$RL_STEPS" --config.optim.warmup_steps=2
+  --config.checkpoint_every="$RL_STEPS" --config.optim.warmup_steps=2 --config.eval_prompts=0
 echo "== 5. held-out prompts: SFT anchor (before) vs RL policy (after) under the RM =="
 $PY scripts/eval_policy.py --workdir "$W/rl" --data $TM4/reward.jsonl.gz --max_prompts 16 > "$W/eval_policy.json"
 $PY - "$W/eval_policy.json" <<'PYEOF'
