@@ -207,10 +207,8 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
   kind = data.KINDS[config.data.format]
   evaluate_fn = None if eval_arrays is None else lambda s, f: evaluate(
       score_fn, s["trainable"], f, eval_arrays, config.data.eval_batch_size, mesh, kind)
-  bucketed = config.data.get("bucket_by_length", False)
-  batches = data.BatchIterator(train_arrays, config.data.batch_size, seed=config.data.seed, group_by_length=bucketed,
-                               buckets=data.pipeline.default_buckets(config.data.max_len) if bucketed else ())
-  return trainer.run(config, workdir, state=state, frozen=base, step_fn=step_fn, batches=batches,
+  return trainer.run(config, workdir, state=state, frozen=base, step_fn=step_fn,
+                     batches=data.pipeline.train_iterator(train_arrays, config.data),
                      evaluate=evaluate_fn, schedule=schedule, perf=perf, info=data_info, stop_after=stop_after)
 
 

@@ -187,10 +187,8 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
   sums_fn = jit_sums(model_cfg, scfg, state_sh["trainable"], frozen_sh, batch_sh, sharding.replicated(mesh))
   evaluate_fn = None if eval_arrays is None else lambda s, f: evaluate(
       sums_fn, s["trainable"], f, eval_arrays, config.data.eval_batch_size, mesh)
-  bucketed = config.data.get("bucket_by_length", False)
-  batches = data.BatchIterator(train_arrays, config.data.batch_size, seed=config.data.seed, group_by_length=bucketed,
-                               buckets=data.pipeline.default_buckets(config.data.max_len) if bucketed else ())
-  return trainer.run(config, workdir, state=state, frozen=frozen, step_fn=step_fn, batches=batches,
+  return trainer.run(config, workdir, state=state, frozen=frozen, step_fn=step_fn,
+                     batches=data.pipeline.train_iterator(train_arrays, config.data),
                      evaluate=evaluate_fn, schedule=schedule, perf=perf, info=data_info, stop_after=stop_after)
 
 

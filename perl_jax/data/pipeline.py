@@ -275,3 +275,11 @@ def cut_to_bucket(batch: dict, longest: int, buckets: Sequence[int]) -> dict:
 def default_buckets(max_len: int, step: int = 64) -> tuple[int, ...]:
   """Bucket lengths step, 2*step, ... below max_len, then max_len: a few fixed compiled shapes."""
   return tuple(range(step, max_len, step)) + (max_len,)
+
+
+def train_iterator(arrays: dict, dc) -> "BatchIterator":
+  """The training iterator a data config asks for: global batch data.batch_size, seed data.seed, and with
+  data.bucket_by_length, batches grouped by length and cut to `default_buckets(data.max_len)`."""
+  bucketed = dc.get("bucket_by_length", False)
+  return BatchIterator(arrays, dc.batch_size, seed=dc.seed, group_by_length=bucketed,
+                       buckets=default_buckets(dc.max_len) if bucketed else ())
