@@ -195,14 +195,8 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
   else:
     log.info("full reward model: trainable params %s", f"{models.count_params(state['trainable']):,}")
 
-  batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in train_arrays.items() if k in MODEL_KEYS}
-  model_batch = lambda b: sharding.global_batch({k: v for k, v in b.items() if k in MODEL_KEYS}, mesh)
-  step = trainer.jit_step(functools.partial(loss_fn, model_cfg, rcfg), optim, state_sh, base_sh, batch_sh, mesh)
-  first = {k: v[: config.data.batch_size // jax.process_count()] for k, v in train_arrays.items()}
-  step_fn, perf = trainer.compile_by_length(step, model_batch, state, base, first)
-  perf.update(trainable_params=models.count_params(state["trainable"]),
-              total_params=models.count_params(base) + models.count_params(state["trainable"]))
-
+  step_fn, perf, batch_sh = trainer.array_step(functools.partial(loss_fn, model_cfg, rcfg), optim, state, state_sh,
+                                               base, base_sh, train_arrays, MODEL_KEYS, mesh, config.data.batch_size)
   score_fn = jit_scores(model_cfg, rcfg, state_sh["trainable"], base_sh, batch_sh, sharding.replicated(mesh))
   kind = data.KINDS[config.data.format]
   evaluate_fn = None if eval_arrays is None else lambda s, f: evaluate(

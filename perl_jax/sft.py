@@ -176,14 +176,8 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
   del base
 
   train_arrays = {**train_arrays, "valid": np.ones(len(train_arrays["input_ids"]), np.int32)}
-  batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in train_arrays.items() if k in MODEL_KEYS}
-  model_batch = lambda b: sharding.global_batch({k: b[k] for k in MODEL_KEYS}, mesh)
-  step = trainer.jit_step(make_loss_fn(model_cfg, scfg), optim, state_sh, frozen_sh, batch_sh, mesh)
-  first = {k: v[: config.data.batch_size // jax.process_count()] for k, v in train_arrays.items()}
-  step_fn, perf = trainer.compile_by_length(step, model_batch, state, frozen, first)
-  perf.update(trainable_params=models.count_params(state["trainable"]),
-              total_params=models.count_params(frozen) + models.count_params(state["trainable"]))
-
+  step_fn, perf, batch_sh = trainer.array_step(make_loss_fn(model_cfg, scfg), optim, state, state_sh, frozen,
+                                               frozen_sh, train_arrays, MODEL_KEYS, mesh, config.data.batch_size)
   sums_fn = jit_sums(model_cfg, scfg, state_sh["trainable"], frozen_sh, batch_sh, sharding.replicated(mesh))
   evaluate_fn = None if eval_arrays is None else lambda s, f: evaluate(
       sums_fn, s["trainable"], f, eval_arrays, config.data.eval_batch_size, mesh)

@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from perl_jax import checkpoint, metrics, runs, sharding
+from perl_jax import models
 from perl_jax.models import ConfigError
 
 log = logging.getLogger("perl_jax")
@@ -119,6 +120,20 @@ def compile_by_length(jitted, model_batch: Callable, state, frozen, first_host_b
     return compiled[t](s, f, b)
 
   return step_fn, perf
+
+
+def array_step(loss_fn: Callable, optimizer, state, state_sh, frozen, frozen_sh, arrays: dict, keys, mesh,
+               batch_size: int) -> tuple[Callable, dict, dict]:
+  """For stages trained on encoded arrays (RM, SFT): (step_fn for `run`, perf, batch shardings of `keys`). The
+  jitted step over `loss_fn` is compiled per sequence length; perf adds trainable and total parameter counts."""
+  batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in arrays.items() if k in keys}
+  model_batch = lambda b: sharding.global_batch({k: b[k] for k in keys if k in b}, mesh)
+  step = jit_step(loss_fn, optimizer, state_sh, frozen_sh, batch_sh, mesh)
+  first = {k: v[: batch_size // jax.process_count()] for k, v in arrays.items()}
+  step_fn, perf = compile_by_length(step, model_batch, state, frozen, first)
+  n_trainable = models.count_params(state["trainable"])
+  perf.update(trainable_params=n_trainable, total_params=models.count_params(frozen) + n_trainable)
+  return step_fn, perf, batch_sh
 
 
 def check_batch_sizes(config, mesh) -> None:
