@@ -39,13 +39,14 @@ def bradley_terry_loss(r_chosen_B, r_rejected_B):
   return -jnp.mean(jax.nn.log_sigmoid(r_chosen_B - r_rejected_B))
 
 
-def binary_cross_entropy_loss(logit_B, label_B):
-  """Binary cross-entropy RM loss: L = −(1/B) Σ_b [y_b log σ(z_b) + (1 − y_b) log σ(−z_b)].
+def binary_cross_entropy_loss(logit_B, label_B, pos_weight=1.0):
+  """Binary cross-entropy RM loss: L = −(1/B) Σ_b [w₊ y_b log σ(z_b) + (1 − y_b) log σ(−z_b)].
 
   z: reward logit, y ∈ {0, 1} (thumbs up/down) or a soft label in [0, 1]; log σ keeps it stable for large |z|.
+  w₊ (pos_weight, PyTorch's BCEWithLogits convention) weighs the positive term: n_neg / n_pos balances classes.
   """
   label_B = label_B.astype(logit_B.dtype)
-  return -jnp.mean(label_B * jax.nn.log_sigmoid(logit_B)
+  return -jnp.mean(pos_weight * label_B * jax.nn.log_sigmoid(logit_B)
                    + (1 - label_B) * jax.nn.log_sigmoid(-logit_B))
 
 

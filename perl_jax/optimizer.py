@@ -1,4 +1,5 @@
 """The optimizer and learning-rate schedule, built from `config.optim` (one definition for every stage)."""
+import jax
 import ml_collections
 import optax
 
@@ -14,8 +15,22 @@ def make_optimizer(schedule, weight_decay: float = 0.0, clip_norm: float = 1.0) 
   return optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, weight_decay=weight_decay))
 
 
+def scale_subtree(name: str, factor: float) -> optax.GradientTransformation:
+  """Multiplies the updates of every leaf under a dict key `name` (e.g. the RM's scalar "head") by `factor`:
+  with Adam after it, the same as a `factor`× learning rate for that subtree (stateless)."""
+  def scale(updates, params=None):
+    del params
+    under = lambda path: any(getattr(k, "key", None) == name for k in path)
+    return jax.tree_util.tree_map_with_path(lambda p, u: u * factor if under(p) else u, updates)
+  return optax.stateless(scale)
+
+
 def make(optim: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.Schedule, optax.GradientTransformation]:
-  """(schedule, optimizer) from config.optim {lr, warmup_steps, weight_decay, clip_norm}; training and restoring
-  a run share this one, so checkpoints and their readers cannot drift apart."""
+  """(schedule, optimizer) from config.optim {lr, warmup_steps, weight_decay, clip_norm[, head_lr_mult]};
+  training and restoring a run share this one, so checkpoints and their readers cannot drift apart."""
   schedule = make_schedule(optim.lr, total_steps, optim.warmup_steps)
-  return schedule, make_optimizer(schedule, optim.weight_decay, optim.clip_norm)
+  tx = make_optimizer(schedule, optim.weight_decay, optim.clip_norm)
+  head_lr_mult = optim.get("head_lr_mult", 1.0)
+  if head_lr_mult != 1.0:  # Only then: optimizer states of runs without it keep their structure.
+    tx = optax.chain(tx, scale_subtree("head", head_lr_mult))
+  return schedule, tx

@@ -24,10 +24,12 @@ MODEL_KEYS = ("input_ids", "attention_mask", "label")
 
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
-  """How the RM is built and trained: mode "lora" | "full", loss "bt" (pairwise) | "bce" (binary)."""
+  """How the RM is built and trained: mode "lora" | "full", loss "bt" (pairwise) | "bce" (binary; positive
+  labels weighted by pos_weight)."""
   mode: str = "lora"
   loss: str = "bt"
   lora_cfg: lora.LoraConfig = lora.LoraConfig()
+  pos_weight: float = 1.0
 
 
 def config_from(config: ml_collections.ConfigDict) -> RewardConfig:
@@ -37,7 +39,7 @@ def config_from(config: ml_collections.ConfigDict) -> RewardConfig:
     raise models.ConfigError(f"config: field 'data.format': unknown format '{config.data.format}' "
                              f"(one of {', '.join(sorted(data.KINDS))})")
   return RewardConfig(mode=config.mode, loss="bt" if kind == "pairwise" else "bce",
-                      lora_cfg=lora.config_from(config.lora))
+                      lora_cfg=lora.config_from(config.lora), pos_weight=float(config.get("pos_weight", 1.0)))
 
 
 def init_head(rng, hidden_size: int) -> dict:
@@ -106,7 +108,7 @@ def loss_fn(model_cfg, rcfg, trainable, base_params, batch, rng=None) -> tuple[j
                   "margin": losses.reward_margin(r[:, 0], r[:, 1])}
   if rcfg.loss == "bce":
     label = batch["label"].astype(jnp.float32)
-    loss = losses.binary_cross_entropy_loss(r, label)
+    loss = losses.binary_cross_entropy_loss(r, label, rcfg.pos_weight)
     return loss, {"loss": loss, "accuracy": jnp.mean((r > 0) == (label > 0.5))}
   raise ValueError(f"reward loss must be 'bt' or 'bce', got '{rcfg.loss}'")
 
@@ -125,8 +127,18 @@ def encode(fmt: str, examples, tokenizer, dc) -> tuple[dict, int]:
   return encoder(examples, tokenizer, dc.max_len, min_prompt_tokens=dc.min_prompt_tokens)
 
 
+def balanced_pos_weight(label_N) -> float:
+  """w₊ = n_neg / n_pos, so both classes carry equal total weight in the BCE loss."""
+  n_pos = float(np.sum(np.asarray(label_N) > 0.5))
+  if n_pos in (0.0, float(len(label_N))):
+    raise models.ConfigError("config: field 'balance_classes': the training split has only one class")
+  return (len(label_N) - n_pos) / n_pos
+
+
 def load_data(config, tokenizer):
-  """Train/eval arrays: a seeded held-out split of data.path, or data.eval_path when given."""
+  """Train/eval arrays: a seeded held-out split of data.path, or data.eval_path when given. With
+  data.dev_fraction > 0 the eval set is instead a dev split carved from the training part (for choosing recipes
+  without looking at the held-out split); the held-out examples are then not read at all."""
   dc = config.data
   skipped: list = []
   examples = data.read_examples(dc.format, dc.path, skip_invalid=dc.skip_invalid, skipped=skipped)
@@ -136,6 +148,8 @@ def load_data(config, tokenizer):
     train_ex, eval_ex = examples, data.read_examples(dc.format, dc.eval_path, skip_invalid=dc.skip_invalid)
   else:
     train_ex, eval_ex = data.split_train_eval(examples, dc.eval_fraction, seed=dc.seed)
+  if dc.get("dev_fraction", 0.0):
+    train_ex, eval_ex = data.split_train_eval(train_ex, dc.dev_fraction, seed=f"dev{dc.seed}")
   if dc.max_train_examples:
     train_ex = train_ex[: dc.max_train_examples]
   if dc.max_eval_examples:
@@ -144,7 +158,8 @@ def load_data(config, tokenizer):
   eval_arrays, n_trunc_eval = encode(dc.format, eval_ex, tokenizer, dc) if eval_ex else (None, 0)
   log.info("data: %d train / %d eval examples; %d / %d truncated to %d tokens",
            len(train_ex), len(eval_ex), n_trunc, n_trunc_eval, dc.max_len)
-  return train_arrays, eval_arrays, {"train_examples": len(train_ex), "eval_examples": len(eval_ex),
+  return train_arrays, eval_arrays, {"eval_split": "dev" if dc.get("dev_fraction", 0.0) else "held_out",
+                                     "train_examples": len(train_ex), "eval_examples": len(eval_ex),
                                      "truncated_train": n_trunc, "truncated_eval": n_trunc_eval}
 
 
@@ -184,6 +199,10 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
   rcfg = config_from(config)
   model_cfg, base, tokenizer = runs.load_model(config.model)
   train_arrays, eval_arrays, data_info = load_data(config, tokenizer)
+  if rcfg.loss == "bce" and config.get("balance_classes", False):
+    rcfg = dataclasses.replace(rcfg, pos_weight=balanced_pos_weight(train_arrays["label"]))
+    data_info["pos_weight"] = rcfg.pos_weight
+    log.info("BCE: positive labels weighted %.4f (n_neg / n_pos of the training split)", rcfg.pos_weight)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   trainer.check_batch_sizes(config, mesh)
   schedule, optim = optimizer.make(config.optim, config.steps)

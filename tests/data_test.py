@@ -332,3 +332,29 @@ def test_iterator_defaults_and_errors():
     data.BatchIterator(make_arrays(8), 6, process_index=0, process_count=4)
   with pytest.raises(ValueError, match="no batch"):
     data.BatchIterator(make_arrays(3), 4, process_index=0, process_count=1)
+
+
+def test_dev_split_is_carved_from_train_only(monkeypatch):
+  """data.dev_fraction: the eval set becomes a dev part of the training split; no held-out example is read."""
+  import ml_collections
+  from perl_jax import reward
+  examples = list(data.read_examples("taskmaster4", "experiments/data/taskmaster4/reward.jsonl.gz"))
+  _, held_out = data.split_train_eval(examples, 0.1, seed=0)
+  seen = {}
+
+  def fake_encode(fmt, ex, tokenizer, dc):
+    seen[len(seen)] = ex
+    return {"label": np.zeros(len(ex))}, 0
+
+  cfg = ml_collections.ConfigDict(dict(data=dict(
+      format="taskmaster4", path="experiments/data/taskmaster4/reward.jsonl.gz", eval_path="", eval_fraction=0.1,
+      dev_fraction=0.15, seed=0, skip_invalid=False, max_train_examples=0, max_eval_examples=0, max_len=64)))
+  monkeypatch.setattr(reward, "encode", fake_encode)
+  _, _, info = reward.load_data(cfg, None)
+  train, dev = seen[0], seen[1]
+  key = lambda e: (data.pipeline.first_user_turn(e), e["response"], len(e["prompt"]))
+  held = {key(e) for e in held_out}
+  assert info["eval_split"] == "dev" and len(train) + len(dev) + len(held_out) == len(examples)
+  assert 0.1 < len(dev) / (len(train) + len(dev)) < 0.2
+  assert not held & {key(e) for e in train + dev}
+  assert not {data.pipeline.first_user_turn(e) for e in dev} & {data.pipeline.first_user_turn(e) for e in train}

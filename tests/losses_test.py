@@ -75,6 +75,14 @@ def test_bce_vs_naive_formula():
   assert float(got_bool) == pytest.approx(expect, rel=1e-6)
 
 
+def test_bce_pos_weight_vs_naive_formula():
+  z, y, w = [0.5, -2.0, 3.0, 0.0], [1.0, 0.0, 0.0, 1.0], 0.25
+  expect = np.mean([-(w * t * math.log(_sigmoid(s)) + (1 - t) * math.log(1 - _sigmoid(s)))
+                    for s, t in zip(z, y)])
+  got = losses.binary_cross_entropy_loss(jnp.array(z), jnp.array(y), w)
+  assert float(got) == pytest.approx(expect, rel=1e-6)
+
+
 def test_bce_large_logits_finite():
   z = jnp.array([1000.0, -1000.0, 1000.0, -1000.0])
   y = jnp.array([1.0, 0.0, 0.0, 1.0])

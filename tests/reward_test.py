@@ -87,3 +87,27 @@ def test_lora_step_changes_only_adapters_and_head_full_step_changes_backbone(rm)
       assert moved["head"]["kernel"] and not moved["head"]["bias"]  # Bradley-Terry is shift-invariant.
     else:
       assert moved["backbone"]["layers"]["mlp"]["up_proj"]["kernel"]
+
+
+def test_balanced_pos_weight_equalises_class_totals():
+  label = np.array([1, 1, 1, 0, 1, 0, 1, 1], np.float32)  # 6 positive, 2 negative
+  w = reward.balanced_pos_weight(label)
+  assert w == pytest.approx(2 / 6)
+  assert w * np.sum(label) == pytest.approx(np.sum(1 - label))
+  with pytest.raises(models.ConfigError, match="balance_classes"):
+    reward.balanced_pos_weight(np.ones(4))
+
+
+def test_head_lr_mult_scales_only_the_head_update():
+  """Adam normalises the gradient, so the same gradient on "head" and "lora" gives updates in the ratio of
+  their learning rates: head_lr_mult, and 1 when it is off."""
+  import ml_collections
+  params = {"head": {"kernel": jnp.ones((3,))}, "lora": {"a": jnp.ones((3,))}}
+  grads = {"head": {"kernel": jnp.array([0.1, -0.2, 0.3])}, "lora": {"a": jnp.array([0.1, -0.2, 0.3])}}
+  for mult in (1.0, 4.0):
+    cfg = ml_collections.ConfigDict(dict(lr=1e-2, warmup_steps=1, weight_decay=0.0, clip_norm=10.0,
+                                         head_lr_mult=mult))
+    _, tx = optimizer.make(cfg, 10)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(updates["head"]["kernel"], mult * updates["lora"]["a"], rtol=1e-6)
+    assert float(jnp.abs(updates["lora"]["a"]).max()) == pytest.approx(1e-2, rel=1e-3)

@@ -88,6 +88,18 @@ def test_missing_or_mismatched_runs_are_one_line_errors(runs, tmp_path):
   assert not (tmp_path / "cli" / "checkpoints").exists()
 
 
+def test_prompts_longer_than_the_window_or_context_are_one_line_errors(runs, tmp_path):
+  base = (f"--config.reward_workdir={runs / 'rm'}", f"--config.sft_workdir={runs / 'sft'}",
+          f"--config.data.path={runs / 'tm4.jsonl'}", "--config.data.batch_size=8")
+  r = _cli(tmp_path, *base, "--config.data.max_prompt_len=16", "--config.data.truncate_prompts=False")
+  assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
+  assert "tm4.jsonl: field 'prompt'" in r.stderr and "max_prompt_len=16" in r.stderr and "conversation dlg-" in r.stderr
+  r = _cli(tmp_path, *base, "--config.data.max_prompt_len=48", "--config.rl.max_new_tokens=2001")  # context 2048
+  assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
+  assert "'data.max_prompt_len' + 'rl.max_new_tokens' = 2049 tokens exceed the model's context (2048" in r.stderr
+  assert not (tmp_path / "cli" / "checkpoints").exists()
+
+
 def test_eval_policy_anchor_equality_and_judge(runs, tmp_path):
   """lr 0 keeps π = π_SFT: the same samples, so reward_after == reward_before, KL 0 and win rate ½ exactly; the
   run's own RM as judge gives the RM's figures through the independent reward.scores path."""

@@ -22,7 +22,9 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
   c.reward_workdir = ""  # An RM run folder (required).
   c.sft_workdir = ""  # An SFT run folder; empty = the base model is the policy's anchor.
   c.model = dict(path="", param_dtype="float32", dtype="float32", remat="none", attention="auto")
-  c.data = dict(eval_fraction=0.1, seed=0, batch_size=8, max_prompt_len=192, max_train_prompts=0, **DATA[dataset])
+  c.data = dict(eval_fraction=0.1, seed=0, batch_size=8, max_prompt_len=192, max_train_prompts=0,
+                truncate_prompts=True,  # A longer prompt keeps its last max_prompt_len tokens; False: an error.
+                **DATA[dataset])
   c.lora = dict(rank=4, alpha=8.0, targets="attention")  # The policy LoRA (paper: attention, small ranks).
   c.rl = dict(
       algorithm=algorithm, objective="perl",  # "perl": (1−β)·r − β·KL; "standard": r − β·KL.

@@ -23,9 +23,13 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
   c.data = dict(eval_path="", eval_fraction=0.1, seed=0, batch_size=16, eval_batch_size=32,
                 min_prompt_tokens=64, max_train_examples=0, max_eval_examples=0,
                 bucket_by_length=False,  # Batches of similar lengths cut to 64-token buckets (fewer pad tokens).
+                dev_fraction=0.0,  # >0: evaluate on a dev split carved from the training part (recipe search).
                 **DATA[dataset])
   c.lora = dict(rank=4, alpha=8.0, targets="attention")  # Paper: attention projections, ranks 1-16.
-  c.optim = dict(lr=5e-4 if mode == "lora" else 2e-5, warmup_steps=20, weight_decay=0.0, clip_norm=1.0)
+  c.optim = dict(lr=5e-4 if mode == "lora" else 2e-5, warmup_steps=20, weight_decay=0.0, clip_norm=1.0,
+                 head_lr_mult=1.0)  # The scalar head's lr = lr × head_lr_mult.
+  c.pos_weight = 1.0  # BCE (binary data): weight of positive labels.
+  c.balance_classes = False  # BCE: pos_weight = n_neg / n_pos of the training split (overrides pos_weight).
   c.steps = 300
   c.log_every = 5
   c.eval_every = 100

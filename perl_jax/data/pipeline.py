@@ -136,7 +136,7 @@ def first_user_turn(example: dict) -> str:
   return json.dumps(example, sort_keys=True)
 
 
-def split_train_eval(examples: Sequence[dict], eval_fraction: float, *, seed: int = 0,
+def split_train_eval(examples: Sequence[dict], eval_fraction: float, *, seed: int | str = 0,
                      key_fn: Callable[[dict], str] = first_user_turn):
   """Deterministic (train, eval) lists by a seeded stable hash of key_fn(example).
 

@@ -57,6 +57,7 @@ class ModelConfig:
   bos_token_id: int | None = None
   eos_token_id: int | None = None
   pad_token_id: int | None = None
+  max_position_embeddings: int | None = None  # The context the model was trained for (None: not given).
   # Run-time choices, not architecture.
   dtype: str = "float32"                  # Compute dtype; params keep their own dtype.
   remat: str = "none"                     # "none" | "full" | "dots" (save matmul outputs).
@@ -157,7 +158,8 @@ def from_hf_dict(hf: dict[str, Any], where: str = "config.json", **overrides) ->
       final_softcap=hf.get("final_logit_softcapping") if gemma else None,
       sliding_window=window, sliding_layers=sliding,
       bos_token_id=_first(hf.get("bos_token_id")), eos_token_id=_first(hf.get("eos_token_id")),
-      pad_token_id=_first(hf.get("pad_token_id")))
+      pad_token_id=_first(hf.get("pad_token_id")),
+      max_position_embeddings=int(hf["max_position_embeddings"]) if hf.get("max_position_embeddings") else None)
   kwargs.update(overrides)
   return ModelConfig(**kwargs)
 
@@ -192,6 +194,8 @@ def to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
            rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=cfg.tie_embeddings,
            attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias, bos_token_id=cfg.bos_token_id,
            eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id, **rope)
+  if cfg.max_position_embeddings:
+    d["max_position_embeddings"] = cfg.max_position_embeddings
   if cfg.family in ("gemma2", "gemma3"):
     d.update(hidden_activation="gelu_pytorch_tanh", attn_logit_softcapping=cfg.attn_softcap,
              final_logit_softcapping=cfg.final_softcap, sliding_window=cfg.sliding_window,

@@ -187,7 +187,7 @@ def gguf_config(path: pathlib.Path, reader, **overrides) -> ModelConfig:
             rms_norm_eps=g("attention.layer_norm_rms_epsilon", 1e-6), rope_theta=g("rope.freq_base", 10000.0),
             tie_word_embeddings="output.weight" not in names, attention_bias="blk.0.attn_q.bias" in names,
             bos_token_id=f.get("tokenizer.ggml.bos_token_id"), eos_token_id=f.get("tokenizer.ggml.eos_token_id"),
-            pad_token_id=f.get("tokenizer.ggml.padding_token_id"))
+            pad_token_id=f.get("tokenizer.ggml.padding_token_id"), max_position_embeddings=g("context_length"))
   if g("rope.scaling.type") not in (None, "none"):
     hf["rope_scaling"] = {"rope_type": g("rope.scaling.type"), "factor": g("rope.scaling.factor", 1.0)}
   if arch.startswith("gemma"):

@@ -34,17 +34,6 @@ def build(cfg, rlcfg: RLConfig, base_params):
   return learner.new_state(trainable, optim, k_state, rlcfg), frozen
 
 
-
-
-def rollout_struct(batch: int, prompt_len: int, new_tokens: int) -> dict:
-  """ShapeDtypeStructs of a rollout batch (what the update step reads)."""
-  b, p, n = batch, prompt_len, new_tokens
-  shapes = {"prompt_BxP": ((b, p), jnp.int32), "prompt_mask_BxP": ((b, p), jnp.int32),
-            "tokens_BxN": ((b, n), jnp.int32), "mask_BxN": ((b, n), jnp.int32), "score_B": ((b,), jnp.float32)}
-  shapes.update({k: ((b, n), jnp.float32) for k in rollout.SAMPLE_KEYS + rollout.SCORE_KEYS if k not in shapes})
-  return {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in shapes.items()}
-
-
 def measure(cfg, mode: str, *, name: str, batch: int, prompt_len: int, new_tokens: int, dtype: str = "bfloat16",
             lora_cfg: lora.LoraConfig = lora.LoraConfig(), abstract: bool = False, steps: int = 3,
             cpu_no_hoist: bool = True) -> dict:
@@ -67,7 +56,7 @@ def measure(cfg, mode: str, *, name: str, batch: int, prompt_len: int, new_token
   update = learner.jit_update(cfg, rlcfg, optim, state_sh, frozen_sh, mesh)
   options = benchmark.CPU_COMPILER_OPTIONS if cpu_no_hoist and jax.default_backend() == "cpu" else None
   compiled, perf = trainer.compile_step(update, checkpoint.abstract_like(state), checkpoint.abstract_like(frozen),
-                                        rollout_struct(batch, prompt_len, new_tokens), compiler_options=options)
+                                        rollout.batch_struct(batch, prompt_len, new_tokens), compiler_options=options)
   n_train, n_frozen = models.count_params(state["trainable"]), models.count_params(frozen)
   row = dict(phase="rl", model=name, mode=mode, dtype=dtype, policy=pol.name, batch=batch, prompt_len=prompt_len,
              new_tokens=new_tokens, seq=prompt_len + new_tokens, abstract=abstract,

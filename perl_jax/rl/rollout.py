@@ -88,6 +88,15 @@ SCORE_KEYS = ("old_logp_BxN", "ref_logp_BxN", "old_values_BxN", "score_B", "kl_B
               "advantages_BxN", "returns_BxN")
 
 
+def batch_struct(batch: int, prompt_len: int, new_tokens: int) -> dict:
+  """ShapeDtypeStructs of a rollout batch (what the update step reads), for compiling it from shapes alone."""
+  b, p, n = batch, prompt_len, new_tokens
+  shapes = {"prompt_BxP": ((b, p), jnp.int32), "prompt_mask_BxP": ((b, p), jnp.int32),
+            "tokens_BxN": ((b, n), jnp.int32), "mask_BxN": ((b, n), jnp.int32), "score_B": ((b,), jnp.float32)}
+  shapes.update({k: ((b, n), jnp.float32) for k in SAMPLE_KEYS + SCORE_KEYS if k not in shapes})
+  return {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in shapes.items()}
+
+
 def batch_shardings(mesh, keys=SAMPLE_KEYS + SCORE_KEYS) -> dict:
   """Every rollout field sharded over its batch axis (data × fsdp)."""
   return {k: sharding.batch_sharding(mesh, 1 if k.endswith("_B") else 2) for k in keys}

@@ -13,9 +13,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from perl_jax import data, lora, models, optimizer, reward, runs, sft, sharding, trainer
+from perl_jax import checkpoint, data, lora, models, optimizer, reward, runs, sft, sharding, trainer
 from perl_jax.data import pipeline
-from perl_jax.rl import RLConfig, learner, roles
+from perl_jax.rl import RLConfig, learner, roles, rollout
 from perl_jax.rl.step import RLStep
 
 log = logging.getLogger("perl_jax")
@@ -78,13 +78,30 @@ def load_roles(config, mesh):
   return model_cfg, tokenizer, base, sft_lora, rm_params, lora.scale(rm.rcfg.lora_cfg), sft_scale, rm.rcfg.lora_cfg
 
 
+def check_context(config, model_cfg) -> None:
+  """A prompt window plus the response must fit the model's context, or sampling runs past its positions."""
+  need, ctx = config.data.max_prompt_len + config.rl.max_new_tokens, model_cfg.max_position_embeddings
+  if ctx and need > ctx:
+    raise models.ConfigError(f"config: fields 'data.max_prompt_len' + 'rl.max_new_tokens' = {need} tokens exceed "
+                             f"the model's context ({ctx} tokens)")
+
+
 def load_prompts(config, tokenizer):
+  """(train prompt arrays, held-out prompts, info). A prompt longer than data.max_prompt_len keeps its last
+  tokens (data.truncate_prompts=True, the default) or is a one-line DataError naming the file and conversation."""
   dc = config.data
   prompts = data.read_prompts(dc.format, dc.path, skip_invalid=dc.skip_invalid)
   train, held_out = data.split_by_group(prompts, dc.eval_fraction, seed=dc.seed)
   if dc.max_train_prompts:
     train = train[: dc.max_train_prompts]
   arrays, n_trunc = data.encode_prompts(train, tokenizer, dc.max_prompt_len)
+  if n_trunc and not dc.get("truncate_prompts", True):
+    lengths = [len(ids) for ids in data.pipeline.tokenize_prompts(tokenizer, [p["prompt"] for p in train])]
+    i = next(i for i, n in enumerate(lengths) if n > dc.max_prompt_len)
+    raise data.DataError(dc.path, field="prompt", problem=(
+        f"{n_trunc} of {len(train)} training prompts exceed data.max_prompt_len={dc.max_prompt_len} tokens (the "
+        f"first: conversation {train[i]['group']}, {lengths[i]} tokens); raise it, or set data.truncate_prompts=True "
+        "to keep each prompt's last tokens"))
   log.info("prompts: %d train (%d truncated to %d tokens), %d held out", len(train), n_trunc, dc.max_prompt_len,
            len(held_out))
   return arrays, held_out, {"train_prompts": len(train), "held_out_prompts": len(held_out),
@@ -109,6 +126,7 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
   model_cfg, tokenizer, base, sft_lora, rm_params, rm_scale, sft_scale, rm_lora_cfg = load_roles(config, mesh)
   value_lora = rm_lora_cfg if config.rl.value_init == "reward" else lora.config_from(config.lora)
   rlcfg = config_from(config, model_cfg, tokenizer, rm_scale, sft_scale, value_lora)
+  check_context(config, model_cfg)
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if config.data.batch_size % (shards * rlcfg.num_minibatches):
     raise models.ConfigError(f"config: field 'data.batch_size': {config.data.batch_size} is not divisible by "
@@ -136,6 +154,11 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
 
   batches = data.BatchIterator(arrays, config.data.batch_size, seed=config.data.seed)
   perf = {"trainable_params": n_train, "frozen_params": models.count_params(frozen)}
+  if config.get("compile_memory", True):  # The paper's memory figure: the compiler's peak for the update step.
+    _, mem = trainer.compile_step(step.update, checkpoint.abstract_like(state), checkpoint.abstract_like(frozen),
+                                  rollout.batch_struct(config.data.batch_size, config.data.max_prompt_len,
+                                                       rlcfg.max_new_tokens))
+    perf["compiled_memory_bytes"] = mem["compiled_memory_bytes"]
   n_eval = config.get("eval_prompts", 0)
 
   def evaluate_fn(s, f):
