@@ -5,6 +5,8 @@ A sweep file (experiments/sweeps/*.py) defines `get_config()` returning an ml_co
   config   the base config, "experiments/rm/smollm2.py:tm4_lora"
   axes     a list of axes; each axis a list of override dicts {"lora.rank": 4, ...}; the grid is their product.
            The key "config" in an override swaps the base config (e.g. another data set or mode).
+  fixed    (optional) a list of override dicts every point gets, not part of its name (a shared budget, a dev
+           split, ...); a list because ConfigDict fields cannot hold dotted keys directly
   metrics  eval metrics the report leads with, the first one a point has ("roc_auc", then "accuracy", ...)
   done     the file whose presence marks a finished point (default "summary.json")
 A point's folder is named after its overrides ("config=hh_lora,rank=4,seed=1"), and its command is printed, so
@@ -64,8 +66,10 @@ def point_name(overrides: dict) -> str:
 
 
 def expand(sweep: ml_collections.ConfigDict, common: dict | None = None) -> list[Point]:
-  """Every point of the grid (product of the axes, in order), each with the `common` overrides added (not part
-  of its name); errors if two points share a folder name."""
+  """Every point of the grid (product of the axes, in order), each with the sweep's `fixed` overrides and then
+  the `common` ones (--set) added (not part of its name); errors if two points share a folder name."""
+  fixed = {k: v for part in (sweep.get("fixed", None) or []) for k, v in dict(part).items()}
+  common = {**fixed, **dict(common or {})}
   points = []
   for i, combo in enumerate(itertools.product(*[list(axis) for axis in sweep.axes])):
     overrides = {}

@@ -22,6 +22,8 @@ _FORMAT = flags.DEFINE_enum("format", None, sorted(data.READERS), "Data format (
 _EVAL = flags.DEFINE_string("eval", None, "Held-out file. Default: the seeded split of --data.")
 _EVAL_FRACTION = flags.DEFINE_float("eval_fraction", 0.1, "Held-out fraction of --data (the RM configs' 0.1).")
 _SEED = flags.DEFINE_integer("seed", 0, "Split seed (the RM configs' data.seed).")
+_DEV_FRACTION = flags.DEFINE_float("dev_fraction", 0.0, "> 0: score on the RM configs' dev split of the train part "
+                                   "(data.dev_fraction), for comparing recipes without the held-out split.")
 _SKIP_INVALID = flags.DEFINE_bool("skip_invalid", False, "Skip invalid records (the HH config does).")
 flags.mark_flags_as_required(["data", "format"])
 
@@ -34,6 +36,8 @@ def main(_):
       train, held_out = examples, data.read_examples(_FORMAT.value, _EVAL.value, skip_invalid=_SKIP_INVALID.value)
     else:
       train, held_out = data.split_train_eval(examples, _EVAL_FRACTION.value, seed=_SEED.value)
+    if _DEV_FRACTION.value:  # The same carve as reward.load_data's data.dev_fraction.
+      train, held_out = data.split_train_eval(train, _DEV_FRACTION.value, seed=f"dev{_SEED.value}")
     if not train or not held_out:
       raise data.DataError(_DATA.value, problem="empty train or eval split")
     row = baseline.run(_FORMAT.value, train, held_out)

@@ -48,6 +48,14 @@ def test_grid_names_and_shards_cover_every_point_once(tmp_path):
     sweeps.select(points, shard="3/3")
 
 
+def test_fixed_overrides_reach_every_point_but_not_names_and_set_wins():
+  sweep = sweeps.load(ROOT / "experiments/sweeps/rm_recipe_dev.py")
+  points = sweeps.expand(sweep, {"steps": 3})
+  assert [p.name for p in points] == ["lr=0.0005", "lr=0.002", "lr=0.002,balance_classes=True"]
+  for p in points:
+    assert p.overrides["data.dev_fraction"] == 0.15 and p.overrides["steps"] == 3   # --set beats `fixed`
+
+
 def test_unknown_override_key_is_one_line_before_anything_runs(tmp_path):
   path = _sweep_file(tmp_path, [[{"lora.rank": 1}, {"lora.rnak": 2}]])
   result = _cli("scripts/ablate.py", "--sweep", str(path), "--workdir", str(tmp_path / "w"))
