@@ -9,6 +9,9 @@ A sweep file (experiments/sweeps/*.py) defines `get_config()` returning an ml_co
            split, ...); a list because ConfigDict fields cannot hold dotted keys directly
   metrics  eval metrics the report leads with, the first one a point has ("roc_auc", then "accuracy", ...)
   done     the file whose presence marks a finished point (default "summary.json")
+  args     "config" (default): overrides become --config.KEY=VALUE of a config-driven stage; "flags": they become
+           --KEY=VALUE of a flags-only script (e.g. scripts/benchmark.py, whose module-level FLAGS names the
+           allowed keys), and --OUT_FLAG=POINT_FOLDER/DONE is added (out_flag, default "out")
 A point's folder is named after its overrides ("config=hh_lora,rank=4,seed=1"), and its command is printed, so
 any point can be rerun alone; a killed point resumes through the stage's own checkpoint resume.
 """
@@ -94,8 +97,26 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   return module["get_config"](arg) if arg else module["get_config"]()
 
 
-def validate(points: list[Point]) -> None:
-  """Every override key must name an existing field of its base config: one line naming the key otherwise."""
+def _script_flags(script: str) -> set:
+  """The flag names a flags-only script defines in its module-level absl FlagValues `FLAGS`."""
+  if not pathlib.Path(script).is_file():
+    raise ConfigError(f"sweep: field 'script': {script}: no such file")
+  module = runpy.run_path(script, run_name="sweep_flags_check")
+  if "FLAGS" not in module:
+    raise ConfigError(f"sweep: field 'args': {script} defines no module-level FLAGS to check override keys against")
+  return set(module["FLAGS"])
+
+
+def validate(points: list[Point], sweep: ml_collections.ConfigDict | None = None) -> None:
+  """Every override key must name an existing field of its base config (or, args "flags", a flag of the
+  script): one line naming the key otherwise."""
+  if sweep is not None and sweep.get("args", "config") == "flags":
+    known = _script_flags(sweep.script)
+    for p in points:
+      for key in p.overrides:
+        if key not in known:
+          raise ConfigError(f"sweep: unknown override key '{key}' (point {p.name}; {sweep.script} has no --{key})")
+    return
   cache = {}
   for p in points:
     cfg = cache.setdefault(p.config, load_config(p.config))
@@ -124,8 +145,13 @@ def select(points: list[Point], only: str | None = None, shard: str | None = Non
 
 
 def command(sweep, point: Point, workdir) -> list[str]:
-  """The point's own command line: the stage script, its base config, its folder and its overrides."""
-  args = [sys.executable, sweep.script, f"--config={point.config}", f"--workdir={pathlib.Path(workdir) / point.name}"]
+  """The point's own command line: the stage script, its base config, its folder and its overrides (args
+  "flags": the script, --KEY=VALUE per override and --OUT_FLAG=FOLDER/DONE)."""
+  folder = pathlib.Path(workdir) / point.name
+  if sweep.get("args", "config") == "flags":
+    return [sys.executable, sweep.script, *(f"--{k}={v}" for k, v in point.overrides.items()),
+            f"--{sweep.get('out_flag', 'out')}={folder / sweep.get('done', 'summary.json')}"]
+  args = [sys.executable, sweep.script, f"--config={point.config}", f"--workdir={folder}"]
   return args + [f"--config.{k}={v}" for k, v in point.overrides.items()]
 
 

@@ -29,7 +29,7 @@ def main(_):
   try:
     sweep = sweeps.load(_SWEEP.value)
     points = sweeps.expand(sweep, sweeps.parse_sets(_SET.value))
-    sweeps.validate(points)
+    sweeps.validate(points, sweep)
     chosen = sweeps.select(points, _ONLY.value, _SHARD.value)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
@@ -52,6 +52,7 @@ def main(_):
       continue
     cmd = sweeps.command(sweep, p, workdir)
     print(f"[{p.index}] {p.name}: {shlex.join(cmd[1:])}", flush=True)
+    (workdir / p.name).mkdir(exist_ok=True)  # A flags-only script writes its output file into it.
     if subprocess.run(cmd).returncode:
       failed.append(p.name)
   if failed:

@@ -56,6 +56,32 @@ def test_fixed_overrides_reach_every_point_but_not_names_and_set_wins():
     assert p.overrides["data.dev_fraction"] == 0.15 and p.overrides["steps"] == 3   # --set beats `fixed`
 
 
+def test_flags_sweep_runs_benchmark_points_and_checks_flag_names(tmp_path):
+  """args "flags": overrides become --KEY=VALUE of scripts/benchmark.py, rows land in POINT/rows.jsonl (the done
+  marker), and a key the script has no flag for is one line before anything runs."""
+  sweep = sweeps.load(ROOT / "experiments/sweeps/benchmark_grid.py")
+  points = sweeps.expand(sweep)
+  assert len(points) == 8 and points[0].name == "phase=rm,model=smollm2-135m"
+  cmd = sweeps.command(sweep, points[-1], tmp_path)
+  assert cmd[2:] == ["--phase=rl", "--model=7b", "--abstract=True", "--modes=full,lora",
+                     f"--out={tmp_path / 'phase=rl,model=7b' / 'rows.jsonl'}"]
+  path = tmp_path / "grid.py"
+  path.write_text((ROOT / "experiments/sweeps/benchmark_grid.py").read_text().replace(
+      '("smollm2-135m", "1b", "2b", "7b")', '("tiny",)'))
+  result = _cli("scripts/ablate.py", "--sweep", str(path), "--workdir", str(tmp_path / "w"), "--only", "1")
+  assert result.returncode == 0, result.stderr[-2000:]
+  rows = [json.loads(line) for line in (tmp_path / "w" / "phase=rl,model=tiny" / "rows.jsonl").read_text().splitlines()]
+  assert [(r["phase"], r["model"], r["mode"], r["abstract"]) for r in rows] == [
+      ("rl", "tiny", "full", True), ("rl", "tiny", "lora", True)]
+  assert rows[1]["compiled_peak_bytes"] < rows[0]["compiled_peak_bytes"]
+  again = _cli("scripts/ablate.py", "--sweep", str(path), "--workdir", str(tmp_path / "w"), "--only", "1")
+  assert "done, skipped" in again.stdout
+  path.write_text(path.read_text().replace('{"phase": "rm"}', '{"phsae": "rm"}'))
+  bad = _cli("scripts/ablate.py", "--sweep", str(path), "--workdir", str(tmp_path / "w2"))
+  assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "'phsae'" in bad.stderr
+  assert not (tmp_path / "w2").exists()
+
+
 def test_unknown_override_key_is_one_line_before_anything_runs(tmp_path):
   path = _sweep_file(tmp_path, [[{"lora.rank": 1}, {"lora.rnak": 2}]])
   result = _cli("scripts/ablate.py", "--sweep", str(path), "--workdir", str(tmp_path / "w"))
