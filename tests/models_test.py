@@ -117,6 +117,9 @@ def test_config_fields_read(hf_models):
   assert (g2.attn_softcap, g2.final_softcap, g2.sliding_window) == (2.0, 3.0, 4)
   assert g2.sliding_layers == (True, False) and g3.sliding_layers == (True, False, True)
   assert g3.rope.kind == "linear" and g3.rope.factor == 8.0 and g3.rope_local.theta == 100.0
+  hf_llama = json.loads((hf_models["llama"][1] / "config.json").read_text())
+  assert cfgs["llama"].max_position_embeddings == hf_llama["max_position_embeddings"]
+  assert models.from_hf_dict(models.to_hf_dict(cfgs["llama"])) == cfgs["llama"]
 
 
 def test_sharded_checkpoint_is_sharded(hf_models):
