@@ -111,3 +111,27 @@ def test_head_lr_mult_scales_only_the_head_update():
     updates, _ = tx.update(grads, tx.init(params), params)
     np.testing.assert_allclose(updates["head"]["kernel"], mult * updates["lora"]["a"], rtol=1e-6)
     assert float(jnp.abs(updates["lora"]["a"]).max()) == pytest.approx(1e-2, rel=1e-3)
+
+
+def test_probe_features_rows_match_the_rm_heads_own_reading(rm):
+  """scripts/probe_features.py: its last-token feature of each row (computed longest-first in 64-token buckets)
+  is the hidden state the RM head reads for that row, and the response mean averages only response tokens."""
+  import importlib.util
+  from tests.conftest import ROOT
+  spec = importlib.util.spec_from_file_location("probe_features", ROOT / "scripts" / "probe_features.py")
+  probe = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(probe)
+  cfg, base, _, _ = rm
+  rng = np.random.default_rng(0)
+  lengths = [5, 70, 12, 90, 33]
+  ids = np.zeros((5, 96), np.int32)
+  mask, resp = np.zeros_like(ids), np.zeros_like(ids)
+  for i, n in enumerate(lengths):
+    ids[i, :n], mask[i, :n], resp[i, n // 2:n] = rng.integers(3, cfg.vocab_size, n), 1, 1
+  feats = probe.features(cfg, base, {"input_ids": ids, "attention_mask": mask, "response_mask": resp}, batch_size=2)
+  head = reward.init_head(jax.random.key(3), cfg.hidden_size)
+  hidden = np.asarray(models.forward(cfg, base, jnp.asarray(ids), jnp.asarray(mask), return_logits=False).hidden)
+  np.testing.assert_allclose(reward.head_apply(head, jnp.asarray(feats[:, 0])),
+                             reward.head_scores(head, jnp.asarray(hidden), jnp.asarray(mask)), atol=1e-4)
+  for i, n in enumerate(lengths):
+    np.testing.assert_allclose(feats[i, 1], hidden[i, n // 2:n].mean(0), atol=1e-4)
