@@ -154,7 +154,7 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
 
   batches = data.BatchIterator(arrays, config.data.batch_size, seed=config.data.seed)
   perf = {"trainable_params": n_train, "frozen_params": models.count_params(frozen)}
-  if config.get("compile_memory", True):  # The paper's memory figure: the compiler's peak for the update step.
+  if config.get("compile_memory", True):  # The paper's memory figure: the compiler's peak of the update step.
     _, mem = trainer.compile_step(step.update, checkpoint.abstract_like(state), checkpoint.abstract_like(frozen),
                                   rollout.batch_struct(config.data.batch_size, config.data.max_prompt_len,
                                                        rlcfg.max_new_tokens))
