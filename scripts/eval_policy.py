@@ -8,12 +8,10 @@ response, policy samples), win_rate (policy over anchor on the same prompt, ties
 --judge_workdir the same under a second RM the policy never trained against (judge_*).
 """
 import json
-import logging
-import sys
 
 from absl import app, flags
 
-from perl_jax import data, models, reward
+from perl_jax import cli, data, reward
 from perl_jax.rl import evaluate
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "RL run folder (run.json, checkpoints/).")
@@ -30,24 +28,23 @@ flags.mark_flags_as_required(["workdir", "data"])
 
 
 def main(_):
-  logging.getLogger().setLevel(logging.WARNING)
-  try:
-    policy = evaluate.restore(_WORKDIR.value, step=_STEP.value)
-    fmt = _FORMAT.value or policy.config.data.format
-    prompts = evaluate.held_out_prompts(policy, fmt, _DATA.value, _SPLIT.value)
-    if _MAX_PROMPTS.value:
-      prompts = prompts[:_MAX_PROMPTS.value]
-    if not prompts:
-      raise data.DataError(_DATA.value, problem=f"no prompts in split '{_SPLIT.value}'")
-    judge = None
-    if _JUDGE.value:
-      judge = reward.restore(_JUDGE.value, mesh=policy.mesh)
-      evaluate.check_judge(policy, judge, _JUDGE.value)
-    result = evaluate.evaluate(policy, prompts, batch_size=_BATCH_SIZE.value, judge=judge)
-  except (data.DataError, models.ConfigError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  result, fmt = cli.run_or_exit(_evaluate, info=False)
   print(json.dumps({**result, "format": fmt, "split": _SPLIT.value}))
+
+
+def _evaluate():
+  policy = evaluate.restore(_WORKDIR.value, step=_STEP.value)
+  fmt = _FORMAT.value or policy.config.data.format
+  prompts = evaluate.held_out_prompts(policy, fmt, _DATA.value, _SPLIT.value)
+  if _MAX_PROMPTS.value:
+    prompts = prompts[:_MAX_PROMPTS.value]
+  if not prompts:
+    raise data.DataError(_DATA.value, problem=f"no prompts in split '{_SPLIT.value}'")
+  judge = None
+  if _JUDGE.value:
+    judge = reward.restore(_JUDGE.value, mesh=policy.mesh)
+    evaluate.check_judge(policy, judge, _JUDGE.value)
+  return evaluate.evaluate(policy, prompts, batch_size=_BATCH_SIZE.value, judge=judge), fmt
 
 
 if __name__ == "__main__":

@@ -6,13 +6,11 @@ pairwise data gives accuracy, mean_margin, loss; binary data accuracy, balanced_
 positive_rate, loss; both add num_examples, num_truncated and the checkpoint step.
 """
 import json
-import logging
 import math
-import sys
 
 from absl import app, flags
 
-from perl_jax import data, models, reward, runs
+from perl_jax import cli, data, reward, runs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder written by train_reward (run.json, checkpoints/).")
 _DATA = flags.DEFINE_string("data", None, "Data file (.jsonl or .jsonl.gz).")
@@ -29,23 +27,22 @@ flags.mark_flags_as_required(["workdir", "data"])
 
 
 def main(_):
-  logging.getLogger().setLevel(logging.WARNING)
-  try:
-    run = runs.read_config(_WORKDIR.value)
-    fmt = _FORMAT.value or run.data.format
-    skip = _SKIP_INVALID.value or (_DATA.value == run.data.path and run.data.skip_invalid)
-    examples = data.read_examples(fmt, _DATA.value, skip_invalid=skip)
-    if _SPLIT.value != "all":
-      dc = run.data
-      train_ex, eval_ex = data.split_train_eval(examples, dc.eval_fraction, seed=dc.seed)
-      examples = eval_ex if _SPLIT.value == "eval" else train_ex
-    rm = reward.restore(_WORKDIR.value, step=_STEP.value, model_path=_MODEL_PATH.value)
-    metrics = reward.evaluate_examples(rm, fmt, examples, _BATCH_SIZE.value, where=_DATA.value)
-  except (data.DataError, models.ConfigError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  metrics, rm, fmt = cli.run_or_exit(_evaluate, info=False)
   metrics = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
   print(json.dumps({**metrics, "step": rm.step, "format": fmt}))
+
+
+def _evaluate():
+  run = runs.read_config(_WORKDIR.value)
+  fmt = _FORMAT.value or run.data.format
+  skip = _SKIP_INVALID.value or (_DATA.value == run.data.path and run.data.skip_invalid)
+  examples = data.read_examples(fmt, _DATA.value, skip_invalid=skip)
+  if _SPLIT.value != "all":
+    dc = run.data
+    train_ex, eval_ex = data.split_train_eval(examples, dc.eval_fraction, seed=dc.seed)
+    examples = eval_ex if _SPLIT.value == "eval" else train_ex
+  rm = reward.restore(_WORKDIR.value, step=_STEP.value, model_path=_MODEL_PATH.value)
+  return reward.evaluate_examples(rm, fmt, examples, _BATCH_SIZE.value, where=_DATA.value), rm, fmt
 
 
 if __name__ == "__main__":

@@ -9,11 +9,10 @@ An RL run (its run.json has an `rl` field) exports its policy: merged = a *ForCa
 adapters merged), peft = one CAUSAL_LM adapter for the base model standing for both adapters.
 """
 import logging
-import sys
 
 from absl import app, flags
 
-from perl_jax import data, export, export_policy, models, reward, runs
+from perl_jax import cli, export, export_policy, reward, runs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder written by train_reward (run.json, checkpoints/).")
 _OUT = flags.DEFINE_string("out", None, "Output folder (created).")
@@ -25,19 +24,17 @@ flags.mark_flags_as_required(["workdir", "out"])
 
 
 def main(_):
-  logging.getLogger().setLevel(logging.WARNING)
-  logging.getLogger("perl_jax").setLevel(logging.INFO)
-  try:
-    if "rl" in runs.read_config(_WORKDIR.value):
-      return _export_policy()
-    rm = reward.restore(_WORKDIR.value, step=_STEP.value, model_path=_MODEL_PATH.value)
-    if _FORMAT.value == "merged":
-      out = export.export_merged(rm, _OUT.value, _DTYPE.value)
-    else:
-      out = export.export_peft(rm, _OUT.value)
-  except (data.DataError, models.ConfigError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  cli.run_or_exit(_export)
+
+
+def _export():
+  if "rl" in runs.read_config(_WORKDIR.value):
+    return _export_policy()
+  rm = reward.restore(_WORKDIR.value, step=_STEP.value, model_path=_MODEL_PATH.value)
+  if _FORMAT.value == "merged":
+    out = export.export_merged(rm, _OUT.value, _DTYPE.value)
+  else:
+    out = export.export_peft(rm, _OUT.value)
   logging.getLogger("perl_jax").info("step %d exported to %s (%s); head bias %.6g", rm.step, out, _FORMAT.value,
                                      reward.head_bias(rm))
 
