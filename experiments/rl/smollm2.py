@@ -42,7 +42,6 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
   c.checkpoint_every = 25
   c.keep_checkpoints = 2
   c.num_sample_texts = 3
-  c.compile_memory = True  # Record the update step's compiled peak memory in summary.json (one extra compile).
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   c.multihost = False
   return c
