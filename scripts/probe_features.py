@@ -25,7 +25,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "An RM config (experim
 
 
 def features(model_cfg, base, arrays, batch_size: int = 16):
-  """[N(,2), 2, D] float32: last-token and response-mean final hidden states, longest-first in buckets."""
+  """[N(,2), 2, D] float32: last-token and response-mean final hidden states, computed longest-first in the
+  eval's length buckets (data.BatchIterator) and put back in row order."""
   @jax.jit
   def feats(ids, mask, resp):
     hidden = models.forward(model_cfg, base, ids, mask, return_logits=False).hidden.astype(jnp.float32)
@@ -36,22 +37,23 @@ def features(model_cfg, base, arrays, batch_size: int = 16):
   pairwise = arrays["input_ids"].ndim == 3
   flat = {k: v.reshape(-1, v.shape[-1]) for k, v in arrays.items() if k in ("input_ids", "attention_mask",
                                                                            "response_mask")}
-  order = np.argsort(-flat["attention_mask"].sum(1), kind="stable")
-  out = np.zeros((len(order), 2, model_cfg.hidden_size), np.float32)
-  t0 = time.time()
-  for start in range(0, len(order), batch_size):
-    rows = order[start:start + batch_size]
-    width = int(flat["attention_mask"][rows].sum(1).max())
-    width = min(flat["input_ids"].shape[1], -(-width // 64) * 64)  # 64-token buckets: few compiled shapes
-    pad = batch_size - len(rows)
-    take = lambda k: np.pad(flat[k][rows, :width], ((0, pad), (0, 0)))
-    out[rows] = np.asarray(feats(take("input_ids"), take("attention_mask"), take("response_mask")))[:len(rows)]
-    print(f"features {start + len(rows)}/{len(order)} ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
+  n = len(flat["input_ids"])
+  it = data.BatchIterator({**flat, "row": np.arange(n)}, batch_size, shuffle=False, num_epochs=1,
+                          drop_remainder=False, buckets=data.pipeline.default_buckets(flat["input_ids"].shape[-1]),
+                          group_by_length=True, process_index=0, process_count=1)
+  out = np.zeros((n, 2, model_cfg.hidden_size), np.float32)
+  t0, done = time.time(), 0
+  for batch in it:
+    valid = batch["valid"].astype(bool)
+    out[batch["row"][valid]] = np.asarray(feats(batch["input_ids"], batch["attention_mask"],
+                                                batch["response_mask"]))[valid]
+    done += int(valid.sum())
+    print(f"features {done}/{n} ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
   return out.reshape(-1, 2, 2, model_cfg.hidden_size) if pairwise else out
 
 
 def main(_):
-  from sklearn import linear_model, model_selection, preprocessing
+  from sklearn import linear_model, preprocessing
   config = _CONFIG.value
   model_cfg, base, tokenizer = runs.load_model(config.model)
   train, held, info = reward.load_data(config, tokenizer)
