@@ -7,6 +7,7 @@ Trainable state is {"lora": ..., "head": ...} for PERL (backbone frozen, never d
 import dataclasses
 import functools
 import logging
+import time
 from typing import Any
 
 import jax
@@ -15,7 +16,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from perl_jax import data, evaluation, lora, losses, models, optimizer, runs, sharding, trainer
+from perl_jax import data, evaluation, lora, losses, models, optimizer, probe, runs, sharding, trainer
 from perl_jax.models import ModelConfig
 
 log = logging.getLogger("perl_jax")
@@ -75,27 +76,43 @@ def head_apply(head: dict, hidden_xD):
 
 def head_scores(head: dict, hidden_BxTxD, mask_BxT):
   """r_B = h_last · w + b, read at each row's last non-pad token (float32)."""
+  return head_apply(head, last_token(hidden_BxTxD, mask_BxT))
+
+
+def last_token(hidden_BxTxD, mask_BxT):
+  """h_last [B,D]: each row's hidden state at its last non-pad token."""
   idx_B = losses.last_token_index(mask_BxT)
-  return head_apply(head, jnp.take_along_axis(hidden_BxTxD, idx_B[:, None, None], axis=1)[:, 0])
+  return jnp.take_along_axis(hidden_BxTxD, idx_B[:, None, None], axis=1)[:, 0]
 
 
-def scores(model_cfg: ModelConfig, rcfg: RewardConfig, trainable, base_params, ids_BxT, mask_BxT):
-  """Scalar rewards r_B (float32) read at each row's last non-pad token."""
+def last_hidden(model_cfg: ModelConfig, rcfg: RewardConfig, trainable, base_params, ids_BxT, mask_BxT):
+  """h_last [B,D]: the final hidden state the head reads, at each row's last non-pad token."""
   if rcfg.mode == "lora":
     params, adapters = base_params, [(trainable["lora"], lora.scale(rcfg.lora_cfg))]
   else:
     params, adapters = {**base_params, **trainable["backbone"]}, []
   hidden = models.forward(model_cfg, params, ids_BxT, mask_BxT, adapters=adapters, return_logits=False).hidden
-  return head_scores(trainable["head"], hidden, mask_BxT)
+  return last_token(hidden, mask_BxT)
+
+
+def scores(model_cfg: ModelConfig, rcfg: RewardConfig, trainable, base_params, ids_BxT, mask_BxT):
+  """Scalar rewards r_B (float32) read at each row's last non-pad token."""
+  return head_apply(trainable["head"], last_hidden(model_cfg, rcfg, trainable, base_params, ids_BxT, mask_BxT))
+
+
+def batch_features(model_cfg, rcfg, trainable, base_params, batch) -> jax.Array:
+  """The head's inputs for a batch: [B,2,D] (chosen, rejected) for pairwise data, [B,D] for binary data."""
+  ids, mask = batch["input_ids"], batch["attention_mask"]
+  if ids.ndim == 3:
+    b, two, t = ids.shape
+    h = last_hidden(model_cfg, rcfg, trainable, base_params, ids.reshape(b * two, t), mask.reshape(b * two, t))
+    return h.reshape(b, two, -1)
+  return last_hidden(model_cfg, rcfg, trainable, base_params, ids, mask)
 
 
 def batch_scores(model_cfg, rcfg, trainable, base_params, batch) -> jax.Array:
   """Rewards for a batch: [B,2] (chosen, rejected) for pairwise data, [B] for binary data."""
-  ids, mask = batch["input_ids"], batch["attention_mask"]
-  if ids.ndim == 3:
-    b, two, t = ids.shape
-    return scores(model_cfg, rcfg, trainable, base_params, ids.reshape(b * two, t), mask.reshape(b * two, t)).reshape(b, two)
-  return scores(model_cfg, rcfg, trainable, base_params, ids, mask)
+  return head_apply(trainable["head"], batch_features(model_cfg, rcfg, trainable, base_params, batch))
 
 
 def loss_fn(model_cfg, rcfg, trainable, base_params, batch, rng=None) -> tuple[jax.Array, dict]:
@@ -113,9 +130,11 @@ def loss_fn(model_cfg, rcfg, trainable, base_params, batch, rng=None) -> tuple[j
   raise ValueError(f"reward loss must be 'bt' or 'bce', got '{rcfg.loss}'")
 
 
-def jit_scores(model_cfg, rcfg, trainable_shardings, base_shardings, batch_sharding, replicated):
-  """Batch rewards, jitted, gathered to every host for host-side metrics."""
-  return jax.jit(lambda tr, base, batch: batch_scores(model_cfg, rcfg, tr, base, batch),
+def jit_scores(model_cfg, rcfg, trainable_shardings, base_shardings, batch_sharding, replicated, fn=None):
+  """Batch rewards (or fn(model_cfg, rcfg, trainable, base, batch), e.g. batch_features), jitted, gathered to
+  every host for host-side metrics."""
+  fn = fn or batch_scores
+  return jax.jit(lambda tr, base, batch: fn(model_cfg, rcfg, tr, base, batch),
                  in_shardings=(trainable_shardings, base_shardings, batch_sharding), out_shardings=replicated)
 
 
@@ -163,24 +182,54 @@ def load_data(config, tokenizer):
                                      "truncated_train": n_trunc, "truncated_eval": n_trunc_eval}
 
 
-def evaluate(score_fn, trainable, base, arrays, batch_size: int, mesh, kind: str) -> dict:
-  """Scores every eval example once, longest first in length buckets (the same scores as full padding, fewer
-  pad tokens); metrics on the host (balanced accuracy / ROC-AUC for binary) do not depend on the order."""
+def score_all(score_fn, trainable, base, arrays, batch_size: int, mesh,
+              progress: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+  """score_fn over every example once, longest first in length buckets (the same outputs as full padding, fewer
+  pad tokens): (outputs, their labels or None), in that bucketed order, identical on every host. With
+  `progress`, logs "progress: done/total examples, ETA" about once a minute."""
   it = data.BatchIterator(arrays, batch_size, shuffle=False, num_epochs=1, drop_remainder=False,
                           buckets=data.pipeline.default_buckets(arrays["input_ids"].shape[-1]), group_by_length=True)
   gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)) if jax.process_count() > 1 else x
   outs, labels = [], []
+  total, t0, t_log = len(arrays["input_ids"]), time.perf_counter(), time.perf_counter()
   for batch in it:
     valid = gather(batch["valid"]).astype(bool)
     r = np.asarray(score_fn(trainable, base, sharding.global_batch(
         {k: v for k, v in batch.items() if k in MODEL_KEYS}, mesh)))
     outs.append(r[valid])
-    if kind == "binary":
+    done, now = sum(len(o) for o in outs), time.perf_counter()
+    if progress and (now - t_log > 60 or done == total):
+      log.info("%s: %d/%d examples, %.0f s, ETA %.0f s (longest first)", progress, done, total, now - t0,
+               (now - t0) / done * (total - done))
+      t_log = now
+    if "label" in batch:
       labels.append(gather(batch["label"])[valid])
-  r = np.concatenate(outs)
+  return np.concatenate(outs), (np.concatenate(labels) if labels else None)
+
+
+def evaluate(score_fn, trainable, base, arrays, batch_size: int, mesh, kind: str) -> dict:
+  """Scores every eval example once (score_all); metrics on the host (balanced accuracy / ROC-AUC for binary)
+  do not depend on the order."""
+  r, labels = score_all(score_fn, trainable, base, arrays, batch_size, mesh)
   if kind == "pairwise":
     return evaluation.pairwise_metrics(r[:, 0], r[:, 1])
-  return evaluation.binary_metrics(r, np.concatenate(labels))
+  return evaluation.binary_metrics(r, labels)
+
+
+def probe_head(feature_fn, trainable, base, arrays, config, pos_weight: float, mesh) -> tuple[dict, dict]:
+  """LP-FT's first stage: the head fit by a cross-validated logistic regression (probe.fit_head) on the
+  frozen-model features of the first config.probe_examples training examples (0 = all), as the untrained
+  adapters (B = 0) or backbone copy give them. Returns (head, info)."""
+  n = config.get("probe_examples", 0) or len(arrays["input_ids"])
+  sub = {k: v[:n] for k, v in arrays.items()}
+  t0 = time.perf_counter()
+  feats, labels = score_all(feature_fn, trainable, base, sub, config.data.eval_batch_size, mesh,
+                            progress="LP-FT probe features")
+  head, info = probe.fit_head(feats, labels, pos_weight=pos_weight, seed=config.seed)
+  info["seconds"] = time.perf_counter() - t0
+  log.info("LP-FT head: logistic probe on %d examples' frozen features, C=%g, train loss %.4f (%.0f s)",
+           info["examples"], info["C"], info["train_loss"], info["seconds"])
+  return head, info
 
 
 # ---------------------------------------------------------------- training and restoring
@@ -217,6 +266,15 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
   step_fn, perf, batch_sh = trainer.array_step(functools.partial(loss_fn, model_cfg, rcfg), optim, state, state_sh,
                                                base, base_sh, train_arrays, MODEL_KEYS, mesh, config.data.batch_size)
   score_fn = jit_scores(model_cfg, rcfg, state_sh["trainable"], base_sh, batch_sh, sharding.replicated(mesh))
+  head_init = config.get("head_init", "random")
+  if head_init not in ("random", "probe"):
+    raise models.ConfigError(f"config: field 'head_init': must be 'random' or 'probe', got '{head_init}'")
+  if head_init == "probe" and runs.latest_step(workdir) is None:  # A resumed run restores its fitted head.
+    feature_fn = jit_scores(model_cfg, rcfg, state_sh["trainable"], base_sh, batch_sh, sharding.replicated(mesh),
+                            fn=batch_features)
+    head, data_info["head_probe"] = probe_head(feature_fn, state["trainable"], base, train_arrays, config,
+                                               rcfg.pos_weight, mesh)
+    state["trainable"]["head"] = jax.device_put(head, state_sh["trainable"]["head"])
   kind = data.KINDS[config.data.format]
   evaluate_fn = None if eval_arrays is None else lambda s, f: evaluate(
       score_fn, s["trainable"], f, eval_arrays, config.data.eval_batch_size, mesh, kind)

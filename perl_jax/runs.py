@@ -68,6 +68,18 @@ def restore(workdir, abstract_state, *, step: int | None = None) -> tuple[int, d
   return restored_step, state
 
 
+def latest_step(workdir) -> int | None:
+  """The step of WORKDIR's latest checkpoint, or None when it has none (a fresh run)."""
+  ckpt_dir = pathlib.Path(workdir) / CHECKPOINTS
+  if not ckpt_dir.is_dir():
+    return None
+  ckpt = checkpoint.Checkpointer(ckpt_dir, max_to_keep=None)
+  try:
+    return ckpt.latest_step()
+  finally:
+    ckpt.close()
+
+
 def sharded_abstract(make_state, base, mesh):
   """ShapeDtypeStructs of make_state(base) carrying their shardings on `mesh`: a restore target."""
   abstract = jax.eval_shape(make_state, base)

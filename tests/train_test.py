@@ -150,3 +150,41 @@ def test_two_process_training_matches_one_process(tiny, tmp_path):
   np.testing.assert_allclose(multi[0]["b_abs_sum"], np.abs(b).sum(), rtol=1e-4)
   for k, v in ev.items():
     np.testing.assert_allclose(multi[0]["eval"][k], v, rtol=1e-4, err_msg=k)
+
+
+
+@pytest.mark.parametrize("arg", ["tm4_lora", "hh_full"])
+def test_probe_head_init_is_the_probe_of_the_runs_own_frozen_features(tiny, tmp_path, monkeypatch, arg):
+  """head_init="probe" (LP-FT): the head a run starts from is probe.fit_head of the frozen features of its first
+  probe_examples training examples, computed here independently (one unpadded row at a time). lr = 0 keeps the
+  step-1 checkpoint at the initial state. A resumed run restores the head and does not fit it again."""
+  import optax
+
+  from perl_jax import optimizer, probe, runs
+  cfg = _config(tiny, arg, head_init="probe", probe_examples=12, steps=2, checkpoint_every=1, eval_every=0)
+  cfg.optim.lr = 0.0
+  reward.train(cfg, tmp_path / "run", stop_after=1)
+  assert json.loads((tmp_path / "run" / "run.json").read_text())["data"]["head_probe"]["examples"] == 12
+
+  model_cfg, base, tokenizer = runs.load_model(cfg.model)
+  train_arrays, _, _ = reward.load_data(cfg, tokenizer)
+  rcfg = reward.config_from(cfg)
+  init = reward.new_state(cfg, rcfg, model_cfg, base, optax.sgd(0.0))["trainable"]
+  frozen = reward.frozen_params(rcfg, base)
+  rows = []
+  for i in range(12):
+    ids, mask = train_arrays["input_ids"][i], train_arrays["attention_mask"][i]
+    n = int(mask.reshape(-1, mask.shape[-1]).sum(-1).max())  # Right padding: drop the all-pad tail.
+    batch = {"input_ids": ids[None, ..., :n], "attention_mask": mask[None, ..., :n]}
+    rows.append(np.asarray(reward.batch_features(model_cfg, rcfg, init, frozen, batch))[0])
+  want, _ = probe.fit_head(np.stack(rows), train_arrays["label"][:12] if "label" in train_arrays else None,
+                           seed=cfg.seed)
+  optim = optimizer.make(cfg.optim, cfg.steps)[1]
+  target = jax.eval_shape(lambda b: reward.new_state(cfg, rcfg, model_cfg, b, optim), base)
+  _, state = runs.restore(tmp_path / "run", target, step=1)
+  np.testing.assert_allclose(np.asarray(state["trainable"]["head"]["kernel"]), want["kernel"], rtol=2e-3, atol=2e-4)
+  np.testing.assert_allclose(np.asarray(state["trainable"]["head"]["bias"]), want["bias"], rtol=2e-3, atol=2e-4)
+
+  monkeypatch.setattr(reward, "probe_head", lambda *a, **k: pytest.fail("refit on resume"))
+  resumed, _ = reward.train(cfg, tmp_path / "run")
+  assert int(resumed["step"]) == 2

@@ -29,6 +29,8 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
   c.optim = dict(lr=5e-4 if mode == "lora" else 2e-5, warmup_steps=20, weight_decay=0.0, clip_norm=1.0,
                  head_lr_mult=1.0)  # The scalar head's lr = lr × head_lr_mult.
   c.pos_weight = 1.0  # BCE (binary data): weight of positive labels.
+  c.head_init = "random"  # "probe": LP-FT, the head starts as a logistic probe of the frozen model's features.
+  c.probe_examples = 0  # head_init="probe": fit on the first N training examples (0 = all of them).
   c.balance_classes = False  # BCE: pos_weight = n_neg / n_pos of the training split (overrides pos_weight).
   c.steps = 300
   c.log_every = 5

@@ -16,7 +16,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.axes = [
       [{"optim.lr": 5e-4},  # The shipped default before this search.
        {"optim.lr": 2e-3},  # A 4× higher adapter learning rate.
-       {"optim.lr": 2e-3, "balance_classes": True}],  # ... and class-balanced BCE (86% of labels are positive).
+       {"optim.lr": 2e-3, "balance_classes": True},  # ... and class-balanced BCE (86% of labels are positive).
+       {"optim.lr": 5e-4, "head_init": "probe"},  # LP-FT: the head starts as a probe of the frozen features.
+       {"optim.lr": 1e-4, "head_init": "probe"}],  # ... fine-tuned gently (LP-FT's advice: a small lr).
   ]
   c.fixed = [{  # The same budget and dev split for every point.
       "data.dev_fraction": 0.15, "steps": 40, "data.batch_size": 16, "data.max_len": 192,
