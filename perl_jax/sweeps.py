@@ -6,7 +6,8 @@ A sweep file (experiments/sweeps/*.py) defines `get_config()` returning an ml_co
   axes     a list of axes; each axis a list of override dicts {"lora.rank": 4, ...}; the grid is their product.
            The key "config" in an override swaps the base config (e.g. another data set or mode).
   fixed    (optional) a list of override dicts every point gets, not part of its name (a shared budget, a dev
-           split, ...); a list because ConfigDict fields cannot hold dotted keys directly
+           split, ...; a point's own axis value for the same key wins); a list because ConfigDict fields cannot
+           hold dotted keys directly
   metrics  eval metrics the report leads with, the first one a point has ("roc_auc", then "accuracy", ...)
   done     the file whose presence marks a finished point (default "summary.json")
   args     "config" (default): overrides become --config.KEY=VALUE of a config-driven stage; "flags": they become
@@ -69,10 +70,10 @@ def point_name(overrides: dict) -> str:
 
 
 def expand(sweep: ml_collections.ConfigDict, common: dict | None = None) -> list[Point]:
-  """Every point of the grid (product of the axes, in order), each with the sweep's `fixed` overrides and then
-  the `common` ones (--set) added (not part of its name); errors if two points share a folder name."""
+  """Every point of the grid (product of the axes, in order): the sweep's `fixed` overrides, then the point's own
+  (an axis value beats `fixed`), then the `common` ones (--set, beating both); only the axis values make its
+  name. Errors if two points share a folder name."""
   fixed = {k: v for part in (sweep.get("fixed", None) or []) for k, v in dict(part).items()}
-  common = {**fixed, **dict(common or {})}
   points = []
   for i, combo in enumerate(itertools.product(*[list(axis) for axis in sweep.axes])):
     overrides = {}
@@ -80,7 +81,7 @@ def expand(sweep: ml_collections.ConfigDict, common: dict | None = None) -> list
       overrides.update(dict(part))
     name = point_name(overrides)
     base = overrides.pop("config", sweep.config)
-    points.append(Point(i, name, base, {**overrides, **dict(common or {})}))
+    points.append(Point(i, name, base, {**fixed, **overrides, **dict(common or {})}))
   names = [p.name for p in points]
   dupes = sorted({n for n in names if names.count(n) > 1})
   if dupes:

@@ -6,7 +6,7 @@
 #  4. RL: REINFORCE with a LoRA value baseline against the RM, KL to the SFT anchor, all roles on ONE backbone;
 #  5. eval: RM reward before (SFT anchor) and after (policy), KL, win rate on held-out prompts; one JSON line.
 # Every stage keeps its run folder under $W (metrics.jsonl, tb/ for TensorBoard, checkpoints/).
-# DEMO_STEPS scales the step counts (SFT = N, RM = 1.5 N, RL = N/2; CI uses 2); VENV picks the venv folder.
+# DEMO_STEPS scales the step counts (SFT = N, RM = N, RL = N/2; CI uses 2); VENV picks the venv folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
@@ -14,7 +14,7 @@ PY=${VENV:-.venv}/bin/python  # VENV=folder: the venv setup_env.sh makes and use
 W=${DEMO_WORKDIR:-runs/demo}
 STEPS=${DEMO_STEPS:-20}
 SFT_STEPS=${DEMO_SFT_STEPS:-$STEPS}
-RM_STEPS=${DEMO_RM_STEPS:-$((STEPS * 3 / 2))}
+RM_STEPS=${DEMO_RM_STEPS:-$STEPS}
 RL_STEPS=${DEMO_RL_STEPS:-$((STEPS / 2 > 1 ? STEPS / 2 : STEPS))}
 rm -rf "$W"
 TM4=experiments/data/taskmaster4
@@ -28,7 +28,7 @@ $PY scripts/train_sft.py --config experiments/sft/smollm2.py:tm4_lora --workdir 
 echo "== 3. PERL reward model: LoRA on Taskmaster-4 thumbs up/down ($RM_STEPS steps) =="
 $PY scripts/train_reward.py --config experiments/rm/smollm2.py:tm4_lora --workdir "$W/rm" \
   --config.steps="$RM_STEPS" --config.data.batch_size=8 --config.data.max_len=192 --config.eval_every="$RM_STEPS" \
-  --config.checkpoint_every="$RM_STEPS" --config.data.max_eval_examples=128 --config.data.bucket_by_length=True
+  --config.checkpoint_every="$RM_STEPS" --config.data.max_eval_examples=128 --config.probe_examples=128
 echo "RM held-out metrics ($W/rm/eval.json): $(tr -d ' \n' < "$W/rm/eval.json")"
 $PY scripts/export.py --workdir "$W/rm" --out "$W/rm/export_peft" --format peft  # or --format merged (HF folder)
 echo "== 4. RL: REINFORCE + LoRA value baseline against the RM, β=0.05, T=0.7 ($RL_STEPS steps) =="

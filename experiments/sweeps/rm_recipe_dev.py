@@ -23,6 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.fixed = [{  # The same budget and dev split for every point.
       "data.dev_fraction": 0.15, "steps": 40, "data.batch_size": 16, "data.max_len": 192,
       "data.bucket_by_length": True, "optim.warmup_steps": 5, "eval_every": 40, "checkpoint_every": 40,
+      "head_init": "random", "probe_examples": 0,  # The defaults when the search ran; an axis value wins.
   }]
   c.metrics = ("roc_auc", "balanced_accuracy")  # Report columns (dev split).
   return c
