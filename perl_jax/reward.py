@@ -35,6 +35,8 @@ class RewardConfig:
 
 def config_from(config: ml_collections.ConfigDict) -> RewardConfig:
   """RewardConfig from a run config: Bradley-Terry for pairwise formats, BCE for binary ones."""
+  if config.get("head_init", "random") not in ("random", "probe"):
+    raise models.ConfigError(f"config: field 'head_init': must be 'random' or 'probe', got '{config.head_init}'")
   kind = data.KINDS.get(config.data.format)
   if kind is None:
     raise models.ConfigError(f"config: field 'data.format': unknown format '{config.data.format}' "
@@ -266,10 +268,7 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
   step_fn, perf, batch_sh = trainer.array_step(functools.partial(loss_fn, model_cfg, rcfg), optim, state, state_sh,
                                                base, base_sh, train_arrays, MODEL_KEYS, mesh, config.data.batch_size)
   score_fn = jit_scores(model_cfg, rcfg, state_sh["trainable"], base_sh, batch_sh, sharding.replicated(mesh))
-  head_init = config.get("head_init", "random")
-  if head_init not in ("random", "probe"):
-    raise models.ConfigError(f"config: field 'head_init': must be 'random' or 'probe', got '{head_init}'")
-  if head_init == "probe" and runs.latest_step(workdir) is None:  # A resumed run restores its fitted head.
+  if config.get("head_init", "random") == "probe" and runs.latest_step(workdir) is None:  # A resumed run restores its fitted head.
     feature_fn = jit_scores(model_cfg, rcfg, state_sh["trainable"], base_sh, batch_sh, sharding.replicated(mesh),
                             fn=batch_features)
     head, data_info["head_probe"] = probe_head(feature_fn, state["trainable"], base, train_arrays, config,

@@ -62,3 +62,17 @@ def test_cross_validation_regularises_noise_hardest():
   x, y = rng.normal(size=(120, 40)), (rng.uniform(size=120) > 0.5).astype(np.float64)
   c, cv = probe.cross_validate(x, y)
   assert c == min(probe.DEFAULT_CS) and cv[c] < cv[max(probe.DEFAULT_CS)]
+
+
+def test_unknown_head_init_is_a_config_error_naming_the_field():
+  import sys
+
+  from perl_jax import models
+  from tests.conftest import ROOT
+  sys.path.insert(0, str(ROOT))
+  from experiments.rm import smollm2
+  c = smollm2.get_config("tm4_lora")
+  assert reward.config_from(c).loss == "bce"
+  c.head_init = "pca"
+  with pytest.raises(models.ConfigError, match="field 'head_init'.*'pca'"):
+    reward.config_from(c)
