@@ -65,7 +65,7 @@ def test_flags_sweep_runs_benchmark_points_and_checks_flag_names(tmp_path):
   points = sweeps.expand(sweep)
   assert len(points) == 8 and points[0].name == "phase=rm,model=smollm2-135m"
   cmd = sweeps.command(sweep, points[-1], tmp_path)
-  assert cmd[2:] == ["--phase=rl", "--model=7b", "--abstract=True", "--modes=full,lora",
+  assert cmd[2:] == ["--abstract=True", "--modes=full,lora", "--phase=rl", "--model=7b",
                      f"--out={tmp_path / 'phase=rl,model=7b' / 'rows.jsonl'}"]
   path = tmp_path / "grid.py"
   path.write_text((ROOT / "experiments/sweeps/benchmark_grid.py").read_text().replace(
