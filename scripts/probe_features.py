@@ -19,7 +19,7 @@ import numpy as np
 from absl import app
 from ml_collections import config_flags
 
-from perl_jax import data, evaluation, losses, models, reward, runs
+from perl_jax import data, evaluation, models, reward, runs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "An RM config (experiments/rm/*.py:ARG).")
 
@@ -30,7 +30,7 @@ def features(model_cfg, base, arrays, batch_size: int = 16):
   @jax.jit
   def feats(ids, mask, resp):
     hidden = models.forward(model_cfg, base, ids, mask, return_logits=False).hidden.astype(jnp.float32)
-    last = jnp.take_along_axis(hidden, losses.last_token_index(mask)[:, None, None], axis=1)[:, 0]
+    last = reward.last_token(hidden, mask)
     r = resp.astype(jnp.float32)[..., None]
     return jnp.stack([last, jnp.sum(hidden * r, 1) / jnp.maximum(jnp.sum(r, 1), 1.0)], axis=1)
 
