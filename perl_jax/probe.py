@@ -5,7 +5,16 @@ can Distort Pretrained Features": fit the head on the frozen backbone first, the
 Binary data: x = the last-token hidden state, y = the thumbs label, with an intercept. Pairs (Bradley-Terry):
 x = h_chosen − h_rejected, y = 1, no intercept, so the fitted objective is the BT loss itself.
 """
+import hashlib
+import logging
+import os
+import pathlib
+import tempfile
+
+import jax
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CS = (0.001, 0.01, 0.1, 1.0)  # Inverse L2 strengths tried by cross-validation (sklearn's C).
 
@@ -87,3 +96,35 @@ def fit_head(features, labels=None, *, pos_weight: float = 1.0, cs=DEFAULT_CS, s
   head = {"kernel": kernel.astype(np.float32)[:, None], "bias": np.array([bias], np.float32)}
   info = {"C": c, "cv_loss": cv, "train_loss": weighted_log_loss(z @ w + b, y, s), "examples": len(y)}
   return head, info
+
+
+def digest(*trees) -> str:
+  """sha256 over the leaves (dtype, shape, bytes) and structure of pytrees of host-readable arrays and scalars."""
+  h = hashlib.sha256()
+  for tree in trees:
+    leaves, treedef = jax.tree.flatten(tree)
+    h.update(str(treedef).encode())
+    for leaf in leaves:
+      a = np.asarray(leaf)
+      h.update(f"{a.dtype}{a.shape}".encode())
+      h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()
+
+
+def cached_features(cache_dir: str, key: str, compute):
+  """compute() -> (features, labels or None), memoised as `cache_dir/key.npz` (written atomically); no cache when
+  cache_dir is empty. The key must name everything the features depend on (probe_key in reward.py)."""
+  if not cache_dir:
+    return compute()
+  path = pathlib.Path(cache_dir) / f"{key}.npz"
+  if path.is_file():
+    with np.load(path) as f:
+      log.info("LP-FT probe features read from the cache %s", path)
+      return f["features"], (f["labels"] if "labels" in f else None)
+  feats, labels = compute()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+  with os.fdopen(fd, "wb") as f:
+    np.savez(f, features=feats, **({} if labels is None else {"labels": labels}))
+  os.replace(tmp, path)
+  return feats, labels

@@ -218,6 +218,19 @@ def evaluate(score_fn, trainable, base, arrays, batch_size: int, mesh, kind: str
   return evaluation.binary_metrics(r, labels)
 
 
+def probe_key(config, trainable, base, arrays) -> str:
+  """What the probe's features depend on: the model (config and weights), the examples and the eval batch size
+  (bucket shapes). Untrained adapters (B = 0) add exactly nothing, so every LoRA rank and seed shares one key;
+  full tuning (its own backbone copy and program) has its own."""
+  weights = {k: v for k, v in trainable.items() if k not in ("head", "lora")}
+  b_leaves = [x for path, x in jax.tree_util.tree_leaves_with_path(trainable.get("lora", {}))
+              if getattr(path[-1], "key", None) == "b"]
+  if any(np.any(np.asarray(b) != 0) for b in b_leaves):
+    weights["lora"] = trainable["lora"]  # Adapters that already change the features (none today).
+  return probe.digest({"v": 1, "model": repr(config.model.to_dict()), "mode": config.mode,
+                       "batch": config.data.eval_batch_size}, weights, base, arrays)
+
+
 def probe_head(feature_fn, trainable, base, arrays, config, pos_weight: float, mesh) -> tuple[dict, dict]:
   """LP-FT's first stage: the head fit by a cross-validated logistic regression (probe.fit_head) on the
   frozen-model features of the first config.probe_examples training examples (0 = all), as the untrained
@@ -225,8 +238,11 @@ def probe_head(feature_fn, trainable, base, arrays, config, pos_weight: float, m
   n = config.get("probe_examples", 0) or len(arrays["input_ids"])
   sub = {k: v[:n] for k, v in arrays.items()}
   t0 = time.perf_counter()
-  feats, labels = score_all(feature_fn, trainable, base, sub, config.data.eval_batch_size, mesh,
-                            progress="LP-FT probe features")
+  cache = config.get("probe_cache", "") if jax.process_count() == 1 else ""
+  feats, labels = probe.cached_features(
+      cache, cache and probe_key(config, trainable, base, sub),
+      lambda: score_all(feature_fn, trainable, base, sub, config.data.eval_batch_size, mesh,
+                        progress="LP-FT probe features"))
   head, info = probe.fit_head(feats, labels, pos_weight=pos_weight, seed=config.seed)
   info["seconds"] = time.perf_counter() - t0
   log.info("LP-FT head: logistic probe on %d examples' frozen features, C=%g, train loss %.4f (%.0f s)",

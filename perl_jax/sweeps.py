@@ -186,11 +186,16 @@ def collect(points: list[Point], workdir) -> list[dict]:
   return rows
 
 
-def group(rows: list[dict], metric_keys: list[str], seed_key: str = "set.seed") -> list[dict]:
-  """Rows that differ only in the seed become one: mean and std (ddof=0) of each metric, n seeds."""
+def is_seed(key: str) -> bool:
+  """Override keys that name a seed (seed, data.shuffle_seed, data.seed): the report averages over them."""
+  return key.rsplit(".", 1)[-1].endswith("seed")
+
+
+def group(rows: list[dict], metric_keys: list[str]) -> list[dict]:
+  """Rows that differ only in seeds (is_seed) become one: mean and std (ddof=0) of each metric, n seeds."""
   groups: dict = {}
   for r in rows:
-    key = tuple((k, str(v)) for k, v in r.items() if k.startswith("set.") and k != seed_key) + (("base", r["base"]),)
+    key = tuple((k, str(v)) for k, v in r.items() if k.startswith("set.") and not is_seed(k)) + (("base", r["base"]),)
     groups.setdefault(key, []).append(r)
   out = []
   for key, members in groups.items():

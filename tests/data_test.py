@@ -358,3 +358,14 @@ def test_dev_split_is_carved_from_train_only(monkeypatch):
   assert 0.1 < len(dev) / (len(train) + len(dev)) < 0.2
   assert not held & {key(e) for e in train + dev}
   assert not {data.pipeline.first_user_turn(e) for e in dev} & {data.pipeline.first_user_turn(e) for e in train}
+
+
+def test_shuffle_seed_changes_batch_order_only():
+  """data.shuffle_seed reorders batches (every row once per epoch); -1 keeps data.seed's order, as before."""
+  import ml_collections
+  dc = lambda **kw: ml_collections.ConfigDict(dict(batch_size=4, seed=0, max_len=3, **kw))
+  order = lambda c: sum((rows(b) for b, _ in zip(data.pipeline.train_iterator(make_arrays(12), c), range(3))), [])
+  default, same, other = order(dc()), order(dc(shuffle_seed=-1)), order(dc(shuffle_seed=1))
+  assert default == same == order(dc(shuffle_seed=0))
+  assert sorted(other) == sorted(default) == list(range(12)) and other != default
+  assert data.pipeline.order_seed(dc(shuffle_seed=1)) == 1 and data.pipeline.order_seed(dc()) == 0

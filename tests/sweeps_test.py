@@ -38,7 +38,8 @@ def test_grid_names_and_shards_cover_every_point_once(tmp_path):
   sweep = sweeps.load(ROOT / "experiments/sweeps/rm_ranks.py")
   points = sweeps.expand(sweep)
   assert len(points) == 2 * 5 * 2 and len({p.name for p in points}) == len(points)
-  assert points[0].name == "tm4_lora,rank=1,alpha=2,seed=0" and points[-1].overrides["mode"] == "full"
+  assert points[0].name == "tm4_lora,rank=1,alpha=2,seed=0,shuffle_seed=0" and points[-1].overrides["mode"] == "full"
+  assert all(p.overrides["probe_cache"] for p in points)
   for n in (1, 3, 7):
     shards = [sweeps.select(points, shard=f"{i}/{n}") for i in range(n)]
     indices = sorted(p.index for s in shards for p in s)
@@ -46,6 +47,15 @@ def test_grid_names_and_shards_cover_every_point_once(tmp_path):
   assert [p.name for p in sweeps.select(points, only="3")] == [points[3].name]
   with pytest.raises(ConfigError, match="--shard 3/3"):
     sweeps.select(points, shard="3/3")
+
+
+def test_group_averages_over_every_seed_key_by_hand():
+  row = lambda rank, seed, auc: {"point": "", "base": "b", "set.lora.rank": rank, "set.seed": seed,
+                                 "set.data.shuffle_seed": seed, "roc_auc": auc}
+  groups = sweeps.group([row(1, 0, 0.6), row(1, 1, 0.7), row(4, 0, 0.5), row(4, 1, None)], ["roc_auc"])
+  assert [(g["set.lora.rank"], g["seeds"]) for g in groups] == [("1", 2), ("4", 2)]
+  assert groups[0]["roc_auc"] == pytest.approx(0.65) and groups[0]["roc_auc.std"] == pytest.approx(0.05)
+  assert groups[1]["roc_auc"] == 0.5 and groups[1]["roc_auc.std"] == 0.0
 
 
 def test_fixed_overrides_reach_every_point_but_not_names_and_set_wins():

@@ -188,3 +188,34 @@ def test_probe_head_init_is_the_probe_of_the_runs_own_frozen_features(tiny, tmp_
   monkeypatch.setattr(reward, "probe_head", lambda *a, **k: pytest.fail("refit on resume"))
   resumed, _ = reward.train(cfg, tmp_path / "run")
   assert int(resumed["step"]) == 2
+
+
+def test_probe_cache_is_shared_by_lora_ranks_and_seeds_and_equals_a_fresh_probe(tiny, tmp_path, monkeypatch):
+  """probe_cache: the frozen features are computed once for every LoRA rank and seed (untrained adapters add
+  exactly zero); a point that reads them starts from the head an uncached run of that point fits. Full tuning
+  and another probe set get their own entries."""
+  from perl_jax import optimizer, runs
+  cache = tmp_path / "cache"
+
+  def head(run, **over):
+    cfg = _config(tiny, "tm4_lora", **{**dict(head_init="probe", probe_examples=12, steps=2, checkpoint_every=1,
+                                              eval_every=0), **over})
+    cfg.optim.lr = 0.0
+    reward.train(cfg, tmp_path / run, stop_after=1)
+    model_cfg, base, _ = runs.load_model(cfg.model)
+    rcfg, optim = reward.config_from(cfg), optimizer.make(cfg.optim, cfg.steps)[1]
+    target = jax.eval_shape(lambda b: reward.new_state(cfg, rcfg, model_cfg, b, optim), base)
+    return runs.restore(tmp_path / run, target, step=1)[1]["trainable"]["head"]
+
+  head("r4", probe_cache=str(cache))
+  assert len(list(cache.glob("*.npz"))) == 1
+  fresh = head("r8_fresh", **{"lora.rank": 8, "seed": 1})
+  real_score_all = reward.score_all
+  monkeypatch.setattr(reward, "score_all", lambda *a, **k: pytest.fail("features recomputed"))
+  cached = head("r8_cached", probe_cache=str(cache), **{"lora.rank": 8, "seed": 1})
+  for k in ("kernel", "bias"):
+    np.testing.assert_allclose(np.asarray(cached[k]), np.asarray(fresh[k]), rtol=1e-4, atol=1e-5)
+  monkeypatch.setattr(reward, "score_all", real_score_all)
+  head("full", probe_cache=str(cache), mode="full")
+  head("n10", probe_cache=str(cache), probe_examples=10)
+  assert len(list(cache.glob("*.npz"))) == 3

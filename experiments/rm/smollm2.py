@@ -17,13 +17,14 @@ DATA = {
 def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
   dataset, mode = arg.split("_")
   c = ml_collections.ConfigDict()
-  c.seed = 0
+  c.seed = 0  # Init (LoRA A, a random head) and the run's RNG; the split and batch order are data.seed/shuffle_seed.
   c.mode = mode
   c.model = dict(path="", param_dtype="float32", dtype="float32", remat="none", attention="auto")
   c.data = dict(eval_path="", eval_fraction=0.1, seed=0, batch_size=16, eval_batch_size=32,
                 min_prompt_tokens=64, max_train_examples=0, max_eval_examples=0,
                 bucket_by_length=True,  # Batches of similar lengths cut to 64-token buckets (fewer pad tokens).
                 dev_fraction=0.0,  # >0: evaluate on a dev split carved from the training part (recipe search).
+                shuffle_seed=-1,  # Batch-order seed; -1: data.seed (which also fixes the held-out split).
                 **DATA[dataset])
   c.lora = dict(rank=4, alpha=8.0, targets="attention")  # Paper: attention projections, ranks 1-16.
   c.optim = dict(lr=5e-4 if mode == "lora" else 2e-5, warmup_steps=10, weight_decay=0.0, clip_norm=1.0,
@@ -31,6 +32,7 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
   c.pos_weight = 1.0  # BCE (binary data): weight of positive labels.
   c.head_init = "probe"  # LP-FT: the head starts as a logistic probe of the frozen model's features ("random": N(0, 1/D)).
   c.probe_examples = 1024  # head_init="probe": fit on the first N training examples (0 = all of them).
+  c.probe_cache = ""  # Folder memoising the probe's frozen features across runs (sweeps); "" = off.
   c.balance_classes = False  # BCE: pos_weight = n_neg / n_pos of the training split (overrides pos_weight).
   c.steps = 120  # The 2-core CPU budget (<= 60 min a run); an accelerator run: steps=2000, max_len=1024.
   c.log_every = 5

@@ -30,6 +30,7 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
       eval_path="",  # A separate held-out file; empty = split data.path by conversation.
       eval_fraction=0.1,  # Held-out share of conversations (seeded hash of the conversation id).
       seed=0,  # Split and shuffling seed.
+      shuffle_seed=-1,  # Batch-order seed alone; -1: data.seed.
       batch_size=8, eval_batch_size=16,  # Global batch sizes (dialogs); divisible by data x fsdp devices.
       max_train_examples=0, max_eval_examples=0,  # 0 = all.
       bucket_by_length=False,  # Batches of similar lengths cut to 64-token buckets (fewer pad tokens).

@@ -17,7 +17,8 @@ def get_config() -> ml_collections.ConfigDict:
       [{"config": f"{RM}:tm4_lora"}, {"config": f"{RM}:hh_lora"}],  # Data set.
       [*({"lora.rank": r, "lora.alpha": 2.0 * r} for r in (1, 4, 8, 16)),
        {"mode": "full", "optim.lr": 2e-5}],  # Arm: LoRA rank, or full tuning at its own learning rate.
-      [{"seed": 0}, {"seed": 1}],  # Seeds (init and data order); the report averages over them.
+      [{"seed": s, "data.shuffle_seed": s} for s in (0, 1)],  # Seeds: init and batch order; one held-out split.
   ]
+  c.fixed = [{"probe_cache": "runs/probe_cache"}]  # LP-FT's frozen features, computed once per data set and mode.
   c.metrics = ("roc_auc", "accuracy")  # Report column: TM-4 rows show ROC-AUC, HH rows pair accuracy.
   return c

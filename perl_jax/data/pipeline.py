@@ -277,9 +277,15 @@ def default_buckets(max_len: int, step: int = 64) -> tuple[int, ...]:
   return tuple(range(step, max_len, step)) + (max_len,)
 
 
+def order_seed(dc) -> int:
+  """The batch-order seed: data.shuffle_seed, or data.seed (which also fixes the held-out split) when it is < 0,
+  so seeds of an ablation can vary the order while every point keeps the same held-out split."""
+  return dc.seed if dc.get("shuffle_seed", -1) < 0 else dc.shuffle_seed
+
+
 def train_iterator(arrays: dict, dc) -> "BatchIterator":
-  """The training iterator a data config asks for: global batch data.batch_size, seed data.seed, and with
-  data.bucket_by_length, batches grouped by length and cut to `default_buckets(data.max_len)`."""
+  """The training iterator a data config asks for: global batch data.batch_size, seed `order_seed(dc)`, and
+  with data.bucket_by_length, batches grouped by length and cut to `default_buckets(data.max_len)`."""
   bucketed = dc.get("bucket_by_length", False)
-  return BatchIterator(arrays, dc.batch_size, seed=dc.seed, group_by_length=bucketed,
+  return BatchIterator(arrays, dc.batch_size, seed=order_seed(dc), group_by_length=bucketed,
                        buckets=default_buckets(dc.max_len) if bucketed else ())
