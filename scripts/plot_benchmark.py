@@ -1,4 +1,6 @@
 """Collects benchmark rows (JSON lines from scripts/benchmark.py --out) into PREFIX.json, PREFIX.md, PREFIX.png.
+RM rows (--phase rm) and RL rows (--phase rl) may be mixed: each gets its table, and the plot shows LoRA/full
+memory vs model size for both.
 
   python scripts/plot_benchmark.py rows.jsonl [more.jsonl ...] --prefix experiments/results/benchmark_rm \
       --note "how the rows were produced"
@@ -9,6 +11,7 @@ import pathlib
 from absl import app, flags
 
 from perl_jax import benchmark
+from perl_jax.rl import benchmark as rl_benchmark
 
 _PREFIX = flags.DEFINE_string("prefix", "experiments/results/benchmark_rm", "Output path without suffix.")
 _NOTE = flags.DEFINE_multi_string("note", [], "A line of the commands block in the markdown (repeatable).")
@@ -46,14 +49,23 @@ def _plot_series(ax, comps: list[dict], field: str) -> None:
       ax.annotate(f"{name} {value:.2f}", (size, value), textcoords="offset points", xytext=(4, 4), fontsize=7)
 
 
-def plot(rows: list[dict], path: str) -> None:
+def rl_points(rl_rows: list[dict]) -> list[tuple]:
+  """(backbone params, LoRA/full compiled peak, model, series label) per RL comparison (rl.benchmark.compare)."""
+  size = {r["model"]: r["backbone_params"] for r in rl_rows}
+  return [(size[c["model"]], c["memory_ratio"], c["model"],
+           f"RL update {c['dtype']} {c['batch']}x({c['prompt_len']}+{c['new_tokens']})")
+          for c in rl_benchmark.compare(rl_rows)]
+
+
+def plot(rows: list[dict], path: str, rl_rows: list[dict] = ()) -> None:
   """Memory ratio and speed-up vs model size, one series per (dtype, shape, remat, abstract|measured), the
-  paper's RM ranges as shaded bands, the project targets dashed, the FLOP ceilings dotted."""
+  paper's RM ranges as shaded bands, the project targets dashed, the FLOP ceilings dotted; RL update rows add
+  their memory ratio (triangles) and the paper's RL band."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   comps = benchmark.compare(rows)
-  fig, (ax_m, ax_s) = plt.subplots(1, 2, figsize=(12, 4.6))
+  fig, (ax_m, ax_s) = plt.subplots(1, 2, figsize=(13, 5.2))
   for ax, field, paper_key in ((ax_m, "memory_ratio", "memory"), (ax_s, "speedup", "speedup")):
     band = benchmark.PAPER["rm"][paper_key]
     ax.axhspan(*band, color="tab:green", alpha=0.15, label=f"paper RM range {band[0]}-{band[1]}")
@@ -61,6 +73,15 @@ def plot(rows: list[dict], path: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("total parameters")
     ax.grid(alpha=0.3)
+  points = rl_points(list(rl_rows))
+  if points:
+    band = benchmark.PAPER["rl"]["memory"]
+    ax_m.axhspan(*band, color="tab:orange", alpha=0.15, label=f"paper RL range {band[0]}-{band[1]}")
+    for label in dict.fromkeys(p[3] for p in points):
+      pts = sorted(p for p in points if p[3] == label)
+      ax_m.plot([p[0] for p in pts], [p[1] for p in pts], marker="^", label=f"{label} (compiled)")
+      for size, value, name, _ in pts:
+        ax_m.annotate(f"{name} {value:.2f}", (size, value), textcoords="offset points", xytext=(4, -10), fontsize=7)
   ax_m.plot([1e8, 1e9], [0.5, 0.5], "k--", lw=1, label="target <= 0.5 (135M), <= 0.35 (>= 1B)")
   ax_m.plot([1e9, 1e10], [0.35, 0.35], "k--", lw=1)
   ax_m.set_ylim(0, 1.05)
@@ -71,7 +92,7 @@ def plot(rows: list[dict], path: str) -> None:
   ax_s.set_ylabel("speed-up (full step time / LoRA step time)")
   for ax in (ax_m, ax_s):
     ax.legend(fontsize=7, loc="upper right")
-  fig.suptitle("PERL reward model: LoRA vs full fine-tuning")
+  fig.suptitle("PERL: LoRA vs full fine-tuning" + (" (RM step; RL update on the left)" if points else " (RM step)"))
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 
@@ -79,19 +100,25 @@ def main(argv):
   """Positional arguments: the JSON-lines files from scripts/benchmark.py --out."""
   if len(argv) < 2:
     raise app.UsageError("give at least one rows .jsonl file")
-  rows = [json.loads(line) for f in argv[1:] for line in pathlib.Path(f).read_text().splitlines() if line.strip()]
+  every = [json.loads(line) for f in argv[1:] for line in pathlib.Path(f).read_text().splitlines() if line.strip()]
+  rows = [r for r in every if r.get("phase", "rm") == "rm"]
+  rl_rows = [r for r in every if r.get("phase") == "rl"]
   prefix = pathlib.Path(_PREFIX.value)
   prefix.parent.mkdir(parents=True, exist_ok=True)
   comps = benchmark.compare(rows)
-  prefix.with_suffix(".json").write_text(json.dumps({"rows": rows, "comparisons": comps}, indent=1))
+  prefix.with_suffix(".json").write_text(json.dumps(
+      {"rows": rows, "comparisons": comps, "rl_rows": rl_rows, "rl_comparisons": rl_benchmark.compare(rl_rows)},
+      indent=1))
   extra = "\n".join(f"    {n}" for n in _NOTE.value)
   md = f"# PERL reward-model benchmark: full vs LoRA\n\n{benchmark.markdown(rows)}\n\n{NOTES}\n"
+  if rl_rows:
+    md += f"\n## RL update step (every role resident)\n\n{rl_benchmark.markdown(rl_rows)}\n"
   if _FINDING.value:
     md += "\n## Findings\n\n" + "\n\n".join(_FINDING.value) + "\n"
   if extra:
     md += f"\nProduced with:\n\n{extra}\n"
   prefix.with_suffix(".md").write_text(md)
-  plot(rows, str(prefix.with_suffix(".png")))
+  plot(rows, str(prefix.with_suffix(".png")), rl_rows)
   print(md)
 
 

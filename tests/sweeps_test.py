@@ -88,6 +88,16 @@ def test_flags_sweep_runs_benchmark_points_and_checks_flag_names(tmp_path):
   assert rows[1]["compiled_peak_bytes"] < rows[0]["compiled_peak_bytes"]
   again = _cli("scripts/ablate.py", "--sweep", str(path), "--workdir", str(tmp_path / "w"), "--only", "1")
   assert "done, skipped" in again.stdout
+  assert _cli("scripts/ablate.py", "--sweep", str(path), "--workdir", str(tmp_path / "w"), "--only", "0").returncode == 0
+  plotted = _cli("scripts/plot_benchmark.py", *sorted(str(f) for f in (tmp_path / "w").glob("*/rows.jsonl")),
+                 "--prefix", str(tmp_path / "grid"))
+  assert plotted.returncode == 0, plotted.stderr[-2000:]
+  out = json.loads((tmp_path / "grid.json").read_text())
+  rm_rows = [json.loads(line) for line in (tmp_path / "w" / "phase=rm,model=tiny" / "rows.jsonl").read_text().splitlines()]
+  ratio = lambda rs: rs[1]["compiled_peak_bytes"] / rs[0]["compiled_peak_bytes"]  # lora / full
+  assert out["comparisons"][0]["memory_ratio"] == pytest.approx(ratio(rm_rows))
+  assert out["rl_comparisons"][0]["memory_ratio"] == pytest.approx(ratio(rows))
+  assert (tmp_path / "grid.png").stat().st_size > 0 and "RL update step" in (tmp_path / "grid.md").read_text()
   path.write_text(path.read_text().replace('{"phase": "rm"}', '{"phsae": "rm"}'))
   bad = _cli("scripts/ablate.py", "--sweep", str(path), "--workdir", str(tmp_path / "w2"))
   assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "'phsae'" in bad.stderr
