@@ -18,12 +18,14 @@ def get_config() -> ml_collections.ConfigDict:
        {"optim.lr": 2e-3},  # A 4× higher adapter learning rate.
        {"optim.lr": 2e-3, "balance_classes": True},  # ... and class-balanced BCE (86% of labels are positive).
        {"optim.lr": 5e-4, "head_init": "probe"},  # LP-FT: the head starts as a probe of the frozen features.
-       {"optim.lr": 1e-4, "head_init": "probe"}],  # ... fine-tuned gently (LP-FT's advice: a small lr).
+       {"optim.lr": 1e-4, "head_init": "probe"},  # ... fine-tuned gently (LP-FT's advice: a small lr).
+       {"optim.lr": 5e-4, "head_init": "probe", "lora.targets": "attention_mlp"}],  # What the MLP adds.
   ]
   c.fixed = [{  # The same budget and dev split for every point.
       "data.dev_fraction": 0.15, "steps": 40, "data.batch_size": 16, "data.max_len": 192,
       "data.bucket_by_length": True, "optim.warmup_steps": 5, "eval_every": 40, "checkpoint_every": 40,
       "head_init": "random", "probe_examples": 0,  # The defaults when the search ran; an axis value wins.
+      "probe_cache": "runs/probe_cache",  # LP-FT points share one feature pass (the frozen model's).
   }]
   c.metrics = ("roc_auc", "balanced_accuracy")  # Report columns (dev split).
   return c
