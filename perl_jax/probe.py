@@ -126,5 +126,6 @@ def cached_features(cache_dir: str, key: str, compute):
   fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
   with os.fdopen(fd, "wb") as f:
     np.savez(f, features=feats, **({} if labels is None else {"labels": labels}))
+  os.chmod(tmp, 0o644)  # mkstemp makes it private; a shared sweep folder wants it readable.
   os.replace(tmp, path)
   return feats, labels
