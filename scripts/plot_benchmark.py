@@ -44,7 +44,7 @@ def _plot_series(ax, comps: list[dict], field: str) -> None:
       continue
     how = "compiled, abstract" if abstract else "measured on CPU"
     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if dtype == "bfloat16" else "s",
-            ls="-" if len(pts) > 1 else "none", label=f"{dtype} {pairs}x{seq} remat={remat} ({how})")
+            ls="-" if len(pts) > 1 else "none", label=f"RM step {dtype} {pairs}x{seq} remat={remat} ({how})")
     for size, value, name in pts:
       ax.annotate(f"{name} {value:.2f}", (size, value), textcoords="offset points", xytext=(4, 4), fontsize=7)
 
@@ -58,15 +58,18 @@ def rl_points(rl_rows: list[dict]) -> list[tuple]:
 
 
 def plot(rows: list[dict], path: str, rl_rows: list[dict] = ()) -> None:
-  """Memory ratio and speed-up vs model size, one series per (dtype, shape, remat, abstract|measured), the
-  paper's RM ranges as shaded bands, the project targets dashed, the FLOP ceilings dotted; RL update rows add
-  their memory ratio (triangles) and the paper's RL band."""
+  """Memory ratio (and, when any row was timed, speed-up) vs model size, one series per (dtype, shape, remat,
+  abstract|measured), the paper's ranges as shaded bands, the project targets dashed, the FLOP ceilings dotted;
+  RL update rows add their memory ratio (triangles) and the paper's RL band."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   comps = benchmark.compare(rows)
-  fig, (ax_m, ax_s) = plt.subplots(1, 2, figsize=(13, 5.2))
-  for ax, field, paper_key in ((ax_m, "memory_ratio", "memory"), (ax_s, "speedup", "speedup")):
+  timed = any(c["speedup"] for c in comps)
+  fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(13, 5.2) if timed else (7.5, 5.2), squeeze=False)
+  ax_m = axes[0, 0]
+  panels = [(ax_m, "memory_ratio", "memory")] + ([(axes[0, 1], "speedup", "speedup")] if timed else [])
+  for ax, field, paper_key in panels:
     band = benchmark.PAPER["rm"][paper_key]
     ax.axhspan(*band, color="tab:green", alpha=0.15, label=f"paper RM range {band[0]}-{band[1]}")
     _plot_series(ax, comps, field)
@@ -82,19 +85,22 @@ def plot(rows: list[dict], path: str, rl_rows: list[dict] = ()) -> None:
       ax_m.plot([p[0] for p in pts], [p[1] for p in pts], marker="^", label=f"{label} (compiled)")
       for size, value, name, _ in pts:
         ax_m.annotate(f"{name} {value:.2f}", (size, value), textcoords="offset points", xytext=(4, -10), fontsize=7)
-  ax_m.plot([1e8, 1e9], [0.5, 0.5], "k--", lw=1, label="target <= 0.5 (135M), <= 0.35 (>= 1B)")
+  ax_m.plot([1e8, 1e9], [0.5, 0.5], "k--", lw=1, label="RM target <= 0.5 (135M), <= 0.35 (>= 1B)")
   ax_m.plot([1e9, 1e10], [0.35, 0.35], "k--", lw=1)
   ax_m.set_ylim(0, 1.05)
   ax_m.set_ylabel("LoRA / full compiled peak memory")
-  ax_s.axhline(1.5, color="k", ls=":", lw=1, label="FLOP ceiling 1.5x (1.33x with remat)")
-  ax_s.axhline(4 / 3, color="k", ls=":", lw=1)
-  ax_s.set_xlim(ax_m.get_xlim())
-  ax_s.set_ylabel("speed-up (full step time / LoRA step time)")
-  for ax in (ax_m, ax_s):
+  if timed:
+    ax_s = axes[0, 1]
+    ax_s.axhline(1.5, color="k", ls=":", lw=1, label="FLOP ceiling 1.5x (1.33x with remat)")
+    ax_s.axhline(4 / 3, color="k", ls=":", lw=1)
+    ax_s.set_xlim(ax_m.get_xlim())
+    ax_s.set_ylabel("speed-up (full step time / LoRA step time)")
+  for ax in axes[0]:
     ax.legend(fontsize=7, loc="upper right")
-  fig.suptitle("PERL: LoRA vs full fine-tuning" + (" (RM step; RL update on the left)" if points else " (RM step)"))
+  fig.suptitle("PERL: LoRA vs full fine-tuning" + (" (RM train step, RL update step)" if points else " (RM train step)"))
   fig.tight_layout()
   fig.savefig(path, dpi=120)
+
 
 def main(argv):
   """Positional arguments: the JSON-lines files from scripts/benchmark.py --out."""
@@ -110,7 +116,8 @@ def main(argv):
       {"rows": rows, "comparisons": comps, "rl_rows": rl_rows, "rl_comparisons": rl_benchmark.compare(rl_rows)},
       indent=1))
   extra = "\n".join(f"    {n}" for n in _NOTE.value)
-  md = f"# PERL reward-model benchmark: full vs LoRA\n\n{benchmark.markdown(rows)}\n\n{NOTES}\n"
+  title = "PERL benchmark: full vs LoRA, RM step and RL update" if rl_rows else "PERL reward-model benchmark: full vs LoRA"
+  md = f"# {title}\n\n{benchmark.markdown(rows)}\n\n{NOTES}\n"
   if rl_rows:
     md += f"\n## RL update step (every role resident)\n\n{rl_benchmark.markdown(rl_rows)}\n"
   if _FINDING.value:
