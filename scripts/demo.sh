@@ -35,7 +35,8 @@ echo "== 4. RL: REINFORCE + LoRA value baseline against the RM, β=0.05, T=0.7 (
 $PY scripts/train_rl.py --config experiments/rl/smollm2.py:tm4_lora --workdir "$W/rl" \
   --config.reward_workdir="$W/rm" --config.sft_workdir="$W/sft" --config.steps="$RL_STEPS" \
   --config.data.max_train_prompts=512 --config.rl.max_new_tokens=32 --config.log_every=1 \
-  --config.checkpoint_every="$RL_STEPS" --config.optim.warmup_steps=2 --config.eval_prompts=0
+  --config.checkpoint_every="$RL_STEPS" --config.optim.warmup_steps=2 --config.eval_prompts=0 \
+  --config.optim.lr=1e-3  # 10x the config default, so 10 steps move the policy (README RL section, rl_arms_lr1e-3)
 echo "== 5. held-out prompts: SFT anchor (before) vs RL policy (after) under the RM =="
 $PY scripts/eval_policy.py --workdir "$W/rl" --data $TM4/reward.jsonl.gz --max_prompts 16 > "$W/eval_policy.json"
 $PY - "$W/eval_policy.json" <<'PYEOF'
