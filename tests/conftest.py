@@ -1,12 +1,23 @@
-"""Test setup: 8 fake CPU devices (set before jax is imported) and shared paths."""
+"""Test setup: 8 fake CPU devices (set before jax is imported), a session compilation cache, shared paths."""
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Many tests compile the same tiny steps again (a resumed run, a CLI subprocess, the same model in another test):
+# JAX's persistent compilation cache in a fresh folder for this session (inherited by subprocesses) loads those
+# executables instead of recompiling; halves the suite's time. Deleted at exit; an outer setting wins.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="perl_jax_tests_xla_cache_")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
