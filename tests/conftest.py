@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Many tests compile the same tiny steps again (a resumed run, a CLI subprocess, the same model in another test):
 # JAX's persistent compilation cache in a fresh folder for this session (inherited by subprocesses) loads those
-# executables instead of recompiling; halves the suite's time. Deleted at exit; an outer setting wins.
+# executables instead of recompiling (halves the RM training tests). Deleted at exit; an outer setting wins.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache = tempfile.mkdtemp(prefix="perl_jax_tests_xla_cache_")
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
