@@ -61,8 +61,10 @@ def markdown(groups: list[dict], metrics) -> str:
     tp, total = g.get("trainable_params"), g.get("total_params")
     mem = g.get("compiled_memory_bytes")
     metric = lead_metric(g, metrics)
+    mean, std = g.get(f"eval.{metric}"), g.get(f"eval.{metric}.std")
+    value = _fmt(mean, std) if g["seeds"] > 1 or mean is None else f"{mean:.3f}"  # One seed: no "± 0.000".
     cells = [str(g.get(k, "")) for k in settings] + [
-        metric or "–", _fmt(g.get(f"eval.{metric}"), g.get(f"eval.{metric}.std")), str(g["seeds"]), _fmt(tp),
+        metric or "–", value, str(g["seeds"]), _fmt(tp),
         _fmt(100 * tp / total if tp and total else None), _fmt(g.get("median_step_time_s")),
         _fmt(mem / 2**20 if mem else None), _fmt(g.get("wall_s"))]
     lines.append("| " + " | ".join(cells) + " |")
