@@ -117,6 +117,10 @@ def export_peft(rm: TrainedRM, out) -> pathlib.Path:
   """A PEFT LoRA adapter folder (task SEQ_CLS) for the base model, plus perl_reward.json (bias, pad id)."""
   if rm.rcfg.mode != "lora":
     raise models.ConfigError(f"mode '{rm.rcfg.mode}' trains no adapter: export it with --format merged")
+  if rm.config.get("init_from"):
+    raise models.ConfigError(f"config field 'init_from': this reward model stands on the SFT model of "
+                             f"{rm.config.init_from}, not on the base model a PEFT adapter is for: export it with "
+                             "--format merged")
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   tensors = peft_state_dict(rm.model_cfg, rm.trainable)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from perl_jax import export, lora, models
+from perl_jax import export, lora, models, runs
 from perl_jax.models import loading
 
 CAUSAL_LM = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
@@ -77,6 +77,11 @@ def export_merged(policy, out, model_path: str, dtype: str = "float32") -> pathl
 def export_peft(policy, out, model_path: str) -> pathlib.Path:
   if policy.rlcfg.mode != "lora":
     raise models.ConfigError(f"mode '{policy.rlcfg.mode}' trains no adapter: export it with --format merged")
+  rm_config = runs.read_config(policy.config.reward_workdir)
+  if rm_config.mode == "lora" and rm_config.get("init_from"):
+    raise models.ConfigError(f"{policy.config.reward_workdir}: this policy stands on the SFT model of "
+                             f"{rm_config.init_from} (its reward model starts there), not on the base model a PEFT "
+                             "adapter is for: export it with --format merged")
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   tree, rank = combined_adapter(adapter_sets(policy))

@@ -7,6 +7,7 @@ Trainable state is {"lora": ..., "head": ...} for PERL (backbone frozen, never d
 import dataclasses
 import functools
 import logging
+import pathlib
 import time
 from typing import Any
 
@@ -16,7 +17,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from perl_jax import data, evaluation, lora, losses, models, optimizer, probe, runs, sharding, trainer
+from perl_jax import data, evaluation, lora, losses, models, optimizer, probe, runs, sft, sharding, trainer
 from perl_jax.models import ModelConfig
 
 log = logging.getLogger("perl_jax")
@@ -253,6 +254,25 @@ def probe_head(feature_fn, trainable, base, arrays, config, pos_weight: float, m
 # ---------------------------------------------------------------- training and restoring
 
 
+def load_backbone(config, mesh, check: bool = True):
+  """(model config, base params, tokenizer) the RM is built on: config.model, or with config.init_from (an SFT run
+  folder on that same model; `check` compares the two model paths) the SFT model: its adapter merged into the base,
+  or its tuned backbone. Training, restore, export and RL all rebuild the base through here, so they agree on it."""
+  model_cfg, base, tokenizer = runs.load_model(config.model)
+  src = config.get("init_from", "")
+  if not src:
+    return model_cfg, base, tokenizer
+  if not (pathlib.Path(src) / runs.RUN_FILE).is_file():
+    raise models.ConfigError(f"{src}: not a run folder (no {runs.RUN_FILE}); config field 'init_from'")
+  theirs, ours = runs.model_path(runs.read_config(src).model), runs.model_path(config.model)
+  if check and pathlib.Path(theirs).resolve() != pathlib.Path(ours).resolve():
+    raise models.ConfigError(f"{src}: the SFT run (config field 'init_from') was trained on another backbone "
+                             f"({theirs}) than this reward model's ({ours})")
+  policy = sft.restore(src, model_path=ours, mesh=mesh, loaded=(model_cfg, base, tokenizer))
+  log.info("reward model starts from the SFT run %s (step %d, %s)", src, policy.step, policy.scfg.mode)
+  return model_cfg, sft.merged_params(policy, base), tokenizer
+
+
 def new_state(config, rcfg: RewardConfig, model_cfg, base_params, optim) -> dict:
   """The checkpointed train state seeded from config.seed; restore targets are this function's shapes, so
   checkpoints and their readers cannot drift apart."""
@@ -264,13 +284,13 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
   """Trains (or resumes) the RM described by `config` in `workdir`; returns (final state, eval metrics)."""
   sharding.initialize_distributed(config.multihost)
   rcfg = config_from(config)
-  model_cfg, base, tokenizer = runs.load_model(config.model)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  model_cfg, base, tokenizer = load_backbone(config, mesh)
   train_arrays, eval_arrays, data_info = load_data(config, tokenizer)
   if rcfg.loss == "bce" and config.get("balance_classes", False):
     rcfg = dataclasses.replace(rcfg, pos_weight=balanced_pos_weight(train_arrays["label"]))
     data_info["pos_weight"] = rcfg.pos_weight
     log.info("BCE: positive labels weighted %.4f (n_neg / n_pos of the training split)", rcfg.pos_weight)
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   trainer.check_batch_sizes(config, mesh)
   schedule, optim = optimizer.make(config.optim, config.steps)
   state = new_state(config, rcfg, model_cfg, base, optim)
@@ -320,8 +340,8 @@ def restore(workdir, *, step: int | None = None, model_path: str | None = None, 
   if model_path is not None:
     config.model.path = model_path
   rcfg = config_from(config)
-  model_cfg, base, tokenizer = runs.load_model(config.model)
   mesh = mesh or sharding.make_mesh(-1, config.mesh.fsdp, config.mesh.tensor)
+  model_cfg, base, tokenizer = load_backbone(config, mesh, check=model_path is None)
   _, optim = optimizer.make(config.optim, config.steps)
   target = runs.sharded_abstract(lambda b: new_state(config, rcfg, model_cfg, b, optim), base, mesh)
   restored_step, state = runs.restore(workdir, target, step=step)

@@ -204,14 +204,15 @@ class TrainedPolicy:
     return model_params(self.scfg, self.trainable, self.frozen)
 
 
-def restore(workdir, *, step: int | None = None, model_path: str | None = None, mesh=None) -> TrainedPolicy:
+def restore(workdir, *, step: int | None = None, model_path: str | None = None, mesh=None,
+            loaded=None) -> TrainedPolicy:
   """Rebuilds model + policy from run.json and restores the trained params of checkpoint `step` (default latest);
-  `model_path` replaces the run's base model path."""
+  `model_path` replaces the run's base model path; `loaded` = (model_cfg, base, tokenizer) already loaded from it."""
   config = runs.read_config(workdir)
   if model_path is not None:
     config.model.path = model_path
   scfg = config_from(config)
-  model_cfg, base, tokenizer = runs.load_model(config.model)
+  model_cfg, base, tokenizer = loaded or runs.load_model(config.model)
   mesh = mesh or sharding.make_mesh(-1, config.mesh.fsdp, config.mesh.tensor)
   _, optim = optimizer.make(config.optim, config.steps)
   target = runs.sharded_abstract(lambda b: new_state(config, scfg, b, optim), base, mesh)
@@ -219,3 +220,12 @@ def restore(workdir, *, step: int | None = None, model_path: str | None = None, 
   frozen, _ = trainer.place(frozen_params(scfg, base), mesh)
   return TrainedPolicy(config, scfg, model_cfg, frozen, state["trainable"], tokenizer, restored_step, mesh,
                        runs.model_path(config.model))
+
+
+def merged_params(policy: TrainedPolicy, like: dict) -> dict:
+  """The SFT model as one params tree in the dtypes of `like` (the base): base ⊕ (α/r)·A·B merged into the
+  kernels (LoRA, in float32) or the tuned backbone (full)."""
+  params, adapters = policy.params()
+  for tree, scale in adapters:
+    params = lora.merge(params, tree, scale)
+  return jax.tree.map(lambda x, ref: x.astype(ref.dtype), params, like)

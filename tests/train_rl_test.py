@@ -151,3 +151,47 @@ def test_policy_export_merged_and_peft_match_transformers(runs, tmp_path):
     for model in (merged, peft):
       theirs = model(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
       np.testing.assert_allclose(theirs, ours, atol=2e-4)
+
+
+def test_rm_started_from_the_sft_run_stands_on_it_in_training_restore_and_rl(runs, tmp_path):
+  """config.init_from: the RM trains on base ⊕ SFT adapter (merged). Its restored scores equal the unmerged stack
+  base + [SFT adapter, RM adapter] + head; RL then uses that SFT model as its one backbone and anchor."""
+  import numpy as np
+  from perl_jax import export, lora, models
+  c = rm_configs.get_config("tm4_lora")
+  c.model.path, c.data.path, c.init_from = str(runs / "model"), str(runs / "tm4.jsonl"), str(runs / "sft")
+  c.data.update(max_len=64, batch_size=8, eval_batch_size=8, eval_fraction=0.25, min_prompt_tokens=16)
+  c.update(steps=2, log_every=1, eval_every=2, checkpoint_every=2, optim=dict(
+      lr=0.05, warmup_steps=1, weight_decay=0.0, clip_norm=1.0, head_lr_mult=1.0))
+  reward.train(c, tmp_path / "rm")
+  rm, pol = reward.restore(tmp_path / "rm"), sft.restore(runs / "sft")
+  sft_lora, rm_lora = pol.trainable["lora"], rm.trainable["lora"]
+  assert all(float(np.abs(np.asarray(x)).max()) > 0 for x in jax.tree.leaves((sft_lora, rm_lora)))  # both moved
+  ids = np.random.default_rng(0).integers(3, 1000, size=(3, 10)).astype(np.int32)
+  mask = np.ones_like(ids)
+  stack = [(sft_lora, lora.scale(pol.scfg.lora_cfg)), (rm_lora, lora.scale(rm.rcfg.lora_cfg))]
+  hidden = models.forward(rm.model_cfg, pol.frozen, ids, mask, adapters=stack, return_logits=False).hidden
+  expected = reward.head_apply(rm.trainable["head"], hidden[:, -1])
+  got = reward.scores(rm.model_cfg, rm.rcfg, rm.trainable, rm.base, ids, mask)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
+  without_sft = reward.scores(rm.model_cfg, rm.rcfg, rm.trainable, pol.frozen, ids, mask)
+  assert float(np.abs(np.asarray(without_sft) - np.asarray(expected)).max()) > 1e-4   # 10× the tolerance above
+
+  rl = _rl_config(runs, steps=1, checkpoint_every=1)
+  rl.reward_workdir = str(tmp_path / "rm")
+  _, _, base, sft_adapter, *_ = rl_train.load_roles(rl, rm.mesh)
+  assert sft_adapter is None                                   # already merged into the one backbone
+  np.testing.assert_allclose(np.asarray(models.forward(rm.model_cfg, base, ids, mask).logits),
+                             np.asarray(sft.logits(pol.model_cfg, pol.scfg, pol.trainable, pol.frozen, ids, mask)),
+                             atol=1e-4)                        # reference = the SFT policy
+  rl_train.train(rl, tmp_path / "rl")
+  first = json.loads((tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()[0])
+  assert first["train/kl_ref"] == 0.0                          # the policy starts at that anchor
+  rl.sft_workdir = str(tmp_path / "rm")                        # any other run as anchor is refused
+  with pytest.raises(models.ConfigError, match="starts from the SFT run"):
+    rl_train.load_roles(rl, rm.mesh)
+  with pytest.raises(models.ConfigError, match="--format merged"):
+    export.export_peft(rm, tmp_path / "peft")
+  c.init_from = str(tmp_path / "nope")
+  with pytest.raises(models.ConfigError, match="nope: not a run folder .* 'init_from'"):
+    reward.train(c, tmp_path / "rm2")

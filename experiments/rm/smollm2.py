@@ -26,6 +26,7 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
                 dev_fraction=0.0,  # >0: evaluate on a dev split carved from the training part (recipe search).
                 shuffle_seed=-1,  # Batch-order seed; -1: data.seed (which also fixes the held-out split).
                 **DATA[dataset])
+  c.init_from = ""  # An SFT run folder (same model): the RM starts from that SFT model, adapter merged; "" = the base.
   c.lora = dict(rank=4, alpha=8.0, targets="attention")  # Paper: attention projections, ranks 1-16.
   c.optim = dict(lr=5e-4 if mode == "lora" else 2e-5, warmup_steps=10, weight_decay=0.0, clip_norm=1.0,
                  head_lr_mult=1.0)  # The scalar head's lr = lr × head_lr_mult.

@@ -2,7 +2,8 @@
 trainer.run (resume, cadence, metrics.jsonl / TensorBoard, checkpoints, summary), log sample texts.
 
 RM / SFT folders that are missing, or trained on another backbone or tokenizer, are a ConfigError (the script
-prints one line and exits 2). LoRA mode keeps one base: the RM's; the SFT run contributes only its adapter.
+prints one line and exits 2). LoRA mode keeps one base: the RM's; the SFT run contributes only its adapter
+(an RM trained from an SFT run, `init_from`, already stands on that SFT model: it is the base and the anchor).
 """
 import dataclasses
 import json
@@ -45,6 +46,16 @@ def _same_backbone(name: str, workdir, other_cfg, other_tok, model_cfg, tokenize
     raise models.ConfigError(f"{workdir}: the {name} run used another tokenizer than the reward model")
 
 
+def _anchor_is_rm_start(config, rm_start) -> None:
+  sft_dir = config.get("sft_workdir") or ""
+  if sft_dir and pathlib.Path(sft_dir).resolve() != pathlib.Path(rm_start).resolve():
+    raise models.ConfigError(f"{sft_dir}: the reward model {config.reward_workdir} starts from the SFT run "
+                             f"{rm_start}, so RL's anchor is that run; config field 'sft_workdir' must name it or "
+                             "be empty")
+  log.info("the reward model starts from the SFT run %s: the SFT model (merged) is the backbone and the anchor",
+           rm_start)
+
+
 def load_roles(config, mesh):
   """(model_cfg, tokenizer, base, sft adapter or None, RM {"lora"|"backbone", "head"}, RM scale, SFT scale)."""
   for name in ("reward_workdir", "sft_workdir"):
@@ -60,6 +71,9 @@ def load_roles(config, mesh):
     raise models.ConfigError(f"{config.reward_workdir}: LoRA-mode RL needs a LoRA reward model (one backbone)")
   if "backbone" in rm_params:  # A full RM's frozen part is only an unused LM head: load the base itself.
     model_cfg, base, _ = runs.load_model(rm.config.model)
+  elif rm.config.get("init_from"):  # A LoRA RM on an SFT model: that SFT model is the one backbone and the anchor.
+    _anchor_is_rm_start(config, rm.config.init_from)
+    return model_cfg, tokenizer, base, None, rm_params, lora.scale(rm.rcfg.lora_cfg), 1.0, rm.rcfg.lora_cfg
   sft_lora, sft_scale = None, 1.0
   if config.get("sft_workdir"):
     if not config.model.path:  # Refuse before restoring: another model's checkpoint would not even load.
