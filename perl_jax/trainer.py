@@ -190,9 +190,11 @@ def run(config, workdir, *, state: dict, frozen, step_fn: Callable, batches, eva
   workdir, perf, info, t_start = pathlib.Path(workdir), dict(perf or {}), dict(info or {}), time.perf_counter()
   tokens_fn = tokens_fn or (lambda b: int(np.sum(b["attention_mask"])) * jax.process_count())
   ckpt = checkpoint.Checkpointer(workdir / runs.CHECKPOINTS, max_to_keep=config.keep_checkpoints)
+  wall_before = 0.0  # Earlier legs of a resumed run, each up to its last checkpoint.
   if ckpt.latest_step() is not None:
     step, state, extra = ckpt.restore(checkpoint.abstract_like(state))
     batches.set_state(extra["data"])
+    wall_before = float(extra.get("wall_s", 0.0))
     log.info("resumed from step %d", step)
   else:
     runs.write(workdir, config, info)
@@ -242,7 +244,7 @@ def run(config, workdir, *, state: dict, frozen, step_fn: Callable, batches, eva
         writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
         log.info("eval step %d: %s", step, json.dumps(eval_metrics))
       if save:
-        ckpt.save(step, state, {"data": batches.get_state()})
+        ckpt.save(step, state, {"data": batches.get_state(), "wall_s": wall_before + time.perf_counter() - t_start})
       if last_log[0] == step and (save or evaluating):
         last_log = (step, time.perf_counter())  # Step times exclude eval and checkpoint writes.
       if step == stop_after:
@@ -255,7 +257,7 @@ def run(config, workdir, *, state: dict, frozen, step_fn: Callable, batches, eva
     writer.close()
   if jax.process_index() == 0 and stop_after is None and int(state["step"]) > start:
     perf["median_step_time_s"] = float(np.median(step_times)) if step_times else None
-    perf["wall_s"] = time.perf_counter() - t_start  # Of this invocation (a resumed run counts its last leg).
+    perf["wall_s"] = wall_before + time.perf_counter() - t_start  # All legs (each up to its last checkpoint).
     if eval_metrics:
       (workdir / "eval.json").write_text(json.dumps(eval_metrics, indent=1))
     (workdir / "summary.json").write_text(json.dumps({"eval": eval_metrics, **perf, **info}, indent=1))

@@ -73,6 +73,23 @@ def test_resume_with_rng_driven_loss_is_bit_identical(tmp_path):
   assert summary["eval"] == full_eval and summary["median_step_time_s"] > 0
 
 
+def test_wall_time_of_a_resumed_run_counts_every_leg(tmp_path):
+  """Each step sleeps 0.2 s: legs of 3 + 5 steps report ≥ 1.6 s, more than the second call took in all, and no
+  more than the two calls took."""
+  import time
+  config, state, batches, kw = _setup()
+  step_fn = kw["step_fn"]
+  kw["step_fn"] = lambda s, f, b: (time.sleep(0.2), step_fn(s, f, b))[1]
+  t0 = time.perf_counter()
+  trainer.run(config, tmp_path, state=state, batches=batches(), stop_after=3, **kw)
+  t1 = time.perf_counter()
+  config, state, batches, _ = _setup()
+  trainer.run(config, tmp_path, state=state, batches=batches(), **kw)
+  t2 = time.perf_counter()
+  wall = json.loads((tmp_path / "summary.json").read_text())["wall_s"]
+  assert 8 * 0.2 <= wall <= t2 - t0 and wall > t2 - t1
+
+
 def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
   config, state, batches, kw = _setup(poison_at=3)
   with pytest.raises(trainer.TrainingError, match=r"^step 3: non-finite loss=inf.*last good checkpoint is step 2"):

@@ -19,7 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
        {"optim.lr": 2e-3, "balance_classes": True},  # ... and class-balanced BCE (86% of labels are positive).
        {"optim.lr": 5e-4, "head_init": "probe"},  # LP-FT: the head starts as a probe of the frozen features.
        {"optim.lr": 1e-4, "head_init": "probe"},  # ... fine-tuned gently (LP-FT's advice: a small lr).
-       {"optim.lr": 5e-4, "head_init": "probe", "lora.targets": "attention_mlp"}],  # What the MLP adds.
+       {"optim.lr": 5e-4, "head_init": "probe", "lora.targets": "attention_mlp"},  # What the MLP adds.
+       # The RM starts from an SFT model (train it first: the README's command for runs/sft_tm4_dev).
+       {"optim.lr": 5e-4, "head_init": "probe", "init_from": "runs/sft_tm4_dev"}],
   ]
   c.fixed = [{  # The same budget and dev split for every point.
       "data.dev_fraction": 0.15, "steps": 40, "data.batch_size": 16, "data.max_len": 192,
