@@ -19,7 +19,7 @@ import numpy as np
 from absl import app
 from ml_collections import config_flags
 
-from perl_jax import data, evaluation, models, reward, runs
+from perl_jax import data, evaluation, models, reward
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "An RM config (experiments/rm/*.py:ARG).")
 
@@ -55,7 +55,7 @@ def features(model_cfg, base, arrays, batch_size: int = 16):
 def main(_):
   from sklearn import linear_model, preprocessing
   config = _CONFIG.value
-  model_cfg, base, tokenizer = runs.load_model(config.model)
+  model_cfg, base, tokenizer = reward.load_backbone(config, None)  # The base, or the SFT model of init_from.
   train, held, info = reward.load_data(config, tokenizer)
   f_tr, f_ev = features(model_cfg, base, train), features(model_cfg, base, held)
   result = {"eval_split": info["eval_split"], "train_examples": info["train_examples"],
