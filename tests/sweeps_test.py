@@ -63,10 +63,11 @@ def test_fixed_overrides_reach_every_point_but_not_names_and_set_wins():
   points = sweeps.expand(sweep, {"steps": 3})
   assert [p.name for p in points] == ["lr=0.0005", "lr=0.002", "lr=0.002,balance_classes=True",
                                       "lr=0.0005,head_init=probe", "lr=0.0001,head_init=probe",
-                                      "lr=0.0005,head_init=probe,targets=attention_mlp"]
+                                      "lr=0.0005,head_init=probe,targets=attention_mlp",
+                                      "lr=0.0005,head_init=probe,init_from=runs_sft_tm4_dev"]
   for p in points:
     assert p.overrides["data.dev_fraction"] == 0.15 and p.overrides["steps"] == 3   # --set beats `fixed`
-  assert [p.overrides["head_init"] for p in points] == ["random"] * 3 + ["probe"] * 3  # The axis beats `fixed`.
+  assert [p.overrides["head_init"] for p in points] == ["random"] * 3 + ["probe"] * 4  # The axis beats `fixed`.
 
 
 def test_flags_sweep_runs_benchmark_points_and_checks_flag_names(tmp_path):
