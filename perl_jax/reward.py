@@ -7,7 +7,6 @@ Trainable state is {"lora": ..., "head": ...} for PERL (backbone frozen, never d
 import dataclasses
 import functools
 import logging
-import pathlib
 import time
 from typing import Any
 
@@ -262,10 +261,9 @@ def load_backbone(config, mesh, check: bool = True):
   src = config.get("init_from", "")
   if not src:
     return model_cfg, base, tokenizer
-  if not (pathlib.Path(src) / runs.RUN_FILE).is_file():
-    raise models.ConfigError(f"{src}: not a run folder (no {runs.RUN_FILE}); config field 'init_from'")
+  runs.require_run_folder(src, "init_from")
   theirs, ours = runs.model_path(runs.read_config(src).model), runs.model_path(config.model)
-  if check and pathlib.Path(theirs).resolve() != pathlib.Path(ours).resolve():
+  if check and not runs.same_path(theirs, ours):
     raise models.ConfigError(f"{src}: the SFT run (config field 'init_from') was trained on another backbone "
                              f"({theirs}) than this reward model's ({ours})")
   policy = sft.restore(src, model_path=ours, mesh=mesh, loaded=(model_cfg, base, tokenizer))

@@ -41,6 +41,17 @@ def model_path(model_config: ml_collections.ConfigDict) -> str:
   return model_config.path or str(models.default_model_path())
 
 
+def require_run_folder(path, field: str) -> None:
+  """A one-line ConfigError unless `path` holds a run (its run.json); `field` is the config field that named it."""
+  if not (pathlib.Path(path) / RUN_FILE).is_file():
+    raise models.ConfigError(f"{path}: not a run folder (no {RUN_FILE}); config field '{field}'")
+
+
+def same_path(a, b) -> bool:
+  """Whether two paths name the same file or folder (relative parts and symlinks resolved)."""
+  return pathlib.Path(a).resolve() == pathlib.Path(b).resolve()
+
+
 def load_model(model_config: ml_collections.ConfigDict):
   """(model config, frozen base params, tokenizer) from config.model."""
   path = model_path(model_config)

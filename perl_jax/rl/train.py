@@ -48,7 +48,7 @@ def _same_backbone(name: str, workdir, other_cfg, other_tok, model_cfg, tokenize
 
 def _anchor_is_rm_start(config, rm_start) -> None:
   sft_dir = config.get("sft_workdir") or ""
-  if sft_dir and pathlib.Path(sft_dir).resolve() != pathlib.Path(rm_start).resolve():
+  if sft_dir and not runs.same_path(sft_dir, rm_start):
     raise models.ConfigError(f"{sft_dir}: the reward model {config.reward_workdir} starts from the SFT run "
                              f"{rm_start}, so RL's anchor is that run; config field 'sft_workdir' must name it or "
                              "be empty")
@@ -62,8 +62,8 @@ def load_roles(config, mesh):
     path = config.get(name) or ""
     if name == "reward_workdir" and not path:
       raise models.ConfigError("config: field 'reward_workdir': required (an RM run folder)")
-    if path and not (pathlib.Path(path) / runs.RUN_FILE).is_file():
-      raise models.ConfigError(f"{path}: not a run folder (no {runs.RUN_FILE}); config field '{name}'")
+    if path:
+      runs.require_run_folder(path, name)
   rm = reward.restore(config.reward_workdir, model_path=config.model.path or None, mesh=mesh)
   model_cfg, tokenizer, base = rm.model_cfg, rm.tokenizer, rm.base
   rm_params = {k: v for k, v in rm.trainable.items()}
@@ -78,7 +78,7 @@ def load_roles(config, mesh):
   if config.get("sft_workdir"):
     if not config.model.path:  # Refuse before restoring: another model's checkpoint would not even load.
       a, b = runs.model_path(runs.read_config(config.sft_workdir).model), runs.model_path(rm.config.model)
-      if pathlib.Path(a).resolve() != pathlib.Path(b).resolve():
+      if not runs.same_path(a, b):
         raise models.ConfigError(f"{config.sft_workdir}: the SFT run was trained on another backbone ({a}) "
                                  f"than the reward model ({b})")
     pol = sft.restore(config.sft_workdir, model_path=config.model.path or None, mesh=mesh)
