@@ -32,10 +32,30 @@ def format_duration(seconds):
   return f"{s}s"
 
 
-class MetricsWriter:
-  """Appends {"step", **metrics} lines to workdir/metrics.jsonl and scalars to workdir/tb."""
+def drop_records_after(path: pathlib.Path, step: int) -> int:
+  """Rewrites metrics.jsonl without the records of steps > `step` (atomically); returns how many it dropped.
 
-  def __init__(self, workdir, *, process_index=None):
+  A run killed after its last checkpoint wrote records for steps it then redoes on resume; without this they
+  would appear twice, the stale ones first."""
+  if not path.is_file():
+    return 0
+  lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+  keep = [l for l in lines if l.strip() and json.loads(l)["step"] <= step]
+  if len(keep) == len(lines):
+    return 0
+  tmp = path.with_suffix(".jsonl.tmp")
+  tmp.write_text("".join(keep), encoding="utf-8")
+  tmp.replace(path)
+  return len(lines) - len(keep)
+
+
+class MetricsWriter:
+  """Appends {"step", **metrics} lines to workdir/metrics.jsonl and scalars to workdir/tb.
+
+  `resume_step` (the step a run restarts from; 0 for a fresh start) first drops records of later steps from
+  metrics.jsonl and purges them from TensorBoard, so the steps a resumed run redoes appear once."""
+
+  def __init__(self, workdir, *, process_index=None, resume_step: int | None = None):
     if process_index is None:
       process_index = jax.process_index()
     self.active = process_index == 0
@@ -45,8 +65,12 @@ class MetricsWriter:
       return
     self.workdir.mkdir(parents=True, exist_ok=True)
     self.path = self.workdir / "metrics.jsonl"
+    purge = None
+    if resume_step is not None:
+      drop_records_after(self.path, resume_step)
+      purge = resume_step + 1
     self._file = open(self.path, "a", encoding="utf-8")
-    self._tb = tensorboardX.SummaryWriter(logdir=str(self.workdir / "tb"))
+    self._tb = tensorboardX.SummaryWriter(logdir=str(self.workdir / "tb"), purge_step=purge)
 
   def write(self, step, metrics):
     """Writes one record and flushes both sinks, so a crash loses nothing written."""

@@ -199,8 +199,8 @@ def run(config, workdir, *, state: dict, frozen, step_fn: Callable, batches, eva
   else:
     runs.write(workdir, config, info)
   total = config.steps
-  writer = metrics.MetricsWriter(workdir)
   start = int(state["step"])
+  writer = metrics.MetricsWriter(workdir, resume_step=start)
   progress = metrics.Progress(total, start_step=start, time_fn=time.perf_counter)
   eval_metrics, step_times, tokens, pending = {}, [], 0, None
   last_log = (start, time.perf_counter())

@@ -172,3 +172,14 @@ def test_plot_curves_wall_clock_is_summed_step_time_and_png_written(tmp_path):
                       f"--out={out}"], cwd=ROOT, capture_output=True, text=True)
   assert r.returncode == 0, r.stderr[-2000:]
   assert out.stat().st_size > 1000 and json.loads(r.stdout)["curves"]["a"][1]["value"] == 0.7
+
+
+def test_resume_step_drops_later_records_and_keeps_earlier_ones(tmp_path):
+  with metrics.MetricsWriter(tmp_path, process_index=0) as w:
+    for step in (1, 2, 3, 4):
+      w.write(step, {"loss": float(step)})
+  with metrics.MetricsWriter(tmp_path, process_index=0, resume_step=2) as w:
+    w.write(3, {"loss": 30.0})
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert lines == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 30.0}]
+  assert not list(tmp_path.glob("*.tmp"))

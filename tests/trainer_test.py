@@ -98,3 +98,22 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_p
   assert ckpt.all_steps() == [2]
   _, restored, _ = ckpt.restore(checkpoint.abstract_like(state))
   assert np.isfinite(np.asarray(restored["trainable"]["w"])).all()
+
+
+def test_resume_after_a_kill_past_the_checkpoint_logs_each_step_once(tmp_path):
+  """A kill after step 6's records but before its checkpoint (step 6's checkpoint removed): the resumed run redoes
+  steps 5-6, and metrics.jsonl then equals an uninterrupted run's, each step once, in order."""
+  import shutil
+  keys = ("train/loss", "eval/w0")
+  records = lambda d: [{k: v for k, v in json.loads(l).items() if k == "step" or k in keys}
+                       for l in (d / "metrics.jsonl").read_text().splitlines()]
+  config, state, batches, kw = _setup(noise=0.3)
+  trainer.run(config, tmp_path / "a", state=state, batches=batches(), **kw)
+  config, state, batches, kw = _setup(noise=0.3)
+  trainer.run(config, tmp_path / "b", state=state, batches=batches(), stop_after=6, **kw)
+  shutil.rmtree(tmp_path / "b" / "checkpoints" / "6")
+  assert [r["step"] for r in records(tmp_path / "b")] == [2, 4, 4, 6]
+  config, state, batches, kw = _setup(noise=0.3)
+  trainer.run(config, tmp_path / "b", state=state, batches=batches(), **kw)
+  assert records(tmp_path / "b") == records(tmp_path / "a")
+  assert [r["step"] for r in records(tmp_path / "a")] == [2, 4, 4, 6, 8, 8]
