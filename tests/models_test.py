@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,10 @@ SPECS = {
     "gemma3": ("Gemma3TextConfig", dict(num_hidden_layers=3, num_key_value_heads=2, sliding_window=4,
                                         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                                         rope_parameters=_GEMMA3_ROPE, query_pre_attn_scalar=16)),
+    # Every layer windowed: the per-layer mask and RoPE selection is skipped (transformer._per_layer).
+    "gemma3_sliding": ("Gemma3TextConfig", dict(num_hidden_layers=2, num_key_value_heads=2, sliding_window=4,
+                                                layer_types=["sliding_attention"] * 2,
+                                                rope_parameters=_GEMMA3_ROPE, query_pre_attn_scalar=16)),
 }
 SHARDED = "llama3"
 
@@ -376,3 +381,18 @@ def test_count_params_takes_arrays_shape_dtype_structs_and_shape_tuples():
   tree = {"a": jnp.zeros((2, 3)), "b": jax.ShapeDtypeStruct((4,), jnp.bfloat16), "c": {"d": (5, 6), "e": ()}}
   assert models.count_params(tree) == 6 + 4 + 30 + 1
   assert models.count_params({}) == 0
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_backward_saves_no_per_layer_mask_unless_layers_differ(hf_models, name):
+  """Reverse mode through the layer scan: a model whose layers all attend alike (llama) keeps one attention mask;
+  only one mixing sliding and global layers (gemma3) selects, and saves, a mask per layer ([L, ...] pred)."""
+  cfg, params = models.load_pretrained(hf_models[name][1])
+  b = 5  # Neither a layer count nor a head count: pred[L, ..., b, ...] is a mask saved per layer.
+  ids = np.random.default_rng(0).integers(3, cfg.vocab_size, size=(b, T))
+  mask = np.ones((b, T), np.int32)
+  mask[0, :3] = 0
+  loss = lambda p: jnp.sum(models.forward(cfg, p, jnp.asarray(ids), jnp.asarray(mask)).hidden ** 2)
+  hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+  per_layer_masks = re.search(rf"pred\[{cfg.num_layers},(\d+,)*{b},", hlo) is not None
+  assert per_layer_masks == (any(cfg.sliding_layers) and not all(cfg.sliding_layers))

@@ -130,6 +130,17 @@ def _activation(cfg: ModelConfig, x):
   return jax.nn.silu(x) if cfg.activation == "silu" else jax.nn.gelu(x, approximate=True)
 
 
+def _per_layer(cfg: ModelConfig, is_sliding, sliding_value, global_value):
+  """This layer's value: a per-layer select only when the model mixes sliding and global layers. Otherwise the
+  value is the same for every layer, so inside a scan it stays one loop-invariant array instead of a per-layer
+  copy that the backward pass would save for each layer (e.g. a [layers, B, heads, T, S] attention mask)."""
+  if not any(cfg.sliding_layers):
+    return global_value
+  if all(cfg.sliding_layers):
+    return sliding_value
+  return jax.tree.map(lambda s, g: jnp.where(is_sliding, s, g), sliding_value, global_value)
+
+
 def _block(cfg: ModelConfig, dtype, x, lp, loras, is_sliding, ropes, masks, kv_cache, cache_index):
   """One decoder layer; returns the new residual stream and this layer's (k, v) cache."""
   b, t, _ = x.shape
@@ -143,14 +154,14 @@ def _block(cfg: ModelConfig, dtype, x, lp, loras, is_sliding, ropes, masks, kv_c
   if cfg.qk_norm:
     q, k = norm(q, attn["q_norm"]), norm(k, attn["k_norm"])
   (cos_g, sin_g), (cos_l, sin_l) = ropes
-  cos, sin = jnp.where(is_sliding, cos_l, cos_g), jnp.where(is_sliding, sin_l, sin_g)
+  cos, sin = _per_layer(cfg, is_sliding, (cos_l, sin_l), (cos_g, sin_g))
   q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
   if kv_cache is not None:
     k = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), (0, cache_index, 0, 0))
     v = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), (0, cache_index, 0, 0))
     kv_cache = (k, v)
     k, v = k.astype(dtype), v.astype(dtype)
-  mask = jnp.where(is_sliding, masks[1], masks[0])
+  mask = _per_layer(cfg, is_sliding, masks[1], masks[0])
   o = attend(cfg, q, k, v, mask).reshape(b, t, cfg.num_heads * cfg.head_dim)
   o = dense(o, attn["o_proj"], ad("attn", "o_proj"), dtype)
   if cfg.sandwich_norm:
