@@ -6,6 +6,7 @@ Same work on both sides: the same weights (ours converted with `loading.hf_state
 the same kernels (PEFT, A Kaiming-uniform, B = 0, α/r), the scalar head trained, Bradley-Terry loss, backward
 and one AdamW update. Steps alternate ours / theirs (A B A B ...) so load on shared machines hits both alike.
 """
+import dataclasses
 import os
 import re
 import statistics
@@ -15,7 +16,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from perl_jax import benchmark, lora, models
+from perl_jax import benchmark, lora, models, reward, trainer
 from perl_jax.models import ModelConfig
 from perl_jax.models import loading
 
@@ -92,6 +93,42 @@ def torch_step_fn(model, ids_Px2xT, lr: float = 1e-5):
   return step
 
 
+def torch_phase_fns(model, ids_Px2xT) -> dict:
+  """{"fwd": scores without autograd, "fwd_bwd": Bradley-Terry loss and its backward (no optimizer)}."""
+  torch, _, _ = _imports()
+  pairs, _, t = ids_Px2xT.shape
+  ids = torch.from_numpy(np.asarray(ids_Px2xT, np.int64).reshape(2 * pairs, t))
+  mask = torch.ones_like(ids)
+
+  def fwd():
+    with torch.no_grad():
+      return model(input_ids=ids, attention_mask=mask).logits
+
+  def fwd_bwd():
+    model.zero_grad(set_to_none=True)
+    r = model(input_ids=ids, attention_mask=mask).logits[:, 0].reshape(pairs, 2)
+    loss = -torch.nn.functional.logsigmoid(r[:, 0] - r[:, 1]).mean()
+    loss.backward()
+    return loss
+
+  return {"fwd": fwd, "fwd_bwd": fwd_bwd}
+
+
+def our_phase_fns(cfg: ModelConfig, lora_cfg: lora.LoraConfig, ours: "benchmark.Prepared") -> dict:
+  """Ours, compiled like the step: {"fwd": scores, "fwd_bwd": the loss's gradient w.r.t. the trainable params}."""
+  cfg = dataclasses.replace(cfg, dtype=benchmark.policy("float32").compute)
+  rcfg = reward.RewardConfig(mode="lora", loss="bt", lora_cfg=lora_cfg)
+  batch = ours.batch
+  ids_BxT, mask_BxT = (batch[k].reshape(-1, batch[k].shape[-1]) for k in ("input_ids", "attention_mask"))
+  opts = trainer.default_compiler_options()
+  fwd = jax.jit(lambda tr, base: reward.scores(cfg, rcfg, tr, base, ids_BxT, mask_BxT))
+  grad = jax.jit(jax.grad(lambda tr, base: reward.loss_fn(cfg, rcfg, tr, base, batch)[0]))
+  args = (ours.state["trainable"], ours.base)
+  fwd, grad = (f.lower(*args).compile(compiler_options=opts) for f in (fwd, grad))
+  return {"fwd": lambda: jax.block_until_ready(fwd(ours.state["trainable"], ours.base)),
+          "fwd_bwd": lambda: jax.block_until_ready(grad(ours.state["trainable"], ours.base))}
+
+
 def interleaved(fns: dict, steps: int) -> dict:
   """{name: [seconds per call]}; calls alternate across names (the callers warm up first)."""
   times = {name: [] for name in fns}
@@ -115,26 +152,36 @@ def against_torch(cfg: ModelConfig, *, name: str, pairs: int, seq: int, lora_cfg
                            base_params=base_params)
   head = jax.device_get(ours.state["trainable"]["head"]["kernel"])
   model = torch_model(cfg, jax.device_get(base_params), lora_cfg, head)
-  theirs = torch_step_fn(model, ours.host_batch["input_ids"])
+  ids = ours.host_batch["input_ids"]
+  theirs = torch_step_fn(model, ids)
   first = {"torch": theirs()}
   ours.step()
   first["ours"] = float(ours.metrics["loss"])
-  times = interleaved({"ours": ours.step, "torch": theirs}, steps)
+  fns = {"ours": ours.step, "torch": theirs}
+  for side, phases in (("ours", our_phase_fns(cfg, lora_cfg, ours)), ("torch", torch_phase_fns(model, ids))):
+    for phase, fn in phases.items():
+      fn()  # Warm-up (compiles nothing more on our side: compiled above).
+      fns[f"{side}_{phase}"] = fn
+  times = interleaved(fns, steps)
   med = {k: statistics.median(v) for k, v in times.items()}
+  phases = {p: dict(ours_s=med[f"ours_{p}"], torch_s=med[f"torch_{p}"], ratio=med[f"ours_{p}"] / med[f"torch_{p}"])
+            for p in ("fwd", "fwd_bwd")}
   return dict(model=name, pairs=pairs, sequences=2 * pairs, seq=seq, dtype="float32", lora_rank=lora_cfg.rank,
               peft_targets=peft_targets(lora_cfg, cfg), threads_torch=threads,
               xla_flags=os.environ.get("XLA_FLAGS", ""), compiler_options=ours.row["compiler_options"],
               compile_s=ours.row["compile_s"], first_loss=first, step_times_s=times, ours_s=med["ours"], torch_s=med["torch"],
-              ratio=med["ours"] / med["torch"], torch_version=torch.__version__, jax_version=jax.__version__)
+              ratio=med["ours"] / med["torch"], phases=phases, torch_version=torch.__version__, jax_version=jax.__version__)
 
 
 def ratio_line(row: dict) -> str:
-  """'ours 9.81 s/step | torch+peft 12.02 s/step | ours/torch 0.82x (...)'."""
+  """'ours 9.81 s/step | torch+peft 12.02 s/step | ours/torch 0.82x (...) | forward only 0.86x, forward+backward
+  1.15x' (the same batch without the optimizer: scores alone, and the loss's gradient)."""
   return (f"ours {row['ours_s']:.3f} s/step | torch+peft {row['torch_s']:.3f} s/step | ours/torch "
           f"{row['ratio']:.2f}x ({row['model']}, {row['pairs']} pairs x {row['seq']} tokens, fp32, LoRA r="
           f"{row['lora_rank']} on {','.join(row['peft_targets'])}, medians of {len(row['step_times_s']['ours'])} "
           f"interleaved steps, torch threads {row['threads_torch']}; first-step loss ours "
-          f"{row['first_loss']['ours']:.6f} torch {row['first_loss']['torch']:.6f})")
+          f"{row['first_loss']['ours']:.6f} torch {row['first_loss']['torch']:.6f}) | forward only "
+          f"{row['phases']['fwd']['ratio']:.2f}x, forward+backward {row['phases']['fwd_bwd']['ratio']:.2f}x")
 
 
 def resolve_model(model: str):

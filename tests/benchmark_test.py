@@ -5,6 +5,7 @@ import types
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from perl_jax import benchmark, lora, models, trainer
@@ -124,6 +125,33 @@ def test_cli_against_torch_prints_ratio_line(tmp_path, capsys):
   assert row["peft_targets"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
   # Same weights, head and batch: the first (pre-update) Bradley-Terry losses agree.
   assert row["first_loss"]["ours"] == pytest.approx(row["first_loss"]["torch"], rel=1e-4)
+  for phase in ("fwd", "fwd_bwd"):
+    p = row["phases"][phase]
+    assert p["ratio"] == pytest.approx(p["ours_s"] / p["torch_s"]) and p["ours_s"] > 0
+    assert p["ours_s"] == pytest.approx(sorted(row["step_times_s"][f"ours_{phase}"])[0])  # One step: its time.
+  assert "forward only" in line and "forward+backward" in line
+
+
+def test_phase_functions_give_torch_scores_and_head_gradient():
+  """--against torch also times forward only and forward+backward; both sides compute the same thing there too."""
+  pytest.importorskip("torch")
+  pytest.importorskip("peft")
+  from perl_jax import bench_torch, lora, models
+  cfg = benchmark.preset("tiny")
+  base = models.init_params(cfg, jax.random.key(0))
+  lora_cfg = lora.LoraConfig(rank=4, alpha=8)
+  ours = benchmark.prepare(cfg, "lora", name="tiny", pairs=2, seq=16, dtype="float32", lora_cfg=lora_cfg,
+                           base_params=base)
+  model = bench_torch.torch_model(cfg, jax.device_get(base), lora_cfg,
+                                  jax.device_get(ours.state["trainable"]["head"]["kernel"]))
+  mine, theirs = bench_torch.our_phase_fns(cfg, lora_cfg, ours), bench_torch.torch_phase_fns(
+      model, ours.host_batch["input_ids"])
+  np.testing.assert_allclose(np.asarray(mine["fwd"]()), theirs["fwd"]().numpy()[:, 0], rtol=1e-4, atol=1e-5)
+  grads = mine["fwd_bwd"]()
+  theirs["fwd_bwd"]()
+  (score,) = [p for n, p in model.named_parameters() if "score" in n and p.requires_grad]
+  np.testing.assert_allclose(np.asarray(grads["head"]["kernel"])[:, 0], score.grad.numpy()[0], rtol=1e-3, atol=1e-6)
+  assert np.abs(score.grad.numpy()).max() > 1e-4
 
 
 def test_cli_against_torch_without_extras_is_one_line(monkeypatch, capsys):
