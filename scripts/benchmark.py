@@ -13,7 +13,8 @@ memory for 7B comes out on a CPU. Rows are appended to --out as JSON lines and p
 Timed runs of several modes run each mode in a fresh process, so peak_bytes_in_use is per mode.
 --phase rl: one RL step (REINFORCE) with every role resident; --batch counts prompts of --prompt_len tokens, each
 with --new_tokens sampled; timed runs time rollout + update. --against torch (RM, test extras): the fp32 LoRA step
-beside transformers + PEFT on the same weights and batch, interleaved; prints ours/torch.
+beside transformers + PEFT on the same weights and batch, interleaved; prints ours/torch for the step, for the
+forward pass alone and for forward+backward (no optimizer), so a gap can be placed.
 """
 import dataclasses
 import json
