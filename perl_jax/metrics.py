@@ -36,11 +36,18 @@ def drop_records_after(path: pathlib.Path, step: int) -> int:
   """Rewrites metrics.jsonl without the records of steps > `step` (atomically); returns how many it dropped.
 
   A run killed after its last checkpoint wrote records for steps it then redoes on resume; without this they
-  would appear twice, the stale ones first."""
+  would appear twice, the stale ones first. A line a kill cut short is dropped too."""
   if not path.is_file():
     return 0
+
+  def kept(line: str) -> bool:
+    try:
+      return json.loads(line)["step"] <= step
+    except (ValueError, KeyError, TypeError):  # A line torn by a kill mid-write: nothing in it can be trusted.
+      return False
+
   lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-  keep = [l for l in lines if l.strip() and json.loads(l)["step"] <= step]
+  keep = [l if l.endswith("\n") else l + "\n" for l in lines if kept(l)]
   if len(keep) == len(lines):
     return 0
   tmp = path.with_suffix(".jsonl.tmp")

@@ -183,3 +183,11 @@ def test_resume_step_drops_later_records_and_keeps_earlier_ones(tmp_path):
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert lines == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 30.0}]
   assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_resume_drops_a_line_torn_by_a_kill(tmp_path):
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 2.0}\n{"step": 3, "lo')
+  with metrics.MetricsWriter(tmp_path, process_index=0, resume_step=2) as w:
+    w.write(3, {"loss": 3.0})
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [l["step"] for l in lines] == [1, 2, 3] and lines[-1]["loss"] == 3.0
