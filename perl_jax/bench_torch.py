@@ -6,7 +6,6 @@ Same work on both sides: the same weights (ours converted with `loading.hf_state
 the same kernels (PEFT, A Kaiming-uniform, B = 0, α/r), the scalar head trained, Bradley-Terry loss, backward
 and one AdamW update. Steps alternate ours / theirs (A B A B ...) so load on shared machines hits both alike.
 """
-import dataclasses
 import os
 import re
 import statistics
@@ -114,11 +113,9 @@ def torch_phase_fns(model, ids_Px2xT) -> dict:
   return {"fwd": fwd, "fwd_bwd": fwd_bwd}
 
 
-def our_phase_fns(cfg: ModelConfig, lora_cfg: lora.LoraConfig, ours: "benchmark.Prepared") -> dict:
+def our_phase_fns(ours: "benchmark.Prepared") -> dict:
   """Ours, compiled like the step: {"fwd": scores, "fwd_bwd": the loss's gradient w.r.t. the trainable params}."""
-  cfg = dataclasses.replace(cfg, dtype=benchmark.policy("float32").compute)
-  rcfg = reward.RewardConfig(mode="lora", loss="bt", lora_cfg=lora_cfg)
-  batch = ours.batch
+  cfg, rcfg, batch = ours.model_cfg, ours.rcfg, ours.batch
   ids_BxT, mask_BxT = (batch[k].reshape(-1, batch[k].shape[-1]) for k in ("input_ids", "attention_mask"))
   opts = trainer.default_compiler_options()
   fwd = jax.jit(lambda tr, base: reward.scores(cfg, rcfg, tr, base, ids_BxT, mask_BxT))
@@ -158,7 +155,7 @@ def against_torch(cfg: ModelConfig, *, name: str, pairs: int, seq: int, lora_cfg
   ours.step()
   first["ours"] = float(ours.metrics["loss"])
   fns = {"ours": ours.step, "torch": theirs}
-  for side, phases in (("ours", our_phase_fns(cfg, lora_cfg, ours)), ("torch", torch_phase_fns(model, ids))):
+  for side, phases in (("ours", our_phase_fns(ours)), ("torch", torch_phase_fns(model, ids))):
     for phase, fn in phases.items():
       fn()  # Warm-up (compiles nothing more on our side: compiled above).
       fns[f"{side}_{phase}"] = fn

@@ -162,13 +162,16 @@ def build(cfg: ModelConfig, mode: str, dtype: str, lora_cfg: lora.LoraConfig, ab
 
 @dataclasses.dataclass
 class Prepared:
-  """A compiled RM step with its placed state, frozen base and batch; `step()` runs one step and blocks."""
+  """A compiled RM step with its placed state, frozen base and batch; `step()` runs one step and blocks.
+  model_cfg and rcfg are the ones the step was compiled with (model_cfg under the dtype policy)."""
   compiled: Any
   state: Any
   base: Any
   batch: Any
   host_batch: dict
   row: dict
+  model_cfg: ModelConfig
+  rcfg: reward.RewardConfig
   metrics: Any = None
 
   def step(self):
@@ -214,9 +217,9 @@ def prepare(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dty
              jax_version=jax.__version__, **flops, peak_flops_bf16=peak_flops(device.device_kind),
              peak_bytes_in_use=None, step_times_s=None, step_s=None, tokens_per_s=None, mfu=None)
   if abstract:
-    return Prepared(compiled, state, base, batch, batch, row)
+    return Prepared(compiled, state, base, batch, batch, row, cfg, rcfg)
   placed = jax.device_put((state, base, batch), (state_sh, base_sh, batch_sh))
-  return Prepared(compiled, *placed, batch, row)
+  return Prepared(compiled, *placed, batch, row, cfg, rcfg)
 
 
 def measure(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dtype: str = "bfloat16",

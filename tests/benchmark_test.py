@@ -144,7 +144,7 @@ def test_phase_functions_give_torch_scores_and_head_gradient():
                            base_params=base)
   model = bench_torch.torch_model(cfg, jax.device_get(base), lora_cfg,
                                   jax.device_get(ours.state["trainable"]["head"]["kernel"]))
-  mine, theirs = bench_torch.our_phase_fns(cfg, lora_cfg, ours), bench_torch.torch_phase_fns(
+  mine, theirs = bench_torch.our_phase_fns(ours), bench_torch.torch_phase_fns(
       model, ours.host_batch["input_ids"])
   np.testing.assert_allclose(np.asarray(mine["fwd"]()), theirs["fwd"]().numpy()[:, 0], rtol=1e-4, atol=1e-5)
   grads = mine["fwd_bwd"]()
