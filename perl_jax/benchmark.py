@@ -209,7 +209,7 @@ def prepare(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dty
   flops = step_flops(cfg, mode, n_lora, sequences, seq, cfg.remat)
   row = dict(phase="rm", model=name, mode=mode, dtype=dtype, policy=policy(dtype).name, pairs=pairs,
              sequences=sequences, seq=seq, batch_note=f"{pairs} pairs = {sequences} sequences of {seq} tokens",
-             remat=cfg.remat, lora_rank=lora_cfg.rank if mode == "lora" else None,
+             remat=cfg.remat, attention=cfg.attention, lora_rank=lora_cfg.rank if mode == "lora" else None,
              lora_targets=list(lora_cfg.targets) if mode == "lora" else None, abstract=abstract,
              trainable_params=n_trainable, total_params=n_total, tokens_per_step=sequences * seq,
              **trainer.memory_bytes(compiled.memory_analysis()), compile_s=compile_s, compiler_options=options,

@@ -34,6 +34,9 @@ _SEQ = flags.DEFINE_integer("seq", None, "Tokens per sequence (default: 1024, 32
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Dtype policy.", flag_values=FLAGS)
 _REMAT = flags.DEFINE_enum("remat", None, ["none", "full", "dots"], "Default: full from 1B params, else none.",
                            flag_values=FLAGS)
+_ATTENTION = flags.DEFINE_enum("attention", None, ["auto", "xla", "cudnn", "chunked", "einsum", "recompute"],
+                               "Attention kernel (ModelConfig.attention). Default: the model's ('auto').",
+                               flag_values=FLAGS)
 _RANK = flags.DEFINE_integer("rank", 8, "LoRA rank.", flag_values=FLAGS)
 _ALPHA = flags.DEFINE_float("alpha", 16.0, "LoRA alpha.", flag_values=FLAGS)
 _TARGETS = flags.DEFINE_enum("targets", "attention", ["attention", "attention_mlp"], "LoRA targets.", flag_values=FLAGS)
@@ -104,7 +107,7 @@ def run() -> list[dict]:
     cfg, base = models.load_pretrained(_MODEL.value, param_dtype=jnp.float32)
     total = models.count_params(base)
   pairs, seq, remat = benchmark.default_shape(name, total)
-  cfg = dataclasses.replace(cfg, remat=_REMAT.value or remat)
+  cfg = dataclasses.replace(cfg, remat=_REMAT.value or remat, attention=_ATTENTION.value or cfg.attention)
   rows = []
   for mode in _MODES.value.split(","):
     if _PHASE.value == "rl":
@@ -138,7 +141,8 @@ def main(argv=None) -> int:
     from perl_jax import bench_torch, lora
     targets = {"attention": lora.ATTENTION, "attention_mlp": lora.ATTENTION_MLP}[_TARGETS.value]
     return bench_torch.cli(model=_MODEL.value, pairs=_BATCH.value, seq=_SEQ.value, rank=_RANK.value,
-                           alpha=_ALPHA.value, targets=targets, steps=_STEPS.value, out=_OUT.value)
+                           alpha=_ALPHA.value, targets=targets, steps=_STEPS.value, out=_OUT.value,
+                           attention=_ATTENTION.value)
   modes = _MODES.value.split(",")
   if not _NO_ISOLATE.value and not _ABSTRACT.value and len(modes) > 1:
     rows = _isolated(_strip(argv, ("--modes", "--out")), modes)

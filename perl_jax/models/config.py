@@ -63,12 +63,13 @@ class ModelConfig:
   remat: str = "none"                     # "none" | "full" | "dots" (save matmul outputs).
   scan_layers: bool = True
   attention: str = "auto"                 # "auto" | "xla" | "cudnn" (jax.nn.dot_product_attention) |
-                                          # "chunked" (query blocks, O(block x S) scores) | "einsum".
+                                          # "chunked" (query blocks, O(block x S) scores) | "einsum" |
+                                          # "recompute" (saves row statistics, not probabilities, for backward).
   attention_block: int = 256              # Query block for "chunked"; "auto" chunks inputs longer than it.
 
   def __post_init__(self):
-    if self.attention not in ("auto", "xla", "cudnn", "chunked", "einsum"):
-      raise ConfigError(f"attention must be auto|xla|cudnn|chunked|einsum, got '{self.attention}'")
+    if self.attention not in ("auto", "xla", "cudnn", "chunked", "einsum", "recompute"):
+      raise ConfigError(f"attention must be auto|xla|cudnn|chunked|einsum|recompute, got '{self.attention}'")
     if not self.sliding_layers:
       object.__setattr__(self, "sliding_layers", (False,) * self.num_layers)
     if len(self.sliding_layers) != self.num_layers:

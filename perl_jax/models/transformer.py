@@ -14,6 +14,7 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
+from perl_jax.models.attention import attend, attention_masks
 from perl_jax.models.config import ModelConfig, Rope
 
 Params = dict[str, Any]
@@ -76,54 +77,6 @@ def dense(x, p: Params, loras: Sequence[tuple[Params, float]], dtype):
     low = jnp.einsum("...i,ir->...r", x, ab["a"].astype(dtype))
     y = y + jnp.einsum("...r,ro->...o", low, ab["b"].astype(dtype)) * jnp.asarray(scale, dtype)
   return y
-
-
-def attention_masks(q_pos_BxT, k_pos_BxS, k_valid_BxS, window: int | None):
-  """Causal-by-position masks [B,1,T,S], full and sliding-window; positions make left padding exact."""
-  m = (k_pos_BxS[:, None, :] <= q_pos_BxT[:, :, None]) & k_valid_BxS[:, None, :]
-  if window is None:
-    return m[:, None], m[:, None]
-  near = (q_pos_BxT[:, :, None] - k_pos_BxS[:, None, :]) < window
-  return m[:, None], (m & near)[:, None]
-
-
-def attend_einsum(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale: float, softcap: float | None):
-  """Grouped-query attention written out: soft-capping, any dtype (float64 for gradient checks)."""
-  b, t, n, h = q_BxTxNxH.shape
-  kv = k_BxSxKxH.shape[2]
-  q = q_BxTxNxH.reshape(b, t, kv, n // kv, h)
-  f = jnp.promote_types(q.dtype, jnp.float32)
-  logits = jnp.einsum("btkgh,bskh->bkgts", q, k_BxSxKxH, preferred_element_type=f) * scale
-  if softcap is not None:
-    logits = jnp.tanh(logits / softcap) * softcap
-  logits = jnp.where(mask_Bx1xTxS[:, :, None], logits, jnp.finfo(f).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxKxH.dtype)
-  return jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH).reshape(b, t, n, h)
-
-
-def attend_chunked(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale, softcap, block: int):
-  """Exact attention over query blocks, each rematerialised: scores live for one [block, S] tile at a time."""
-  b, t, n, h = q_BxTxNxH.shape
-  nb = t // block
-  q_blocks = q_BxTxNxH.reshape(b, nb, block, n, h).swapaxes(0, 1)
-  m_blocks = mask_Bx1xTxS.reshape(b, 1, nb, block, -1).transpose(2, 0, 1, 3, 4)
-  one = jax.checkpoint(lambda qm: attend_einsum(qm[0], k_BxSxKxH, v_BxSxKxH, qm[1], scale, softcap))
-  return jax.lax.map(one, (q_blocks, m_blocks)).swapaxes(0, 1).reshape(b, t, n, h)
-
-
-def attend(cfg: ModelConfig, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS):
-  """Picks the attention kernel: query-blocked for long inputs ("auto"), else fused unless soft-capped."""
-  t = q_BxTxNxH.shape[1]
-  scale, softcap, block = cfg.attn_scale, cfg.attn_softcap, cfg.attention_block
-  kind = cfg.attention
-  if kind == "auto":
-    kind = "chunked" if t > block and t % block == 0 else ("einsum" if softcap is not None else "xla")
-  if kind in ("xla", "cudnn") and softcap is None:
-    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, scale=scale,
-                                        implementation=kind)
-  if kind == "chunked" and t % block == 0:
-    return attend_chunked(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale, softcap, block)
-  return attend_einsum(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale, softcap)
 
 
 def _activation(cfg: ModelConfig, x):
