@@ -177,7 +177,8 @@ def ratio_line(row: dict) -> str:
   1.15x' (the same batch without the optimizer: scores alone, and the loss's gradient)."""
   return (f"ours {row['ours_s']:.3f} s/step | torch+peft {row['torch_s']:.3f} s/step | ours/torch "
           f"{row['ratio']:.2f}x ({row['model']}, {row['pairs']} pairs x {row['seq']} tokens, fp32, LoRA r="
-          f"{row['lora_rank']} on {','.join(row['peft_targets'])}, attention {row.get('attention', 'auto')}, medians of {len(row['step_times_s']['ours'])} "
+          f"{row['lora_rank']} on {','.join(row['peft_targets'])}, attention {row.get('attention', 'auto')}, "
+          f"medians of {len(row['step_times_s']['ours'])} "
           f"interleaved steps, torch threads {row['threads_torch']}; first-step loss ours "
           f"{row['first_loss']['ours']:.6f} torch {row['first_loss']['torch']:.6f}) | forward only "
           f"{row['phases']['fwd']['ratio']:.2f}x, forward+backward {row['phases']['fwd_bwd']['ratio']:.2f}x")
