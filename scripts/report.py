@@ -1,7 +1,9 @@
 """Collect a sweep's points into results.csv, a markdown table (mean ± std over seeds) and plots.
 
-  python scripts/report.py --workdir runs/rm_ranks [--out experiments/results/rm_ranks]
-Reads WORKDIR/sweep.json (written by scripts/ablate.py) and each finished point's summary.json. Writes
+  python scripts/report.py --workdir runs/rm_ranks[,OTHER_DIR,...] [--out experiments/results/rm_ranks]
+Reads WORKDIR/sweep.json (written by scripts/ablate.py) and each finished point's summary.json. Several folders
+(the shards of one sweep run on different hosts, or an archive of earlier points) are merged: a point finished in
+more than one is taken from the first that has it, and the same point name with other overrides is an error. Writes
 OUT/results.csv (one row per point), OUT/results.md (points grouped over seeds) and, where the grid has them,
 OUT/metric_vs_rank.png (LoRA ranks, full tuning as a horizontal line) and OUT/curves.png (train/* metrics
 against steps per point, e.g. RL reward and KL).
@@ -15,8 +17,8 @@ from absl import app, flags
 
 from perl_jax import sweeps
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep folder written by scripts/ablate.py.")
-_OUT = flags.DEFINE_string("out", None, "Output folder (default: the sweep folder).")
+_WORKDIR = flags.DEFINE_list("workdir", None, "Sweep folder(s) written by scripts/ablate.py, merged in this order.")
+_OUT = flags.DEFINE_string("out", None, "Output folder (default: the first sweep folder).")
 _CURVES = flags.DEFINE_list("curves", None, "train/* metrics to plot against steps (default: sweep.curves).")
 flags.mark_flags_as_required(["workdir"])
 
@@ -27,6 +29,25 @@ def load(workdir: pathlib.Path):
   spec = json.loads((workdir / "sweep.json").read_text())
   points = [sweeps.Point(p["index"], p["name"], p["config"], p["overrides"]) for p in spec["points"]]
   return spec["sweep"], points
+
+
+def collect(workdirs: list[pathlib.Path]) -> tuple[dict, list[dict], dict]:
+  """(sweep spec of the first folder, one row per point finished in any folder, point name -> its folder)."""
+  sweep, points = load(workdirs[0])
+  known = {p.name: (p, workdirs[0]) for p in points}
+  rows, folders = {}, {}
+  for w in workdirs:
+    _, pts = load(w)
+    for p in pts:
+      q, origin = known.setdefault(p.name, (p, w))
+      if (q.config, q.overrides) != (p.config, p.overrides):
+        raise ValueError(f"{w / 'sweep.json'}: point {p.name!r} is {p.config} {p.overrides}, but in "
+                         f"{origin / 'sweep.json'} it is {q.config} {q.overrides}")
+    for r in sweeps.collect(pts, w):
+      if r["point"] not in rows:
+        rows[r["point"]], folders[r["point"]] = r, w
+  order = list(known)
+  return sweep, sorted(rows.values(), key=lambda r: order.index(r["point"])), folders
 
 
 def write_csv(rows: list[dict], path: pathlib.Path) -> None:
@@ -101,7 +122,7 @@ def plot_rank(groups: list[dict], metrics, path: pathlib.Path) -> bool:
   return True
 
 
-def plot_curves(workdir: pathlib.Path, rows: list[dict], keys: list[str], path: pathlib.Path) -> bool:
+def plot_curves(folders: dict, rows: list[dict], keys: list[str], path: pathlib.Path) -> bool:
   """Each key of metrics.jsonl (e.g. train/reward, train/kl) against steps, one line per point."""
   import matplotlib
   matplotlib.use("Agg")
@@ -109,7 +130,7 @@ def plot_curves(workdir: pathlib.Path, rows: list[dict], keys: list[str], path: 
   fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.3), squeeze=False)
   drawn = False
   for r in rows:
-    lines = [json.loads(l) for l in (workdir / r["point"] / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(l) for l in (folders[r["point"]] / r["point"] / "metrics.jsonl").read_text().splitlines()]
     for ax, key in zip(axes[0], keys):
       xy = [(l["step"], l[key]) for l in lines if key in l]
       if xy:
@@ -125,16 +146,20 @@ def plot_curves(workdir: pathlib.Path, rows: list[dict], keys: list[str], path: 
 
 
 def main(_):
-  workdir = pathlib.Path(_WORKDIR.value)
-  if not (workdir / "sweep.json").is_file():
-    print(f"error: {workdir / 'sweep.json'}: no such file (run scripts/ablate.py first)", file=sys.stderr)
+  workdirs = [pathlib.Path(w) for w in _WORKDIR.value]
+  for w in workdirs:
+    if not (w / "sweep.json").is_file():
+      print(f"error: {w / 'sweep.json'}: no such file (run scripts/ablate.py first)", file=sys.stderr)
+      sys.exit(2)
+  try:
+    sweep, rows, folders = collect(workdirs)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  sweep, points = load(workdir)
-  out = pathlib.Path(_OUT.value or workdir)
+  out = pathlib.Path(_OUT.value or workdirs[0])
   out.mkdir(parents=True, exist_ok=True)
-  rows = sweeps.collect(points, workdir)
   if not rows:
-    print(f"error: {workdir}: no finished point yet", file=sys.stderr)
+    print(f"error: {','.join(map(str, workdirs))}: no finished point yet", file=sys.stderr)
     sys.exit(2)
   metrics = list(sweep.get("metrics", ["loss"]))
   metric_keys = sorted({k for r in rows for k in r if k.startswith("eval.")} | set(COLUMNS))
@@ -146,7 +171,7 @@ def main(_):
   plot_rank(groups, metrics, out / "metric_vs_rank.png")
   curves = _CURVES.value or list(sweep.get("curves", []))
   if curves:
-    plot_curves(workdir, rows, curves, out / "curves.png")
+    plot_curves(folders, rows, curves, out / "curves.png")
 
 
 if __name__ == "__main__":

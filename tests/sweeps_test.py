@@ -147,3 +147,20 @@ def test_two_point_sweep_runs_skips_when_done_and_reports_its_summaries(tmp_path
     lead = "roc_auc" if summary["eval"]["roc_auc"] == summary["eval"]["roc_auc"] else "accuracy"  # NaN: 1 class.
     assert f"| {lead} | {summary['eval'][lead]:.3f} | 1 |" in report.stdout  # One seed: the value, no "± 0.000".
   assert (wd / "metric_vs_rank.png").is_file()
+
+  # Two shards' folders, each holding one finished point, report as the one folder did.
+  shard = tmp_path / "shard"
+  shard.mkdir()
+  (shard / "sweep.json").write_text((wd / "sweep.json").read_text())
+  (wd / names[1]).rename(shard / names[1])
+  merged = _cli("scripts/report.py", "--workdir", f"{wd},{shard}", "--out", str(tmp_path / "merged"))
+  assert merged.returncode == 0, merged.stderr[-3000:]
+  assert (tmp_path / "merged/results.csv").read_text() == (wd / "results.csv").read_text()
+  # The same point name with other overrides in a second folder is a one-line error naming both files.
+  spec = json.loads((shard / "sweep.json").read_text())
+  spec["points"][1]["overrides"]["lora.alpha"] = 8.0
+  (shard / "sweep.json").write_text(json.dumps(spec))
+  clash = _cli("scripts/report.py", "--workdir", f"{wd},{shard}", "--out", str(tmp_path / "clash"))
+  lines = clash.stderr.strip().splitlines()
+  assert clash.returncode == 2 and len(lines) == 1
+  assert str(shard / "sweep.json") in lines[0] and str(wd / "sweep.json") in lines[0] and names[1] in lines[0]
