@@ -165,7 +165,7 @@ def against_torch(cfg: ModelConfig, *, name: str, pairs: int, seq: int, lora_cfg
   phases = {p: dict(ours_s=med[f"ours_{p}"], torch_s=med[f"torch_{p}"], ratio=med[f"ours_{p}"] / med[f"torch_{p}"])
             for p in ("fwd", "fwd_bwd")}
   return dict(model=name, pairs=pairs, sequences=2 * pairs, seq=seq, dtype="float32", attention=cfg.attention,
-              lora_rank=lora_cfg.rank,
+              remat=cfg.remat, compiled_peak_bytes=ours.row["compiled_peak_bytes"], lora_rank=lora_cfg.rank,
               peft_targets=peft_targets(lora_cfg, cfg), threads_torch=threads,
               xla_flags=os.environ.get("XLA_FLAGS", ""), compiler_options=ours.row["compiler_options"],
               compile_s=ours.row["compile_s"], first_loss=first, step_times_s=times, ours_s=med["ours"], torch_s=med["torch"],
@@ -178,7 +178,7 @@ def ratio_line(row: dict) -> str:
   return (f"ours {row['ours_s']:.3f} s/step | torch+peft {row['torch_s']:.3f} s/step | ours/torch "
           f"{row['ratio']:.2f}x ({row['model']}, {row['pairs']} pairs x {row['seq']} tokens, fp32, LoRA r="
           f"{row['lora_rank']} on {','.join(row['peft_targets'])}, attention {row.get('attention', 'auto')}, "
-          f"medians of {len(row['step_times_s']['ours'])} "
+          f"remat {row.get('remat', 'none')}, medians of {len(row['step_times_s']['ours'])} "
           f"interleaved steps, torch threads {row['threads_torch']}; first-step loss ours "
           f"{row['first_loss']['ours']:.6f} torch {row['first_loss']['torch']:.6f}) | forward only "
           f"{row['phases']['fwd']['ratio']:.2f}x, forward+backward {row['phases']['fwd_bwd']['ratio']:.2f}x")
@@ -193,7 +193,7 @@ def resolve_model(model: str):
 
 
 def cli(*, model: str, pairs: int | None, seq: int | None, rank: int, alpha: float, targets, steps: int,
-        out: str | None = None, attention: str | None = None) -> int:
+        out: str | None = None, attention: str | None = None, remat: str | None = None) -> int:
   """`scripts/benchmark.py --against torch`: prints one ratio line (and appends the row to `out`); exit code."""
   import json
   import sys
@@ -203,7 +203,7 @@ def cli(*, model: str, pairs: int | None, seq: int | None, rank: int, alpha: flo
     print(str(e), file=sys.stderr)
     return 2
   name, cfg, base = resolve_model(model)
-  cfg = dataclasses.replace(cfg, attention=attention or cfg.attention)
+  cfg = dataclasses.replace(cfg, attention=attention or cfg.attention, remat=remat or cfg.remat)
   d_pairs, d_seq, _ = benchmark.default_shape(name, models.count_params(models.param_shapes(cfg)))
   row = against_torch(cfg, name=name, pairs=pairs or d_pairs, seq=seq or d_seq, steps=steps, base_params=base,
                       lora_cfg=lora.LoraConfig(rank=rank, alpha=alpha, targets=targets))

@@ -32,7 +32,7 @@ _MODES = flags.DEFINE_string("modes", "full,lora", "Comma-separated modes: full,
 _BATCH = flags.DEFINE_integer("batch", None, "Pairs per step (default: 8, 2 for tiny).", flag_values=FLAGS)
 _SEQ = flags.DEFINE_integer("seq", None, "Tokens per sequence (default: 1024, 32 for tiny).", flag_values=FLAGS)
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Dtype policy.", flag_values=FLAGS)
-_REMAT = flags.DEFINE_enum("remat", None, ["none", "full", "dots"], "Default: full from 1B params, else none.",
+_REMAT = flags.DEFINE_enum("remat", None, ["none", "full", "dots", "auto"], "Default: full from 1B params, else none.",
                            flag_values=FLAGS)
 _ATTENTION = flags.DEFINE_enum("attention", None, ["auto", "xla", "cudnn", "chunked", "einsum", "recompute"],
                                "Attention kernel (ModelConfig.attention). Default: the model's ('auto').",
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     targets = {"attention": lora.ATTENTION, "attention_mlp": lora.ATTENTION_MLP}[_TARGETS.value]
     return bench_torch.cli(model=_MODEL.value, pairs=_BATCH.value, seq=_SEQ.value, rank=_RANK.value,
                            alpha=_ALPHA.value, targets=targets, steps=_STEPS.value, out=_OUT.value,
-                           attention=_ATTENTION.value)
+                           attention=_ATTENTION.value, remat=_REMAT.value)
   modes = _MODES.value.split(",")
   if not _NO_ISOLATE.value and not _ABSTRACT.value and len(modes) > 1:
     rows = _isolated(_strip(argv, ("--modes", "--out")), modes)

@@ -116,13 +116,14 @@ def test_cli_against_torch_prints_ratio_line(tmp_path, capsys):
   pytest.importorskip("torch")
   pytest.importorskip("peft")
   out = tmp_path / "rows.jsonl"
-  assert _cli().main(["--model", "tiny", "--against", "torch", "--steps", "1", "--out", str(out)]) == 0
+  assert _cli().main(["--model", "tiny", "--against", "torch", "--steps", "1", "--remat", "dots", "--out",
+                      str(out)]) == 0
   line = capsys.readouterr().out.strip().splitlines()[-1]
-  assert line.startswith("ours ") and "torch+peft" in line and "ours/torch" in line
+  assert line.startswith("ours ") and "torch+peft" in line and "ours/torch" in line and "remat dots" in line
   import json
   (row,) = [json.loads(r) for r in out.read_text().splitlines()]
   assert row["ratio"] == pytest.approx(row["ours_s"] / row["torch_s"])
-  assert row["peft_targets"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+  assert row["peft_targets"] == ["k_proj", "o_proj", "q_proj", "v_proj"] and row["remat"] == "dots"
   # Same weights, head and batch: the first (pre-update) Bradley-Terry losses agree.
   assert row["first_loss"]["ours"] == pytest.approx(row["first_loss"]["torch"], rel=1e-4)
   for phase in ("fwd", "fwd_bwd"):

@@ -250,7 +250,7 @@ def test_scan_and_remat_options_do_not_change_results(hf_models, name):
   grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
   ref_logits, (ref_loss, ref_grad) = _apply(cfg, params, ids, mask), grad(params, cfg)
   tol = 1e-6 * max(1.0, float(jnp.abs(ref_logits).max()))  # a few ulps: XLA fuses scan and unrolled loops differently.
-  for change in (dict(scan_layers=False), dict(remat="full"), dict(remat="dots")):
+  for change in (dict(scan_layers=False), dict(remat="full"), dict(remat="dots"), dict(remat="auto")):
     c = dataclasses.replace(cfg, **change)
     assert float(jnp.abs(_apply(c, params, ids, mask) - ref_logits).max()) <= tol, change
     if c.remat == "none":
@@ -396,3 +396,11 @@ def test_backward_saves_no_per_layer_mask_unless_layers_differ(hf_models, name):
   hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
   per_layer_masks = re.search(rf"pred\[{cfg.num_layers},(\d+,)*{b},", hlo) is not None
   assert per_layer_masks == (any(cfg.sliding_layers) and not all(cfg.sliding_layers))
+
+
+@pytest.mark.parametrize("field", ["remat", "attention"])
+def test_unknown_run_time_choice_is_one_line_naming_field_and_value(hf_models, field):
+  cfg, _ = models.load_pretrained(hf_models["llama3"][1])
+  with pytest.raises(ConfigError) as e:
+    dataclasses.replace(cfg, **{field: "dts"})
+  assert str(e.value).startswith(f"{field} must be ") and "'dts'" in str(e.value) and "\n" not in str(e.value)

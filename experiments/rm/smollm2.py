@@ -19,7 +19,8 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # Init (LoRA A, a random head) and the run's RNG; the split and batch order are data.seed/shuffle_seed.
   c.mode = mode
-  c.model = dict(path="", param_dtype="float32", dtype="float32", remat="none", attention="auto")
+  # remat "auto": "dots" on CPU (0.87x the step time, 0.66x the compiled peak of "none" there), "none" elsewhere.
+  c.model = dict(path="", param_dtype="float32", dtype="float32", remat="auto", attention="auto")
   c.data = dict(eval_path="", eval_fraction=0.1, seed=0, batch_size=16, eval_batch_size=32,
                 min_prompt_tokens=64, max_train_examples=0, max_eval_examples=0,
                 bucket_by_length=True,  # Batches of similar lengths cut to 64-token buckets (fewer pad tokens).

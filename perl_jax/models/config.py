@@ -60,7 +60,8 @@ class ModelConfig:
   max_position_embeddings: int | None = None  # The context the model was trained for (None: not given).
   # Run-time choices, not architecture.
   dtype: str = "float32"                  # Compute dtype; params keep their own dtype.
-  remat: str = "none"                     # "none" | "full" | "dots" (save matmul outputs).
+  remat: str = "none"                     # "none" | "full" | "dots" (save matmul outputs) | "auto" (dots on
+                                          # XLA:CPU, where recomputing beats storing activations; none elsewhere).
   scan_layers: bool = True
   attention: str = "auto"                 # "auto" | "xla" | "cudnn" (jax.nn.dot_product_attention) |
                                           # "chunked" (query blocks, O(block x S) scores) | "einsum" |
@@ -70,6 +71,8 @@ class ModelConfig:
   def __post_init__(self):
     if self.attention not in ("auto", "xla", "cudnn", "chunked", "einsum", "recompute"):
       raise ConfigError(f"attention must be auto|xla|cudnn|chunked|einsum|recompute, got '{self.attention}'")
+    if self.remat not in ("none", "full", "dots", "auto"):
+      raise ConfigError(f"remat must be none|full|dots|auto, got '{self.remat}'")
     if not self.sliding_layers:
       object.__setattr__(self, "sliding_layers", (False,) * self.num_layers)
     if len(self.sliding_layers) != self.num_layers:

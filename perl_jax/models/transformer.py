@@ -136,6 +136,15 @@ _REMAT = {
 }
 
 
+def resolve_remat(remat: str) -> str:
+  """Remat "auto" is "dots" on XLA:CPU and "none" elsewhere. On 2 CPU cores (SmolLM2-135M fp32 LoRA RM step, 4 pairs x
+  256 tokens, one interleaved run) "dots" took 0.87x the time of "none" and 0.66x its compiled peak: there,
+  writing and re-reading the saved activations costs more than recomputing the elementwise ops between matmuls."""
+  if remat != "auto":
+    return remat
+  return "dots" if jax.default_backend() == "cpu" else "none"
+
+
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> dict:
   """An empty KV cache: keys/values [L,B,S,K,H], per-slot positions and validity, write index."""
   shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
@@ -175,8 +184,9 @@ def forward(cfg: ModelConfig, params: Params, input_ids_BxT, attention_mask_BxT=
                    (rope_g, rope_l), masks, kv, index)
     return x, kv
 
-  if cfg.remat != "none":
-    body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
+  remat = resolve_remat(cfg.remat)
+  if remat != "none":
+    body = jax.checkpoint(body, policy=_REMAT[remat], prevent_cse=not cfg.scan_layers)
   kv_xs = None if cache is None else (cache["k"], cache["v"])
   xs = (params["layers"], [tree for tree, _ in lora_layers], sliding, kv_xs)
   if cfg.scan_layers:
