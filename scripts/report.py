@@ -33,11 +33,10 @@ def load(workdir: pathlib.Path):
 
 def collect(workdirs: list[pathlib.Path]) -> tuple[dict, list[dict], dict]:
   """(sweep spec of the first folder, one row per point finished in any folder, point name -> its folder)."""
-  sweep, points = load(workdirs[0])
-  known = {p.name: (p, workdirs[0]) for p in points}
-  rows, folders = {}, {}
+  sweep, known, rows, folders = None, {}, {}, {}
   for w in workdirs:
-    _, pts = load(w)
+    spec, pts = load(w)
+    sweep = sweep if sweep is not None else spec
     for p in pts:
       q, origin = known.setdefault(p.name, (p, w))
       if (q.config, q.overrides) != (p.config, p.overrides):
