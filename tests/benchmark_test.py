@@ -101,6 +101,7 @@ def test_cli_rl_phase_abstract_and_timed_on_tiny(tmp_path, capsys):
   assert _cli().main(["--phase", "rl", "--model", "tiny", "--modes", "lora", "--steps", "1", "--out", str(out)]) == 0
   timed = json.loads(out.read_text().splitlines()[-1])
   assert timed["step_s"] > 0 and len(timed["step_times_s"]) == 2
+  assert 0 < timed["rollout_s"] and 0 < timed["update_s"] and timed["rollout_s"] + timed["update_s"] <= timed["step_s"]
 
 
 def test_cli_abstract_writes_jsonl(tmp_path, capsys):

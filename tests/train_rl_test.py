@@ -18,7 +18,8 @@ from experiments.rm import smollm2 as rm_configs  # noqa: E402
 from experiments.sft import smollm2 as sft_configs  # noqa: E402
 
 LOGGED = ("reward_mean", "reward_std", "kl_ref", "entropy", "value_loss", "explained_variance", "clip_fraction",
-          "response_length", "sample_tokens_per_s", "update_tokens_per_s", "kl_coef", "loss", "grad_norm")
+          "response_length", "sample_tokens_per_s", "update_tokens_per_s", "rollout_s", "update_s", "kl_coef", "loss",
+          "grad_norm")
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,8 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
   c.mode = mode  # "lora": policy / value LoRA on the one frozen backbone; "full": trainable backbone copies.
   c.reward_workdir = ""  # An RM run folder (required).
   c.sft_workdir = ""  # An SFT run folder; empty = the base model is the policy's anchor.
-  c.model = dict(path="", param_dtype="float32", dtype="float32", remat="none", attention="auto")
+  # remat "auto": "dots" on CPU (update 0.92x the time, step 0.76x the compiled peak of "none" at 8 x (192 + 48)).
+  c.model = dict(path="", param_dtype="float32", dtype="float32", remat="auto", attention="auto")
   c.data = dict(eval_fraction=0.1, seed=0, batch_size=8, max_prompt_len=192, max_train_prompts=0,
                 truncate_prompts=True,  # A longer prompt keeps its last max_prompt_len tokens; False: an error.
                 **DATA[dataset])

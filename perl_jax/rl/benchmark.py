@@ -71,16 +71,18 @@ def measure(cfg, mode: str, *, name: str, batch: int, prompt_len: int, new_token
   step = RLStep(cfg, rlcfg, optim, mesh=mesh, state_sh=state_sh, frozen_sh=frozen_sh)
   prompts = {"input_ids": np.random.default_rng(0).integers(3, cfg.vocab_size, (batch, prompt_len), np.int32),
              "attention_mask": np.ones((batch, prompt_len), np.int32)}
-  times = []
+  times, phases = [], []
   for _ in range(steps + 1):  # The first step compiles sampling, scoring and the update.
     t0 = time.perf_counter()
     state, metrics = step(state, frozen, prompts)
     jax.block_until_ready(state["step"])
     times.append(time.perf_counter() - t0)
+    phases.append((float(metrics["rollout_s"]), float(metrics["update_s"])))
   step_s = statistics.median(times[1:])
   tokens = batch * new_tokens
-  row.update(step_times_s=times, step_s=step_s, sample_tokens_per_s=float(metrics["sample_tokens_per_s"]),
-             update_tokens_per_s=float(metrics["update_tokens_per_s"]), response_tokens_per_s=tokens / step_s)
+  row.update(step_times_s=times, step_s=step_s, rollout_s=statistics.median(p[0] for p in phases[1:]),
+             update_s=statistics.median(p[1] for p in phases[1:]),
+             sample_tokens_per_s=float(metrics["sample_tokens_per_s"]), update_tokens_per_s=float(metrics["update_tokens_per_s"]), response_tokens_per_s=tokens / step_s)
   return row
 
 
@@ -102,14 +104,15 @@ def compare(rows: list[dict]) -> list[dict]:
 def markdown(rows: list[dict]) -> str:
   """One line per row (model, mode, shapes, params, compiled peak, step time), then LoRA/full per shape."""
   head = ["model", "mode", "dtype", "batch × (prompt + new)", "trainable", "frozen", "compiled peak (GiB)",
-          "step (s)", "response tok/s"]
+          "step (s)", "rollout / update (s)", "response tok/s"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     step = f"{r['step_s']:.2f}" if r.get("step_s") else "–"
+    phases = f"{r['rollout_s']:.2f} / {r['update_s']:.2f}" if r.get("update_s") else "–"
     tps = f"{r['response_tokens_per_s']:.1f}" if r.get("response_tokens_per_s") else "–"
     lines.append(f"| {r['model']} | {r['mode']} | {r['dtype']} | {r['batch']} × ({r['prompt_len']} + "
                  f"{r['new_tokens']}) | {r['trainable_params']:,} | {r['frozen_params']:,} | "
-                 f"{r['compiled_peak_bytes'] / 2**30:.2f} | {step} | {tps} |")
+                 f"{r['compiled_peak_bytes'] / 2**30:.2f} | {step} | {phases} | {tps} |")
   for c in compare(rows):
     speed = f", full/LoRA step time {c['speedup']:.2f}×" if c["speedup"] else ""
     lines.append(f"\n{c['model']} {c['dtype']}: LoRA/full compiled peak {c['memory_ratio']:.3f}{speed}")

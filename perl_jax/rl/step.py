@@ -51,6 +51,6 @@ class RLStep:
     metrics = {k: jnp.mean(v) for k, v in stacked.items()}
     metrics.update(stats, kl_coef=kl_coef, first_clip_fraction=stacked["clip_fraction"][0],
                    first_max_abs_log_ratio=stacked["max_abs_log_ratio"][0],
-                   sample_tokens_per_s=response_tokens / (t1 - t0),
+                   sample_tokens_per_s=response_tokens / (t1 - t0), rollout_s=t1 - t0, update_s=t2 - t1,
                    update_tokens_per_s=seq_tokens * self.rlcfg.num_updates / (t2 - t1))
     return state, metrics
