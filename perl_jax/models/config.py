@@ -65,12 +65,14 @@ class ModelConfig:
   scan_layers: bool = True
   attention: str = "auto"                 # "auto" | "xla" | "cudnn" (jax.nn.dot_product_attention) |
                                           # "chunked" (query blocks, O(block x S) scores) | "einsum" |
-                                          # "recompute" (saves row statistics, not probabilities, for backward).
+                                          # "recompute" (saves row statistics, not probabilities, for backward) |
+                                          # "causal" ("recompute" over query blocks of 64, each reading only
+                                          # the keys up to its end; "auto" up to attention_block tokens).
   attention_block: int = 256              # Query block for "chunked"; "auto" chunks inputs longer than it.
 
   def __post_init__(self):
-    if self.attention not in ("auto", "xla", "cudnn", "chunked", "einsum", "recompute"):
-      raise ConfigError(f"attention must be auto|xla|cudnn|chunked|einsum|recompute, got '{self.attention}'")
+    if self.attention not in ("auto", "xla", "cudnn", "chunked", "einsum", "recompute", "causal"):
+      raise ConfigError(f"attention must be auto|xla|cudnn|chunked|einsum|recompute|causal, got '{self.attention}'")
     if self.remat not in ("none", "full", "dots", "auto"):
       raise ConfigError(f"remat must be none|full|dots|auto, got '{self.remat}'")
     if not self.sliding_layers:

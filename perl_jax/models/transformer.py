@@ -94,8 +94,9 @@ def _per_layer(cfg: ModelConfig, is_sliding, sliding_value, global_value):
   return jax.tree.map(lambda s, g: jnp.where(is_sliding, s, g), sliding_value, global_value)
 
 
-def _block(cfg: ModelConfig, dtype, x, lp, loras, is_sliding, ropes, masks, kv_cache, cache_index):
-  """One decoder layer; returns the new residual stream and this layer's (k, v) cache."""
+def _block(cfg: ModelConfig, dtype, x, lp, loras, is_sliding, ropes, masks, kv_cache, cache_index, causal):
+  """One decoder layer; returns the new residual stream and this layer's (k, v) cache. `causal`: self-attention
+  whose positions increase along the sequence (attention.attend_causal may skip the keys after a query block)."""
   b, t, _ = x.shape
   norm = lambda v, p: rms_norm(v, p["scale"], cfg.rms_norm_eps, cfg.norm_plus_one)
   ad = lambda group, name: [(tree[group][name], s) for tree, s in loras if name in tree.get(group, {})]
@@ -115,7 +116,7 @@ def _block(cfg: ModelConfig, dtype, x, lp, loras, is_sliding, ropes, masks, kv_c
     kv_cache = (k, v)
     k, v = k.astype(dtype), v.astype(dtype)
   mask = _per_layer(cfg, is_sliding, masks[1], masks[0])
-  o = attend(cfg, q, k, v, mask).reshape(b, t, cfg.num_heads * cfg.head_dim)
+  o = attend(cfg, q, k, v, mask, causal=causal).reshape(b, t, cfg.num_heads * cfg.head_dim)
   o = dense(o, attn["o_proj"], ad("attn", "o_proj"), dtype)
   if cfg.sandwich_norm:
     o = norm(o, lp["post_attn_norm"])
@@ -159,6 +160,7 @@ def forward(cfg: ModelConfig, params: Params, input_ids_BxT, attention_mask_BxT=
   dtype = jnp.dtype(cfg.dtype)
   b, t = input_ids_BxT.shape
   mask = jnp.ones((b, t), bool) if attention_mask_BxT is None else attention_mask_BxT.astype(bool)
+  causal = positions_BxT is None and cache is None  # Positions from the mask: non-decreasing along T.
   if positions_BxT is None:
     offset = 0 if cache is None else jnp.sum(cache["valid"], axis=1, keepdims=True)
     positions_BxT = offset + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
@@ -181,7 +183,7 @@ def forward(cfg: ModelConfig, params: Params, input_ids_BxT, attention_mask_BxT=
   def body(x, xs):
     lp, lls, is_sliding, kv = xs
     x, kv = _block(cfg, dtype, x, lp, list(zip(lls, [s for _, s in lora_layers])), is_sliding,
-                   (rope_g, rope_l), masks, kv, index)
+                   (rope_g, rope_l), masks, kv, index, causal)
     return x, kv
 
   remat = resolve_remat(cfg.remat)
