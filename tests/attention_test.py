@@ -19,10 +19,10 @@ def test_chunked_and_fused_match_einsum(family):
   lp = jax.tree.map(lambda x: x + 0.05, lora.init(jax.random.key(1), params, lora.LoraConfig(rank=2)))
   ids, mask = random_batch(0, 3, 12, base_cfg.vocab_size, left_pad=(0, 3, 7))
 
-  def run(cfg):
+  def run(cfg):  # Logits at real tokens: chunks of causal self-attention leave left-pad rows reading no key.
     def loss(lp):
-      out = models.forward(cfg, params, ids, mask, adapters=[(lp, 2.0)])
-      return (out.logits * mask[..., None]).sum() / 100.0, out.logits
+      logits = models.forward(cfg, params, ids, mask, adapters=[(lp, 2.0)]).logits * mask[..., None]
+      return logits.sum() / 100.0, logits
     (_, logits), grad = jax.value_and_grad(loss, has_aux=True)(lp)
     return np.asarray(logits), grad
 
@@ -58,10 +58,11 @@ def test_causal_blocks_match_einsum_on_every_real_token(family, block, monkeypat
     return np.asarray(logits), grad
 
   ref_logits, ref_grad = run(base_cfg)
-  for kind in ("causal", "auto"):
+  # "chunked" over chunks of 6 (2 chunks, each through the causal blocks) as well.
+  for kind, chunk in (("causal", 256), ("auto", 256), ("chunked", 6), ("auto", 6)):
     calls.clear()
-    logits, grad = run(dataclasses.replace(base_cfg, attention=kind))
-    assert calls, kind  # the blocked kernel ran (not its fallback)
+    logits, grad = run(dataclasses.replace(base_cfg, attention=kind, attention_block=chunk))
+    assert calls, (kind, chunk)  # the blocked kernel ran (not its fallback)
     np.testing.assert_allclose(logits, ref_logits, atol=2e-5, err_msg=kind)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4),
                  grad, ref_grad)

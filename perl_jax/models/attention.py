@@ -100,23 +100,35 @@ CAUSAL_BLOCK = 64  # Query block of "causal" (fwd+bwd of one SmolLM2 layer's att
 
 
 def attend_causal(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale, softcap, block: int = CAUSAL_BLOCK):
-  """Self-attention whose positions increase along the sequence: query block [i, i + block) reads keys [0, i +
-  block) only, since every key after it is masked for every query row that is not padding. With n blocks that is
-  (n + 1) / 2n of the scores; each block runs the recomputing kernel (row statistics saved, not probabilities).
-  The last block is shorter when block does not divide T.
-  Pad rows of left-padded inputs may attend differently (they read no key); nothing reads them."""
-  t = q_BxTxNxH.shape[1]
-  outs = [attend_recompute(q_BxTxNxH[:, i:i + block], k_BxSxKxH[:, :i + block], v_BxSxKxH[:, :i + block],
-                           mask_Bx1xTxS[:, :, i:i + block, :i + block], scale, softcap)
+  """Self-attention whose positions increase along the sequence, the T queries being the last T of the S ≥ T
+  keys: query block [i, i + block) reads keys [0, S − T + i + block) only, since every key after it is masked for
+  every query row that is not padding. With n blocks and S = T that is (n + 1) / 2n of the scores; each block
+  runs the recomputing kernel (row statistics saved, not probabilities). The last block is shorter when block
+  does not divide T. Pad rows of left-padded inputs may attend differently (they read no key); nothing reads them."""
+  t, off = q_BxTxNxH.shape[1], k_BxSxKxH.shape[1] - q_BxTxNxH.shape[1]
+  outs = [attend_recompute(q_BxTxNxH[:, i:i + block], k_BxSxKxH[:, :off + i + block],
+                           v_BxSxKxH[:, :off + i + block], mask_Bx1xTxS[:, :, i:i + block, :off + i + block],
+                           scale, softcap)
           for i in range(0, t, block)]
   return jnp.concatenate(outs, axis=1)
 
 
+def attend_chunked_causal(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale, softcap, block: int):
+  """attend_chunked for causal self-attention: query chunk [c, c + block), rematerialised, reads keys [0, c +
+  block) through attend_causal, so scores stay within one [block, c + block] tile and skip the keys after it."""
+  outs = []
+  for c in range(0, q_BxTxNxH.shape[1], block):
+    one = jax.checkpoint(lambda q, k, v, m: attend_causal(q, k, v, m, scale, softcap, CAUSAL_BLOCK))
+    outs.append(one(q_BxTxNxH[:, c:c + block], k_BxSxKxH[:, :c + block], v_BxSxKxH[:, :c + block],
+                    mask_Bx1xTxS[:, :, c:c + block, :c + block]))
+  return jnp.concatenate(outs, axis=1)
+
+
 def attend(cfg: ModelConfig, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, causal: bool = False):
-  """Picks the attention kernel; "xla"/"cudnn" fall back to the einsum when soft-capped. "auto": query blocks for
+  """Picks the attention kernel; "xla"/"cudnn" fall back to the einsum when soft-capped. "auto": query chunks for
   inputs longer than `attention_block`; else, for causal self-attention (`causal`: no KV cache, positions
   derived from the mask) of more than one CAUSAL_BLOCK, "causal"; else the recomputing kernel. "causal" falls
-  back to "recompute" where it does not apply."""
+  back to "recompute" where it does not apply; "chunked" skips the keys after each chunk when `causal`."""
   t, s = q_BxTxNxH.shape[1], k_BxSxKxH.shape[1]
   scale, softcap, block = cfg.attn_scale, cfg.attn_softcap, cfg.attention_block
   kind = cfg.attention
@@ -130,6 +142,8 @@ def attend(cfg: ModelConfig, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, caus
   if kind in ("xla", "cudnn") and softcap is None:
     return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, scale=scale,
                                         implementation=kind)
+  if kind == "chunked" and t % block == 0 and causal and t == s:
+    return attend_chunked_causal(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale, softcap, block)
   if kind == "chunked" and t % block == 0:
     return attend_chunked(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale, softcap, block)
   if kind == "recompute":
