@@ -82,7 +82,8 @@ def measure(cfg, mode: str, *, name: str, batch: int, prompt_len: int, new_token
   tokens = batch * new_tokens
   row.update(step_times_s=times, step_s=step_s, rollout_s=statistics.median(p[0] for p in phases[1:]),
              update_s=statistics.median(p[1] for p in phases[1:]),
-             sample_tokens_per_s=float(metrics["sample_tokens_per_s"]), update_tokens_per_s=float(metrics["update_tokens_per_s"]), response_tokens_per_s=tokens / step_s)
+             sample_tokens_per_s=float(metrics["sample_tokens_per_s"]),
+             update_tokens_per_s=float(metrics["update_tokens_per_s"]), response_tokens_per_s=tokens / step_s)
   return row
 
 
