@@ -12,27 +12,39 @@ from perl_jax.models import attention
 from tests.helpers import random_batch, tiny_config
 
 
+def _tiny_lora_batch(family, rows):
+  """(einsum config, params, non-zero adapters, ids, mask): rows of 12 tokens, the first three left-padded 0/3/7."""
+  cfg = tiny_config(family, attention="einsum")
+  params = models.init_params(cfg, jax.random.key(0))
+  lp = jax.tree.map(lambda x: x + 0.05, lora.init(jax.random.key(1), params, lora.LoraConfig(rank=2)))
+  ids, mask = random_batch(0, rows, 12, cfg.vocab_size, left_pad=(0, 3, 7))
+  return cfg, params, lp, ids, mask
+
+
+def _real_logits_and_grad(cfg, params, lp, ids, mask):
+  """Logits at real tokens and the adapters' gradient of their sum: chunks or blocks of causal self-attention
+  leave left-pad rows reading no key, and nothing reads those rows."""
+  def loss(lp):
+    logits = models.forward(cfg, params, ids, mask, adapters=[(lp, 2.0)]).logits * mask[..., None]
+    return logits.sum() / 100.0, logits
+  (_, logits), grad = jax.value_and_grad(loss, has_aux=True)(lp)
+  return np.asarray(logits), grad
+
+
+def _assert_same(got, ref, name):
+  np.testing.assert_allclose(got[0], ref[0], atol=2e-5, err_msg=name)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4),
+               got[1], ref[1])
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_chunked_and_fused_match_einsum(family):
-  base_cfg = tiny_config(family, attention="einsum")
-  params = models.init_params(base_cfg, jax.random.key(0))
-  lp = jax.tree.map(lambda x: x + 0.05, lora.init(jax.random.key(1), params, lora.LoraConfig(rank=2)))
-  ids, mask = random_batch(0, 3, 12, base_cfg.vocab_size, left_pad=(0, 3, 7))
-
-  def run(cfg):  # Logits at real tokens: chunks of causal self-attention leave left-pad rows reading no key.
-    def loss(lp):
-      logits = models.forward(cfg, params, ids, mask, adapters=[(lp, 2.0)]).logits * mask[..., None]
-      return logits.sum() / 100.0, logits
-    (_, logits), grad = jax.value_and_grad(loss, has_aux=True)(lp)
-    return np.asarray(logits), grad
-
-  ref_logits, ref_grad = run(base_cfg)
+  base_cfg, *batch = _tiny_lora_batch(family, rows=3)
+  ref = _real_logits_and_grad(base_cfg, *batch)
   kinds = [("chunked", 4), ("auto", 4), ("recompute", 256)] + ([("xla", 256)] if family == "llama" else [])
   for kind, block in kinds:
-    logits, grad = run(dataclasses.replace(base_cfg, attention=kind, attention_block=block))
-    np.testing.assert_allclose(logits, ref_logits, atol=2e-5, err_msg=kind)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4),
-                 grad, ref_grad)
+    _assert_same(_real_logits_and_grad(dataclasses.replace(base_cfg, attention=kind, attention_block=block), *batch),
+                 ref, kind)
 
 
 @pytest.mark.parametrize("family,block", [("llama", 4), ("gemma2", 5)])
@@ -42,30 +54,17 @@ def test_causal_blocks_match_einsum_on_every_real_token(family, block, monkeypat
   # equal the einsum's. Pad rows are left out: a left pad reads no key under the blocks (nothing reads a pad row,
   # so no real value depends on it).
   monkeypatch.setattr(attention, "CAUSAL_BLOCK", block)
-  base_cfg = tiny_config(family, attention="einsum")
-  params = models.init_params(base_cfg, jax.random.key(0))
-  lp = jax.tree.map(lambda x: x + 0.05, lora.init(jax.random.key(1), params, lora.LoraConfig(rank=2)))
-  ids, mask = random_batch(0, 4, 12, base_cfg.vocab_size, left_pad=(0, 3, 7))
-  mask = mask.at[3, 10:].set(0)
+  base_cfg, params, lp, ids, mask = _tiny_lora_batch(family, rows=4)
+  batch = (params, lp, ids, mask.at[3, 10:].set(0))
   calls = []
   monkeypatch.setattr(attention, "attend_causal", lambda *a, f=attention.attend_causal: calls.append(1) or f(*a))
-
-  def run(cfg):
-    def loss(lp):
-      logits = models.forward(cfg, params, ids, mask, adapters=[(lp, 2.0)]).logits * mask[..., None]
-      return logits.sum() / 100.0, logits
-    (_, logits), grad = jax.value_and_grad(loss, has_aux=True)(lp)
-    return np.asarray(logits), grad
-
-  ref_logits, ref_grad = run(base_cfg)
+  ref = _real_logits_and_grad(base_cfg, *batch)
   # "chunked" over chunks of 6 (2 chunks, each through the causal blocks) as well.
   for kind, chunk in (("causal", 256), ("auto", 256), ("chunked", 6)):
     calls.clear()
-    logits, grad = run(dataclasses.replace(base_cfg, attention=kind, attention_block=chunk))
+    got = _real_logits_and_grad(dataclasses.replace(base_cfg, attention=kind, attention_block=chunk), *batch)
     assert calls, (kind, chunk)  # the blocked kernel ran (not its fallback)
-    np.testing.assert_allclose(logits, ref_logits, atol=2e-5, err_msg=kind)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4),
-                 grad, ref_grad)
+    _assert_same(got, ref, kind)
 
 
 def test_causal_blocks_skip_the_keys_after_each_block():

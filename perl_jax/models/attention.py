@@ -142,10 +142,9 @@ def attend(cfg: ModelConfig, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, caus
   if kind in ("xla", "cudnn") and softcap is None:
     return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, scale=scale,
                                         implementation=kind)
-  if kind == "chunked" and t % block == 0 and causal and t == s:
-    return attend_chunked_causal(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale, softcap, block)
   if kind == "chunked" and t % block == 0:
-    return attend_chunked(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale, softcap, block)
+    chunked = attend_chunked_causal if causal and t == s else attend_chunked
+    return chunked(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale, softcap, block)
   if kind == "recompute":
     return attend_recompute(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale, softcap)
   return attend_einsum(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale, softcap)
