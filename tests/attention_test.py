@@ -56,14 +56,14 @@ def test_causal_blocks_match_einsum_on_every_real_token(family, block, monkeypat
   monkeypatch.setattr(attention, "CAUSAL_BLOCK", block)
   base_cfg, params, lp, ids, mask = _tiny_lora_batch(family, rows=4)
   batch = (params, lp, ids, mask.at[3, 10:].set(0))
-  calls = []
-  monkeypatch.setattr(attention, "attend_causal", lambda *a, f=attention.attend_causal: calls.append(1) or f(*a))
+  calls = []  # The block sizes the recomputing kernel ran with (None: one block over every key).
+  monkeypatch.setattr(attention, "_query_blocks", lambda t, s, b, f=attention._query_blocks: calls.append(b) or f(t, s, b))
   ref = _real_logits_and_grad(base_cfg, *batch)
   # "chunked" over chunks of 6 (2 chunks, each through the causal blocks) as well.
   for kind, chunk in (("causal", 256), ("auto", 256), ("chunked", 6)):
     calls.clear()
     got = _real_logits_and_grad(dataclasses.replace(base_cfg, attention=kind, attention_block=chunk), *batch)
-    assert calls, (kind, chunk)  # the blocked kernel ran (not its fallback)
+    assert block in calls and None not in calls, (kind, chunk, calls)  # the blocked kernel ran, not its fallback
     _assert_same(got, ref, kind)
 
 
@@ -111,6 +111,28 @@ def test_recompute_backward_equals_autodiff_of_einsum_in_float64(softcap):
     loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v, mask, 0.7, softcap) * w)
     ref_val, ref_grads = jax.value_and_grad(loss(attention.attend_einsum), argnums=(0, 1, 2))(q, k, v)
     val, grads = jax.value_and_grad(loss(attention.attend_recompute), argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(val, ref_val, rtol=1e-12)
+    for g, r in zip(grads, ref_grads):
+      np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_causal_blocks_equal_einsum_in_float64(softcap):
+  # The last T = 7 of S = 9 keys are the queries, blocks of 3 (the last block one row): query row i reads keys up
+  # to S − T + i; some keys are invalid (key 0 never, so no row is fully masked). Values and gradients of q, k, v
+  # equal the einsum's to round-off.
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(1)
+    b, t, s, n, kv, h = 2, 7, 9, 4, 2, 3
+    q = jnp.asarray(rng.normal(size=(b, t, n, h)) * 2.0)
+    k, v = jnp.asarray(rng.normal(size=(b, s, kv, h))), jnp.asarray(rng.normal(size=(b, s, kv, h)))
+    valid = (rng.random((b, s)) < 0.7) | (np.arange(s) == 0)
+    mask = jnp.asarray((np.arange(s)[None, None, :] <= s - t + np.arange(t)[None, :, None]) & valid[:, None, :])
+    w = jnp.asarray(rng.normal(size=(b, t, n, h)))
+    loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v, mask[:, None], 0.7, softcap) * w)
+    ref_val, ref_grads = jax.value_and_grad(loss(attention.attend_einsum), argnums=(0, 1, 2))(q, k, v)
+    blocked = lambda *a: attention.attend_causal(*a, block=3)
+    val, grads = jax.value_and_grad(loss(blocked), argnums=(0, 1, 2))(q, k, v)
     np.testing.assert_allclose(val, ref_val, rtol=1e-12)
     for g, r in zip(grads, ref_grads):
       np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12)

@@ -2,7 +2,8 @@
 kernel whose backward recomputes the probabilities from saved row statistics (flash attention's backward), and
 that kernel over causal query blocks that skip the keys after them.
 
-Shapes: q [B,T,N,H], k/v [B,S,K,H] (N = K·G query heads share K key/value heads), mask bool [B,1,T,S].
+Shapes: q [B,T,N,H], k/v [B,S,K,H] (N = K·G query heads share K key/value heads), mask bool [B,1,T,S]; inside,
+the kernels work on q [B,K,G,T,H] and k/v [B,K,S,H], transposed once per call.
 """
 import functools
 
@@ -21,56 +22,95 @@ def attention_masks(q_pos_BxT, k_pos_BxS, k_valid_BxS, window: int | None):
   return m[:, None], (m & near)[:, None]
 
 
-def _logits(q_BxTxKxGxH, k_BxSxKxH, mask_Bx1xTxS, scale, softcap):
+def _heads_first(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH):
+  """q [B,K,G,T,H], k and v [B,K,S,H]: the kernels' layout, where every score and output matmul is batched over
+  (B, K) with no transpose inside; formed once per layer (per-block transposes cost more than the blocks saved)."""
+  b, t, n, h = q_BxTxNxH.shape
+  kv = k_BxSxKxH.shape[2]
+  q = q_BxTxNxH.reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)
+  return q, k_BxSxKxH.transpose(0, 2, 1, 3), v_BxSxKxH.transpose(0, 2, 1, 3)
+
+
+def _heads_last(o_BxKxGxTxH):
+  b, kv, g, t, h = o_BxKxGxTxH.shape
+  return o_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(b, t, kv * g, h)
+
+
+def _logits(q_BxKxGxTxH, k_BxKxSxH, mask_Bx1xTxS, scale, softcap):
   """(masked logits, pre-cap logits) [B,K,G,T,S] in float32 or wider: s = q·k·scale, capped c·tanh(s/c)."""
-  f = jnp.promote_types(q_BxTxKxGxH.dtype, jnp.float32)
-  raw = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=f) * scale
+  f = jnp.promote_types(q_BxKxGxTxH.dtype, jnp.float32)
+  raw = jnp.einsum("bkgth,bksh->bkgts", q_BxKxGxTxH, k_BxKxSxH, preferred_element_type=f) * scale
   capped = raw if softcap is None else jnp.tanh(raw / softcap) * softcap
   return jnp.where(mask_Bx1xTxS[:, :, None], capped, jnp.finfo(f).min), raw
 
 
 def attend_einsum(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale: float, softcap: float | None):
   """Grouped-query attention written out: soft-capping, any dtype (float64 for gradient checks)."""
-  b, t, n, h = q_BxTxNxH.shape
-  kv = k_BxSxKxH.shape[2]
-  q = q_BxTxNxH.reshape(b, t, kv, n // kv, h)
-  logits, _ = _logits(q, k_BxSxKxH, mask_Bx1xTxS, scale, softcap)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxKxH.dtype)
-  return jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH).reshape(b, t, n, h)
+  q, k, v = _heads_first(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH)
+  logits, _ = _logits(q, k, mask_Bx1xTxS, scale, softcap)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return _heads_last(jnp.einsum("bkgts,bksh->bkgth", probs, v))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _attend_stats(q_BxTxKxGxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale, softcap):
-  return _attend_stats_fwd(q_BxTxKxGxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale, softcap)[0]
+def _query_blocks(t: int, s: int, block: int | None):
+  """(first row, end row, keys read) per query block: one block reading all S keys when block is None; else rows
+  [i, j) of the T queries (the last T of the S ≥ T keys) read keys [0, S − T + j)."""
+  if block is None:
+    return [(0, t, s)]
+  return [(i, min(i + block, t), s - t + min(i + block, t)) for i in range(0, t, block)]
 
 
-def _attend_stats_fwd(q, k, v, mask, scale, softcap):
-  """o = softmax(s) v, keeping only the row max m and row sum l of exp(s − m) ([B,K,G,T,1]) for the backward."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _attend_stats(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_Bx1xTxS, scale, softcap, block):
+  return _attend_stats_fwd(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_Bx1xTxS, scale, softcap, block)[0]
+
+
+def _block_fwd(q, k, v, mask, scale, softcap):
+  """o = softmax(s) v and the row max m and row sum l of exp(s − m) ([B,K,G,T,1]), all the backward keeps."""
   logits, _ = _logits(q, k, mask, scale, softcap)
   m = jnp.max(logits, axis=-1, keepdims=True)
   e = jnp.exp(logits - m)
   l = jnp.sum(e, axis=-1, keepdims=True)
-  o = jnp.einsum("bkgts,bskh->btkgh", (e / l).astype(v.dtype), v)
+  return jnp.einsum("bkgts,bksh->bkgth", (e / l).astype(v.dtype), v), m, l
+
+
+def _attend_stats_fwd(q, k, v, mask, scale, softcap, block):
+  outs = [_block_fwd(q[:, :, :, i:j], k[:, :, :e], v[:, :, :e], mask[:, :, i:j, :e], scale, softcap)
+          for i, j, e in _query_blocks(q.shape[3], k.shape[2], block)]
+  o, m, l = (jnp.concatenate(x, axis=3) for x in zip(*outs))
   return o, (q, k, v, mask, o, m, l)
 
 
-def _attend_stats_bwd(scale, softcap, res, do):
+def _block_bwd(q, k, v, mask, o, m, l, do, scale, softcap):
   """P = exp(s − m) / l recomputed; dV = Pᵀ dO, dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O)), then through the cap and
   the scale: dQ = dS K, dK = dSᵀ Q. Masked logits are constants, so their dS is 0."""
-  q, k, v, mask, o, m, l = res
   logits, raw = _logits(q, k, mask, scale, softcap)
   f = logits.dtype
   p = jnp.exp(logits - m) / l
-  dv = jnp.einsum("bkgts,btkgh->bskh", p.astype(v.dtype), do)
-  dp = jnp.einsum("btkgh,bskh->bkgts", do, v, preferred_element_type=f)
-  delta = jnp.einsum("btkgh,btkgh->bkgt", do, o, preferred_element_type=f)[..., None]
+  dv = jnp.einsum("bkgts,bkgth->bksh", p.astype(v.dtype), do)
+  dp = jnp.einsum("bkgth,bksh->bkgts", do, v, preferred_element_type=f)
+  delta = jnp.sum(do.astype(f) * o.astype(f), axis=-1, keepdims=True)
   ds = jnp.where(mask[:, :, None], p * (dp - delta), 0.0)
   if softcap is not None:
     ds = ds * (1.0 - jnp.square(jnp.tanh(raw / softcap)))
   ds = (ds * scale).astype(q.dtype)
-  dq = jnp.einsum("bkgts,bskh->btkgh", ds, k)
-  dk = jnp.einsum("bkgts,btkgh->bskh", ds, q)
-  return dq, dk, dv, None
+  return jnp.einsum("bkgts,bksh->bkgth", ds, k), jnp.einsum("bkgts,bkgth->bksh", ds, q), dv
+
+
+def _attend_stats_bwd(scale, softcap, block, res, do):
+  """Each query block's gradients; dK and dV sum the blocks' (in float32 or wider), zero past a block's keys."""
+  q, k, v, mask, o, m, l = res
+  s = k.shape[2]
+  dqs, dk, dv = [], 0.0, 0.0
+  for i, j, e in _query_blocks(q.shape[3], s, block):
+    rows = lambda x: x[:, :, :, i:j]
+    dq_b, dk_b, dv_b = _block_bwd(rows(q), k[:, :, :e], v[:, :, :e], mask[:, :, i:j, :e], rows(o), rows(m),
+                                  rows(l), rows(do), scale, softcap)
+    pad = ((0, 0), (0, 0), (0, s - e), (0, 0))
+    f = jnp.promote_types(k.dtype, jnp.float32)
+    dk, dv = dk + jnp.pad(dk_b.astype(f), pad), dv + jnp.pad(dv_b.astype(f), pad)
+    dqs.append(dq_b)
+  return jnp.concatenate(dqs, axis=3), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 _attend_stats.defvjp(_attend_stats_fwd, _attend_stats_bwd)
@@ -79,10 +119,8 @@ _attend_stats.defvjp(_attend_stats_fwd, _attend_stats_bwd)
 def attend_recompute(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale: float, softcap: float | None):
   """attend_einsum's values and gradients, but reverse mode saves O(T) row statistics instead of the [T,S]
   probabilities per head (and per layer, under the layer scan); the backward recomputes them."""
-  b, t, n, h = q_BxTxNxH.shape
-  kv = k_BxSxKxH.shape[2]
-  q = q_BxTxNxH.reshape(b, t, kv, n // kv, h)
-  return _attend_stats(q, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale, softcap).reshape(b, t, n, h)
+  q, k, v = _heads_first(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH)
+  return _heads_last(_attend_stats(q, k, v, mask_Bx1xTxS, scale, softcap, None))
 
 
 def attend_chunked(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale, softcap, block: int):
@@ -95,33 +133,30 @@ def attend_chunked(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale, softcap
   return jax.lax.map(one, (q_blocks, m_blocks)).swapaxes(0, 1).reshape(b, t, n, h)
 
 
-CAUSAL_BLOCK = 64  # Query block of "causal" (fwd+bwd of one SmolLM2 layer's attention, 8 x 256 tokens, XLA:CPU:
-                  # blocks of 32 / 64 / 128 took 0.77 / 0.68 / 0.82x the time of "recompute").
+CAUSAL_BLOCK = 64  # Query block of "causal". Whole RM step (SmolLM2, 8 x 256 tokens, LoRA r8, XLA:CPU 2 cores):
+                  # blocks of 32 / 64 / 128 took 7.81 / 7.7 / 7.72 s, within noise; 64 kept.
 
 
 def attend_causal(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale, softcap, block: int = CAUSAL_BLOCK):
   """Self-attention whose positions increase along the sequence, the T queries being the last T of the S ≥ T
   keys: query block [i, i + block) reads keys [0, S − T + i + block) only, since every key after it is masked for
-  every query row that is not padding. With n blocks and S = T that is (n + 1) / 2n of the scores; each block
-  runs the recomputing kernel (row statistics saved, not probabilities). The last block is shorter when block
-  does not divide T. Pad rows of left-padded inputs may attend differently (they read no key); nothing reads them."""
-  t, off = q_BxTxNxH.shape[1], k_BxSxKxH.shape[1] - q_BxTxNxH.shape[1]
-  outs = [attend_recompute(q_BxTxNxH[:, i:i + block], k_BxSxKxH[:, :off + i + block],
-                           v_BxSxKxH[:, :off + i + block], mask_Bx1xTxS[:, :, i:i + block, :off + i + block],
-                           scale, softcap)
-          for i in range(0, t, block)]
-  return jnp.concatenate(outs, axis=1)
+  every query row that is not padding. With n blocks and S = T that is (n + 1) / 2n of the scores. One recomputing
+  kernel runs the blocks (q, k, v, o and row statistics saved once, not per block). The last block is shorter when
+  block does not divide T. Pad rows of left-padded inputs may attend differently (they read no key); nothing
+  reads them."""
+  q, k, v = _heads_first(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH)
+  return _heads_last(_attend_stats(q, k, v, mask_Bx1xTxS, scale, softcap, block))
 
 
 def attend_chunked_causal(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale, softcap, block: int):
   """attend_chunked for causal self-attention: query chunk [c, c + block), rematerialised, reads keys [0, c +
-  block) through attend_causal, so scores stay within one [block, c + block] tile and skip the keys after it."""
-  outs = []
-  for c in range(0, q_BxTxNxH.shape[1], block):
-    one = jax.checkpoint(lambda q, k, v, m: attend_causal(q, k, v, m, scale, softcap, CAUSAL_BLOCK))
-    outs.append(one(q_BxTxNxH[:, c:c + block], k_BxSxKxH[:, :c + block], v_BxSxKxH[:, :c + block],
-                    mask_Bx1xTxS[:, :, c:c + block, :c + block]))
-  return jnp.concatenate(outs, axis=1)
+  block) through attend_causal's blocks, so scores stay within one [block, c + block] tile and skip the keys
+  after it."""
+  q, k, v = _heads_first(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH)
+  one = jax.checkpoint(lambda q, k, v, m: _attend_stats(q, k, v, m, scale, softcap, CAUSAL_BLOCK))
+  outs = [one(q[:, :, :, c:c + block], k[:, :, :c + block], v[:, :, :c + block],
+              mask_Bx1xTxS[:, :, c:c + block, :c + block]) for c in range(0, q.shape[3], block)]
+  return _heads_last(jnp.concatenate(outs, axis=3))
 
 
 def attend(cfg: ModelConfig, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, causal: bool = False):
