@@ -124,6 +124,9 @@ def test_cli_against_torch_prints_ratio_line(tmp_path, capsys):
   import json
   (row,) = [json.loads(r) for r in out.read_text().splitlines()]
   assert row["ratio"] == pytest.approx(row["ours_s"] / row["torch_s"])
+  alt = row["alternating_step_times_s"]
+  assert row["alternating_ratio"] == pytest.approx(alt["ours"][0] / alt["torch"][0])  # One step each: its time.
+  assert f"alternating ours/torch {row['alternating_ratio']:.2f}x" in line
   assert row["peft_targets"] == ["k_proj", "o_proj", "q_proj", "v_proj"] and row["remat"] == "dots"
   # Same weights, head and batch: the first (pre-update) Bradley-Terry losses agree.
   assert row["first_loss"]["ours"] == pytest.approx(row["first_loss"]["torch"], rel=1e-4)
