@@ -162,20 +162,26 @@ def back_to_back(fns: dict, steps: int) -> dict:
 
 def _torch_worker(conn, cfg, params, lora_cfg, head, ids, threads):
   """The PyTorch side in its own process: builds the model, then answers each name sent ("step", "fwd",
-  "fwd_bwd") with (seconds it took here, the loss for "step"), until None."""
-  torch, _, _ = _imports()
-  torch.set_num_threads(threads)
-  model = torch_model(cfg, params, lora_cfg, head)
-  fns = {"step": torch_step_fn(model, ids), **torch_phase_fns(model, ids)}
-  conn.send(torch.__version__)
-  while (name := conn.recv()) is not None:
-    t0 = time.perf_counter()
-    out = fns[name]()
-    conn.send((time.perf_counter() - t0, out if name == "step" else None))
+  "fwd_bwd") with ("ok", (seconds it took here, the loss for "step")), until None; an exception is answered
+  ("error", its one-line text) and ends the worker."""
+  try:
+    torch, _, _ = _imports()
+    torch.set_num_threads(threads)
+    model = torch_model(cfg, params, lora_cfg, head)
+    fns = {"step": torch_step_fn(model, ids), **torch_phase_fns(model, ids)}
+    conn.send(("ok", torch.__version__))
+    while (name := conn.recv()) is not None:
+      t0 = time.perf_counter()
+      out = fns[name]()
+      conn.send(("ok", (time.perf_counter() - t0, out if name == "step" else None)))
+  except Exception as e:  # Sent to the parent, which raises it there.
+    conn.send(("error", f"{type(e).__name__}: {e}"))
 
 
 class TorchWorker:
-  """Handle on _torch_worker: `worker.call(name)` -> (Seconds, loss or None). A context manager; exit stops it."""
+  """Handle on _torch_worker: `worker.call(name)` -> (Seconds, loss or None); the worker's exceptions are raised
+  here as RuntimeError. A context manager; exit stops it. Spawned, so a script that makes one needs the
+  `if __name__ == "__main__":` guard."""
 
   def __init__(self, cfg, params, lora_cfg, head, ids, threads):
     ctx = multiprocessing.get_context("spawn")
@@ -184,11 +190,21 @@ class TorchWorker:
                             daemon=True)
     self.proc.start()
     child.close()
-    self.version = self.conn.recv()
+    self.version = self._answer()
+
+  def _answer(self):
+    try:
+      status, payload = self.conn.recv()
+    except EOFError:
+      self.proc.join(5)
+      raise RuntimeError(f"the torch worker process died (exit code {self.proc.exitcode})") from None
+    if status == "error":
+      raise RuntimeError(f"torch worker: {payload}")
+    return payload
 
   def call(self, name: str):
     self.conn.send(name)
-    seconds, loss = self.conn.recv()
+    seconds, loss = self._answer()
     return Seconds(seconds), loss
 
   def __enter__(self):

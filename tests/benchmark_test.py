@@ -172,3 +172,18 @@ def test_cli_against_torch_without_extras_is_one_line(monkeypatch, capsys):
   assert _cli().main(["--model", "tiny", "--against", "torch"]) == 2
   assert capsys.readouterr().err.strip().splitlines() == [
       "error: --against torch needs the test extras: pip install -r requirements-test.txt"]
+
+
+def test_torch_worker_error_is_raised_in_the_parent():
+  """The torch side runs in a spawned process; its failure (here: weights missing the final norm) is one
+  RuntimeError in the parent, with the worker's exception."""
+  pytest.importorskip("torch")
+  pytest.importorskip("peft")
+  from perl_jax import bench_torch, lora, models
+  cfg = benchmark.preset("tiny")
+  wrong = jax.device_get(models.init_params(cfg, jax.random.key(0)))
+  del wrong["final_norm"]
+  head = np.zeros((cfg.hidden_size, 1), np.float32)
+  msg = r"^torch worker: ValueError: weights do not fit the HF model: missing \['model.norm.weight'\]"
+  with pytest.raises(RuntimeError, match=msg):
+    bench_torch.TorchWorker(cfg, wrong, lora.LoraConfig(rank=2, alpha=4), head, np.ones((1, 2, 8), np.int64), 1)
