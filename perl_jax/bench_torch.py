@@ -251,7 +251,8 @@ def against_torch(cfg: ModelConfig, *, name: str, pairs: int, seq: int, lora_cfg
               xla_flags=os.environ.get("XLA_FLAGS", ""), compiler_options=ours.row["compiler_options"],
               compile_s=ours.row["compile_s"], first_loss=first, step_times_s=times, ours_s=med["ours"], torch_s=med["torch"],
               ratio=med["ours"] / med["torch"], phases=phases, alternating_step_times_s=alternating,
-              alternating_ratio=statistics.median(alternating["ours"]) / statistics.median(alternating["torch"]), torch_version=torch_version, jax_version=jax.__version__)
+              alternating_ratio=statistics.median(alternating["ours"]) / statistics.median(alternating["torch"]),
+              torch_version=torch_version, jax_version=jax.__version__)
 
 
 def ratio_line(row: dict) -> str:
