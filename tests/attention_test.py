@@ -95,25 +95,34 @@ def test_chunked_attention_lowers_compiled_memory():
   assert chunked < 0.5 * full, (chunked, full)
 
 
+def _random_qkv(rng, b, t, s, n, kv, h):
+  """Grouped-head q [B,T,N,H], k and v [B,S,K,H], and output weights w [B,T,N,H] for a loss Σ o ∘ w."""
+  q = jnp.asarray(rng.normal(size=(b, t, n, h)) * 2.0)
+  k, v = jnp.asarray(rng.normal(size=(b, s, kv, h))), jnp.asarray(rng.normal(size=(b, s, kv, h)))
+  return q, k, v, jnp.asarray(rng.normal(size=(b, t, n, h)))
+
+
+def _assert_equals_einsum_f64(fn, q, k, v, w, mask, softcap):
+  """Value and q/k/v gradients of Σ fn(...) ∘ w equal attend_einsum's to float64 round-off."""
+  loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v, mask, 0.7, softcap) * w)
+  ref_val, ref_grads = jax.value_and_grad(loss(attention.attend_einsum), argnums=(0, 1, 2))(q, k, v)
+  val, grads = jax.value_and_grad(loss(fn), argnums=(0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(val, ref_val, rtol=1e-12)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("softcap", [None, 5.0])
 def test_recompute_backward_equals_autodiff_of_einsum_in_float64(softcap):
   # Grouped heads (N=4 over K=2), a random mask with one fully masked query row (uniform probabilities there),
   # float64 so that agreement is to round-off, not to a float32 tolerance.
   with jax.enable_x64(True):
     rng = np.random.default_rng(0)
-    b, t, s, n, kv, h = 2, 5, 7, 4, 2, 3
-    q = jnp.asarray(rng.normal(size=(b, t, n, h)) * 2.0)
-    k, v = jnp.asarray(rng.normal(size=(b, s, kv, h))), jnp.asarray(rng.normal(size=(b, s, kv, h)))
+    b, t, s = 2, 5, 7
+    q, k, v, w = _random_qkv(rng, b, t, s, 4, 2, 3)
     mask = rng.random((b, 1, t, s)) < 0.6
     mask[1, 0, 2] = False
-    mask = jnp.asarray(mask)
-    w = jnp.asarray(rng.normal(size=(b, t, n, h)))  # A loss that weights every output element differently.
-    loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v, mask, 0.7, softcap) * w)
-    ref_val, ref_grads = jax.value_and_grad(loss(attention.attend_einsum), argnums=(0, 1, 2))(q, k, v)
-    val, grads = jax.value_and_grad(loss(attention.attend_recompute), argnums=(0, 1, 2))(q, k, v)
-    np.testing.assert_allclose(val, ref_val, rtol=1e-12)
-    for g, r in zip(grads, ref_grads):
-      np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12)
+    _assert_equals_einsum_f64(attention.attend_recompute, q, k, v, w, jnp.asarray(mask), softcap)
 
 
 @pytest.mark.parametrize("softcap", [None, 5.0])
@@ -123,19 +132,12 @@ def test_causal_blocks_equal_einsum_in_float64(softcap):
   # equal the einsum's to round-off.
   with jax.enable_x64(True):
     rng = np.random.default_rng(1)
-    b, t, s, n, kv, h = 2, 7, 9, 4, 2, 3
-    q = jnp.asarray(rng.normal(size=(b, t, n, h)) * 2.0)
-    k, v = jnp.asarray(rng.normal(size=(b, s, kv, h))), jnp.asarray(rng.normal(size=(b, s, kv, h)))
+    b, t, s = 2, 7, 9
+    q, k, v, w = _random_qkv(rng, b, t, s, 4, 2, 3)
     valid = (rng.random((b, s)) < 0.7) | (np.arange(s) == 0)
-    mask = jnp.asarray((np.arange(s)[None, None, :] <= s - t + np.arange(t)[None, :, None]) & valid[:, None, :])
-    w = jnp.asarray(rng.normal(size=(b, t, n, h)))
-    loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v, mask[:, None], 0.7, softcap) * w)
-    ref_val, ref_grads = jax.value_and_grad(loss(attention.attend_einsum), argnums=(0, 1, 2))(q, k, v)
-    blocked = lambda *a: attention.attend_causal(*a, block=3)
-    val, grads = jax.value_and_grad(loss(blocked), argnums=(0, 1, 2))(q, k, v)
-    np.testing.assert_allclose(val, ref_val, rtol=1e-12)
-    for g, r in zip(grads, ref_grads):
-      np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12)
+    mask = (np.arange(s)[None, None, :] <= s - t + np.arange(t)[None, :, None]) & valid[:, None, :]
+    _assert_equals_einsum_f64(lambda *a: attention.attend_causal(*a, block=3), q, k, v, w,
+                              jnp.asarray(mask[:, None]), softcap)
 
 
 def test_recompute_attention_saves_no_probabilities():
