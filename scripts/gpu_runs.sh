@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The figures README's "On a GPU" section reports, as they were made on a lent H200 (one command per stage).
+#
+#   bash scripts/gpu_runs.sh bench   OUTDIR             # RM and RL steps: LoRA vs full, attention kernels
+#   bash scripts/gpu_runs.sh recipes OUTDIR MODEL.gguf  # the shipped RM recipes at max_len 512, 4 runs at once
+#
+# Runs under whatever python3 the machine has (PYTHON=... to change), from the repository root. Each job has its
+# own time limit (BUDGET_S for the whole stage), so one failure or a slow compile costs that job alone; every
+# job's output goes to OUTDIR/<job>.log and its rows to OUTDIR/*.jsonl. RECIPE_FLAGS: extra train_reward.py flags
+# (a quick local try: RECIPE_FLAGS="--config.steps=2 --config.probe_examples=16").
+set -uo pipefail
+stage=${1:?bench or recipes}; out=${2:?OUTDIR}; model=${3:-}
+py=${PYTHON:-python3}
+budget=${BUDGET_S:-280}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p "$out"
+t0=$(date +%s)
+
+job() {  # job NAME LIMIT_S CMD...: runs CMD unless the stage's budget is spent; prints its last lines.
+  local name=$1 limit=$2; shift 2
+  local left=$((budget - ($(date +%s) - t0)))
+  if ((left < 20)); then echo "== $name: skipped (budget spent)"; return 0; fi
+  ((limit > left)) && limit=$left
+  local s=$(date +%s)
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc $rc in $(($(date +%s) - s)) s"
+  grep -v "^I[0-9]\{4\}\|^W[0-9]\{4\}" "$out/$name.log" | tail -n "${TAIL:-6}" | cut -c1-400
+}
+
+case $stage in
+bench)
+  bench=(scripts/benchmark.py --steps 5)
+  job versions 60 $py -c "import jax, flax, optax, orbax.checkpoint as o; print(jax.__version__, flax.__version__,
+optax.__version__, jax.devices())"
+  job smoke 90 $py "${bench[@]}" --model tiny --out "$out/smoke.jsonl"
+  # 135M at the grid's shape (8 pairs x 1024 tokens, bf16): LoRA vs full, with the default kernel ("auto").
+  job rm_135m 120 $py "${bench[@]}" --model smollm2-135m --batch 8 --seq 1024 --out "$out/rm.jsonl"
+  # The same LoRA step with cuDNN's and XLA's fused attention instead of ours.
+  job rm_135m_cudnn 60 $py "${bench[@]}" --model smollm2-135m --batch 8 --seq 1024 --modes lora \
+      --attention cudnn --no-isolate --out "$out/attn.jsonl"
+  job rm_135m_xla 60 $py "${bench[@]}" --model smollm2-135m --batch 8 --seq 1024 --modes lora \
+      --attention xla --no-isolate --out "$out/attn.jsonl"
+  job rm_1b 120 $py "${bench[@]}" --model 1b --batch 8 --seq 1024 --out "$out/rm.jsonl"
+  job rl_135m 120 $py "${bench[@]}" --phase rl --model smollm2-135m --out "$out/rl.jsonl"
+  job rm_2b 120 $py "${bench[@]}" --model 2b --batch 8 --seq 1024 --out "$out/rm.jsonl"
+  ;;
+recipes)
+  [[ -f $model ]] || { echo "recipes: no model file '$model'"; exit 2; }
+  # Four runs share the GPU: no preallocation, each takes what it needs. One compiled shape per run (no length
+  # buckets: each bucket would be one more compile, which costs more than its padding saves here).
+  export XLA_PYTHON_CLIENT_PREALLOCATE=false
+  for r in tm4_lora tm4_full hh_lora hh_full; do
+    TAIL=3 job "$r" "$budget" $py scripts/train_reward.py --config "experiments/rm/smollm2.py:$r" \
+        --workdir "$out/runs/$r" --config.model.path="$model" --config.data.max_len=512 \
+        --config.data.bucket_by_length=False ${RECIPE_FLAGS:-} &
+  done
+  wait
+  for r in tm4_lora tm4_full hh_lora hh_full; do
+    echo "== $r"; grep "eval step" "$out/$r.log" | sed 's/.*eval step/eval step/' | cut -c1-200
+    cp "$out/runs/$r/summary.json" "$out/$r.summary.json" 2>/dev/null
+  done
+  ;;
+*) echo "unknown stage '$stage'"; exit 2 ;;
+esac
+echo "stage $stage done in $(($(date +%s) - t0)) s"
