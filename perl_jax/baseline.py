@@ -11,6 +11,7 @@ keys of scripts/eval_reward.py.
 import dataclasses
 import hashlib
 import itertools
+import json
 
 import numpy as np
 
@@ -130,3 +131,26 @@ def run(fmt: str, train, eval_examples, seed: int = 0) -> dict:
   return {**m, "num_examples": len(eval_examples), "num_truncated": 0, "format": fmt,
           "baseline": "tfidf_logreg", "settings": dataclasses.asdict(settings), "num_train": len(train),
           f"cv_{FOLDS}fold": next(t for t in tried if Settings(t["text"], t["ngrams"], t["C"]) == settings)}
+
+
+def split(examples, eval_fraction: float, seed: int, by: str = "group"):
+  """(train, held_out): data.split_train_eval keyed by the first user turn (by="group", the RM configs' split: the
+  turns of one dialog stay on one side), or by the whole example (by="example": a plain seeded shuffle, which puts
+  turns of one dialog on both sides)."""
+  if by not in ("group", "example"):
+    raise ValueError(f"split by 'group' or 'example', got '{by}'")
+  key_fn = data.pipeline.first_user_turn if by == "group" else lambda e: json.dumps(e, sort_keys=True)
+  return data.split_train_eval(examples, eval_fraction, seed=seed, key_fn=key_fn)
+
+
+def across_splits(fmt: str, examples, eval_fraction: float, seeds, by: str = "group") -> tuple[list[dict], dict]:
+  """`run` on the held-out split of each seed: (one row per seed, {metric_mean, metric_std} over seeds)."""
+  rows = []
+  for seed in seeds:
+    train, held_out = split(examples, eval_fraction, seed, by)
+    rows.append({**run(fmt, train, held_out), "split_seed": seed, "split_by": by})
+  keys = [k for k, v in rows[0].items() if isinstance(v, float) and k != "split_seed"]
+  summary = {"split_by": by, "split_seeds": list(seeds), "format": fmt, "baseline": "tfidf_logreg"}
+  for k in keys:
+    summary[f"{k}_mean"], summary[f"{k}_std"] = float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows]))
+  return rows, summary

@@ -4,6 +4,8 @@
   python scripts/baseline_bow.py --data experiments/data/hh-rlhf-harmless/pairs.jsonl.gz --format hh_rlhf \
       --skip_invalid
   python scripts/baseline_bow.py --data TRAIN --eval EVAL --format hh_rlhf
+  python scripts/baseline_bow.py --data experiments/data/taskmaster4/reward.jsonl.gz --format taskmaster4 \
+      --split_seeds 10 [--split_by example]   # one row per held-out split, then mean and std over them
 Without --eval, --data is split as the RM configs split it (data.split_train_eval, eval_fraction 0.1, seed 0).
 Settings are picked on a dev split of the train part. Prints scripts/eval_reward.py's keys (binary: accuracy,
 balanced_accuracy, roc_auc, positive_rate, loss; pairwise: accuracy, mean_margin, loss; num_examples, ...).
@@ -24,6 +26,10 @@ _EVAL_FRACTION = flags.DEFINE_float("eval_fraction", 0.1, "Held-out fraction of 
 _SEED = flags.DEFINE_integer("seed", 0, "Split seed (the RM configs' data.seed).")
 _DEV_FRACTION = flags.DEFINE_float("dev_fraction", 0.0, "> 0: score on the RM configs' dev split of the train part "
                                    "(data.dev_fraction), for comparing recipes without the held-out split.")
+_SPLIT_SEEDS = flags.DEFINE_integer("split_seeds", 0, "> 0: held-out splits of seeds 0..N-1 (not --seed): one JSON "
+                                    "row each, then one with each metric's mean and std over them.")
+_SPLIT_BY = flags.DEFINE_enum("split_by", "group", ["group", "example"], "--split_seeds: keep the turns of one "
+                              "dialog together (group, the RM configs' split) or split examples (example: leaks).")
 _SKIP_INVALID = flags.DEFINE_bool("skip_invalid", False, "Skip invalid records (the HH config does).")
 flags.mark_flags_as_required(["data", "format"])
 
@@ -32,6 +38,12 @@ def main(_):
   try:
     baseline._sklearn()
     examples = data.read_examples(_FORMAT.value, _DATA.value, skip_invalid=_SKIP_INVALID.value)
+    if _SPLIT_SEEDS.value > 0:
+      rows, summary = baseline.across_splits(_FORMAT.value, examples, _EVAL_FRACTION.value,
+                                             range(_SPLIT_SEEDS.value), _SPLIT_BY.value)
+      for row in rows + [summary]:
+        print(_json(row), flush=True)
+      return
     if _EVAL.value:
       train, held_out = examples, data.read_examples(_FORMAT.value, _EVAL.value, skip_invalid=_SKIP_INVALID.value)
     else:
@@ -44,7 +56,11 @@ def main(_):
   except (baseline.MissingSklearn, data.DataError) as e:
     print(e if isinstance(e, baseline.MissingSklearn) else f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  print(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}))
+  print(_json(row))
+
+
+def _json(row: dict) -> str:
+  return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()})
 
 
 if __name__ == "__main__":

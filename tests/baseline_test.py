@@ -68,3 +68,35 @@ def test_baseline_without_sklearn_is_one_line(tmp_path):
   result = _cli("--data", TM4, "--format", "taskmaster4", env=env)
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [baseline.SKLEARN_ERROR]
+
+
+def _leaky_dialogs(n_dialogs=60, turns=5, seed=0):
+  """Binary examples whose label is fixed per dialog and readable only from a dialog-specific word: a model can
+  score a held-out turn only by having seen turns of the same dialog in training."""
+  rng = np.random.default_rng(seed)
+  common = "can i get a coffee please thanks".split()
+  examples = []
+  for d in range(n_dialogs):
+    label = float(d % 2)
+    for t in range(turns):
+      words = [f"dialog{d}word"] + list(rng.choice(common, 4))
+      examples.append({"prompt": [{"role": "user", "content": f"open {d}"}, {"role": "assistant", "content": str(t)}],
+                       "response": " ".join(words), "label": label})
+  return examples
+
+
+def test_baseline_split_by_example_leaks_dialogs_and_by_group_does_not():
+  pytest.importorskip("sklearn")
+  ex = _leaky_dialogs()
+  for by in ("group", "example"):
+    train, held = baseline.split(ex, 0.2, seed=3, by=by)
+    assert len(train) + len(held) == len(ex) and held
+    shared = {data.pipeline.first_user_turn(e) for e in train} & {data.pipeline.first_user_turn(e) for e in held}
+    assert (len(shared) == 0) == (by == "group"), by
+  rows, summary = baseline.across_splits("taskmaster4", ex, 0.2, range(3), by="example")
+  assert [r["split_seed"] for r in rows] == [0, 1, 2] and summary["split_seeds"] == [0, 1, 2]
+  assert summary["roc_auc_mean"] == pytest.approx(np.mean([r["roc_auc"] for r in rows]))
+  assert summary["roc_auc_std"] == pytest.approx(np.std([r["roc_auc"] for r in rows]))
+  assert summary["roc_auc_mean"] > 0.95  # The dialog word was seen in training: the leak scores near 1.
+  _, grouped = baseline.across_splits("taskmaster4", ex, 0.2, range(3), by="group")
+  assert grouped["roc_auc_mean"] < 0.65  # Unseen dialogs: the common words carry nothing, so about chance.
