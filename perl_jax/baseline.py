@@ -48,6 +48,9 @@ def grid(kind: str) -> list[Settings]:
 
 
 def prompt_text(example: dict) -> str:
+  """The prompt's text: the turns joined, or what an RM reads of them (`as_seen`'s "prompt_seen")."""
+  if "prompt_seen" in example:
+    return example["prompt_seen"]
   return "\n".join(m["content"] for m in example["prompt"])
 
 
@@ -154,3 +157,23 @@ def across_splits(fmt: str, examples, eval_fraction: float, seeds, by: str = "gr
   for k in keys:
     summary[f"{k}_mean"], summary[f"{k}_std"] = float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows]))
   return rows, summary
+
+
+def as_seen(fmt: str, examples, tokenizer, max_len: int, min_prompt_tokens: int = 64) -> list[dict]:
+  """The examples cut to the tokens an RM of this max_len reads (data.pipeline's truncation: prompt cut from the
+  left, responses kept whole where they fit), decoded back to text: "prompt_seen" holds the kept prompt (chat
+  markup included) and the responses are replaced by their kept part; "prompt" stays, so splits do not move."""
+  kind = data.KINDS[fmt]
+  encode = data.pipeline.encode_binary if kind == "binary" else data.pipeline.encode_pairwise
+  arrays, _ = encode(examples, tokenizer, max_len, min_prompt_tokens=min_prompt_tokens)
+  ids, attn, resp = (np.asarray(arrays[k]) for k in ("input_ids", "attention_mask", "response_mask"))
+  if kind == "binary":
+    ids, attn, resp = ids[:, None], attn[:, None], resp[:, None]
+  out = []
+  for e, ids_KT, attn_KT, resp_KT in zip(examples, ids, attn, resp):
+    prompt = tokenizer.decode(ids_KT[0][(attn_KT[0] == 1) & (resp_KT[0] == 0)])
+    replies = [tokenizer.decode(i[r == 1]) for i, r in zip(ids_KT, resp_KT)]
+    seen = {"prompt_seen": prompt}
+    seen.update({"response": replies[0]} if kind == "binary" else {"chosen": replies[0], "rejected": replies[1]})
+    out.append({**e, **seen})
+  return out

@@ -18,6 +18,7 @@ import sys
 from absl import app, flags
 
 from perl_jax import baseline, data
+from perl_jax.models.config import ConfigError
 
 _DATA = flags.DEFINE_string("data", None, "Data file (.jsonl or .jsonl.gz): the train part, or all of it.")
 _FORMAT = flags.DEFINE_enum("format", None, sorted(data.READERS), "Data format (a reader).")
@@ -30,6 +31,10 @@ _SPLIT_SEEDS = flags.DEFINE_integer("split_seeds", 0, "> 0: held-out splits of s
                                     "row each, then one with each metric's mean and std over them.")
 _SPLIT_BY = flags.DEFINE_enum("split_by", "group", ["group", "example"], "--split_seeds: keep the turns of one "
                               "dialog together (group, the RM configs' split) or split examples (example: leaks).")
+_MAX_LEN = flags.DEFINE_integer("max_len", 0, "> 0: featurise only the tokens an RM of this max_len reads (its "
+                                "truncation, decoded back to text); 0: the whole text.")
+_MODEL = flags.DEFINE_string("model", None, "--max_len: the tokenizer's model (.gguf or HF folder); default: the "
+                             "embedded SmolLM2.")
 _SKIP_INVALID = flags.DEFINE_bool("skip_invalid", False, "Skip invalid records (the HH config does).")
 flags.mark_flags_as_required(["data", "format"])
 
@@ -38,6 +43,10 @@ def main(_):
   try:
     baseline._sklearn()
     examples = data.read_examples(_FORMAT.value, _DATA.value, skip_invalid=_SKIP_INVALID.value)
+    if _MAX_LEN.value > 0:
+      from perl_jax import models
+      tok = models.load_tokenizer(_MODEL.value or models.default_model_path())
+      examples = baseline.as_seen(_FORMAT.value, examples, tok, _MAX_LEN.value)
     if _SPLIT_SEEDS.value > 0:
       rows, summary = baseline.across_splits(_FORMAT.value, examples, _EVAL_FRACTION.value,
                                              range(_SPLIT_SEEDS.value), _SPLIT_BY.value)
@@ -46,6 +55,8 @@ def main(_):
       return
     if _EVAL.value:
       train, held_out = examples, data.read_examples(_FORMAT.value, _EVAL.value, skip_invalid=_SKIP_INVALID.value)
+      if _MAX_LEN.value > 0:
+        held_out = baseline.as_seen(_FORMAT.value, held_out, tok, _MAX_LEN.value)
     else:
       train, held_out = data.split_train_eval(examples, _EVAL_FRACTION.value, seed=_SEED.value)
     if _DEV_FRACTION.value:  # The same carve as reward.load_data's data.dev_fraction.
@@ -53,7 +64,7 @@ def main(_):
     if not train or not held_out:
       raise data.DataError(_DATA.value, problem="empty train or eval split")
     row = baseline.run(_FORMAT.value, train, held_out)
-  except (baseline.MissingSklearn, data.DataError) as e:
+  except (baseline.MissingSklearn, data.DataError, ConfigError) as e:
     print(e if isinstance(e, baseline.MissingSklearn) else f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(_json(row))

@@ -100,3 +100,22 @@ def test_baseline_split_by_example_leaks_dialogs_and_by_group_does_not():
   assert summary["roc_auc_mean"] > 0.95  # The dialog word was seen in training: the leak scores near 1.
   _, grouped = baseline.across_splits("taskmaster4", ex, 0.2, range(3), by="group")
   assert grouped["roc_auc_mean"] < 0.65  # Unseen dialogs: the common words carry nothing, so about chance.
+
+
+def test_baseline_as_seen_keeps_what_the_rm_reads():
+  from perl_jax import models
+  tok = models.load_tokenizer(models.default_model_path())
+  tm4 = data.read_examples("taskmaster4", TM4)[:30]
+  whole, cut = (baseline.as_seen("taskmaster4", tm4, tok, n) for n in (4096, 128))
+  for e, w, c in zip(tm4, whole, cut):
+    assert w["response"].removesuffix(tok.eos_token) == e["response"]  # Untruncated: the reply, then eos.
+    assert all(m["content"] in w["prompt_seen"] for m in e["prompt"])
+    assert w["prompt_seen"].endswith(c["prompt_seen"])  # Cut from the left ...
+    n_seen = len(tok(c["prompt_seen"] + c["response"], add_special_tokens=False)["input_ids"])
+    assert n_seen <= 128 + 2  # ... to at most max_len tokens (re-tokenising may merge or split at the cut).
+    assert c["prompt"] == e["prompt"]  # Splits key on the original turns.
+  assert sum(len(c["prompt_seen"]) < len(w["prompt_seen"]) for w, c in zip(whole, cut)) > 10
+  hh = data.read_examples("hh_rlhf", HH, skip_invalid=True)[:20]
+  for e, w in zip(hh, baseline.as_seen("hh_rlhf", hh, tok, 4096)):
+    assert (w["chosen"].removesuffix(tok.eos_token), w["rejected"].removesuffix(tok.eos_token)) == (
+        e["chosen"], e["rejected"])
