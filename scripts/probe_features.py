@@ -2,12 +2,18 @@
 
   python scripts/probe_features.py --config experiments/rm/smollm2.py:tm4_lora --config.data.dev_fraction=0.15 \
       --config.data.max_len=192
+  python scripts/probe_features.py --config experiments/rm/smollm2.py:tm4_lora --split_seeds 10
 One forward of the frozen base (no adapters) over the config's train and eval examples (its dev split with
 data.dev_fraction > 0); features = the final hidden state at the last token (what the RM head reads) and the
 mean over response tokens; a logistic regression (scikit-learn, an extra; C picked by 5-fold CV on the train
 part) is fit on train and scored on eval. Prints one JSON object: eval ROC-AUC (binary) or pair accuracy (pairs)
 per feature. A probe near chance says the signal is not linearly readable from the frozen model, so the adapters
 must create it; a probe well above chance says the head and optimisation are the bottleneck.
+
+--split_seeds N: one forward over every example of data.path, then, on the held-out split of each seed 0..N-1
+(grouped by dialog, as the RM configs split), the last-token probe and the bag-of-words baseline
+(perl_jax.baseline, settings by CV) are fit on its train part and scored on it: one JSON row per seed, then the
+means, stds and the mean paired difference.
 """
 import json
 import sys
@@ -16,12 +22,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 
-from perl_jax import data, evaluation, models, reward
+from perl_jax import baseline, data, evaluation, models, reward
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "An RM config (experiments/rm/*.py:ARG).")
+_SPLIT_SEEDS = flags.DEFINE_integer("split_seeds", 0, "> 0: probe vs bag-of-words on the held-out splits of seeds "
+                                    "0..N-1 (one forward over all examples).")
 
 
 def features(model_cfg, base, arrays, batch_size: int = 16):
@@ -52,31 +60,65 @@ def features(model_cfg, base, arrays, batch_size: int = 16):
   return out.reshape(-1, 2, 2, model_cfg.hidden_size) if pairwise else out
 
 
-def main(_):
+def probe_metrics(f_tr, y_tr, f_ev, y_ev, pairwise: bool) -> dict:
+  """Logistic probe (C by 5-fold CV on train, standardised features) fit on train features, eval's metrics.
+  Binary: f [N, D] with labels y; pairs: f [N, 2, D] (chosen, rejected), fit on the differences, both signs."""
   from sklearn import linear_model, preprocessing
+  if pairwise:
+    d = f_tr[:, 0] - f_tr[:, 1]
+    x, y, fit_intercept = np.concatenate([d, -d]), np.r_[np.ones(len(d)), np.zeros(len(d))], False
+  else:
+    x, y, fit_intercept = f_tr, y_tr, True
+  scaler = preprocessing.StandardScaler(with_mean=fit_intercept).fit(x)
+  probe = linear_model.LogisticRegressionCV(Cs=[0.001, 0.01, 0.1, 1.0], cv=5, max_iter=2000,
+                                            fit_intercept=fit_intercept, scoring="roc_auc")
+  probe.fit(scaler.transform(x), y)
+  score = lambda f: probe.decision_function(scaler.transform(f))
+  m = (evaluation.pairwise_metrics(score(f_ev[:, 0]), score(f_ev[:, 1])) if pairwise
+       else evaluation.binary_metrics(score(f_ev), y_ev))
+  return {"C": float(probe.C_[0]), **{k: v for k, v in m.items() if isinstance(v, float)}}
+
+
+def main(_):
   config = _CONFIG.value
   model_cfg, base, tokenizer = reward.load_backbone(config, None)  # The base, or the SFT model of init_from.
+  if _SPLIT_SEEDS.value > 0:
+    return across_splits(config, model_cfg, base, tokenizer, _SPLIT_SEEDS.value)
   train, held, info = reward.load_data(config, tokenizer)
   f_tr, f_ev = features(model_cfg, base, train), features(model_cfg, base, held)
   result = {"eval_split": info["eval_split"], "train_examples": info["train_examples"],
             "eval_examples": info["eval_examples"], "max_len": config.data.max_len}
+  pairwise = train["input_ids"].ndim == 3
   for i, name in enumerate(("last_token", "response_mean")):
-    if train["input_ids"].ndim == 3:  # Pairs: features of chosen − rejected, both signs, no intercept.
-      d_tr, d_ev = f_tr[:, 0, i] - f_tr[:, 1, i], f_ev[:, 0, i] - f_ev[:, 1, i]
-      x, y, fit_intercept = np.concatenate([d_tr, -d_tr]), np.r_[np.ones(len(d_tr)), np.zeros(len(d_tr))], False
-    else:
-      x, y, fit_intercept = f_tr[:, i], train["label"], True
-    scaler = preprocessing.StandardScaler(with_mean=fit_intercept).fit(x)
-    probe = linear_model.LogisticRegressionCV(Cs=[0.001, 0.01, 0.1, 1.0], cv=5, max_iter=2000,
-                                              fit_intercept=fit_intercept, scoring="roc_auc")
-    probe.fit(scaler.transform(x), y)
-    if train["input_ids"].ndim == 3:
-      score = lambda f: probe.decision_function(scaler.transform(f))
-      m = evaluation.pairwise_metrics(score(f_ev[:, 0, i]), score(f_ev[:, 1, i]))
-    else:
-      m = evaluation.binary_metrics(probe.decision_function(scaler.transform(f_ev[:, i])), held["label"])
-    result[name] = {"C": float(probe.C_[0]), **{k: v for k, v in m.items() if isinstance(v, float)}}
+    result[name] = probe_metrics(f_tr[..., i, :], train.get("label"), f_ev[..., i, :], held.get("label"), pairwise)
   print(json.dumps(result))
+
+
+def across_splits(config, model_cfg, base, tokenizer, n_seeds: int):
+  """Paired probe-vs-bag-of-words figures on the held-out splits of seeds 0..n_seeds-1."""
+  dc = config.data
+  examples = data.read_examples(dc.format, dc.path, skip_invalid=dc.skip_invalid)
+  arrays, _ = reward.encode(dc.format, examples, tokenizer, dc)
+  feats = features(model_cfg, base, arrays)[..., 0, :]  # The last token: what the RM head reads.
+  pairwise, rows = arrays["input_ids"].ndim == 3, []
+  metric = "accuracy" if pairwise else "roc_auc"
+  indexed = [{**e, "_row": i} for i, e in enumerate(examples)]
+  for seed in range(n_seeds):
+    train, held = (np.array([e["_row"] for e in part]) for part in baseline.split(indexed, dc.eval_fraction, seed))
+    label = arrays.get("label")
+    probe = probe_metrics(feats[train], None if pairwise else label[train], feats[held],
+                          None if pairwise else label[held], pairwise)
+    bow = baseline.run(dc.format, [examples[i] for i in train], [examples[i] for i in held])
+    rows.append({"split_seed": seed, "eval_examples": len(held), "max_len": dc.max_len,
+                 f"probe_{metric}": probe[metric], "probe_C": probe["C"], f"bow_{metric}": bow[metric],
+                 "bow_settings": bow["settings"]})
+    print(json.dumps(rows[-1]), flush=True)
+  p, b = (np.array([r[f"{k}_{metric}"] for r in rows]) for k in ("probe", "bow"))
+  print(json.dumps({"split_seeds": list(range(n_seeds)), "max_len": dc.max_len, "format": dc.format,
+                    f"probe_{metric}_mean": float(p.mean()), f"probe_{metric}_std": float(p.std()),
+                    f"bow_{metric}_mean": float(b.mean()), f"bow_{metric}_std": float(b.std()),
+                    "probe_minus_bow_mean": float((p - b).mean()), "probe_minus_bow_std": float((p - b).std()),
+                    "probe_wins": int((p > b).sum())}))
 
 
 if __name__ == "__main__":

@@ -119,3 +119,31 @@ def test_baseline_as_seen_keeps_what_the_rm_reads():
   for e, w in zip(hh, baseline.as_seen("hh_rlhf", hh, tok, 4096)):
     assert (w["chosen"].removesuffix(tok.eos_token), w["rejected"].removesuffix(tok.eos_token)) == (
         e["chosen"], e["rejected"])
+
+
+def test_probe_features_across_splits_pairs_each_row_with_its_example(tmp_path, monkeypatch, capsys):
+  """scripts/probe_features.py --split_seeds: the probe is fit and scored on the rows of each split's own examples.
+  Features stubbed to carry each row's label exactly, so a misaligned row index shows as a probe below 1."""
+  pytest.importorskip("sklearn")
+  import importlib.util
+  from experiments.rm import smollm2
+  from perl_jax import models
+  from tests.conftest import ROOT as root
+  spec = importlib.util.spec_from_file_location("probe_features", root / "scripts" / "probe_features.py")
+  probe = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(probe)
+  rng = np.random.default_rng(0)
+  monkeypatch.setattr(probe, "features", lambda cfg, base, arrays: np.stack(
+      [arrays["label"][:, None] + 0.01 * rng.normal(size=(len(arrays["label"]), 2))] * 2, axis=1))
+  config = smollm2.get_config("tm4_lora")
+  config.data.path = str(head_lines(TM4, tmp_path / "tm4.jsonl", 400))
+  probe.across_splits(config, None, None, models.load_tokenizer(models.default_model_path()), 2)
+  *rows, summary = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert [r["split_seed"] for r in rows] == [0, 1]
+  ex = data.read_examples("taskmaster4", config.data.path)
+  for r in rows:
+    _, held = baseline.split(ex, config.data.eval_fraction, r["split_seed"])
+    assert r["eval_examples"] == len(held) and r["probe_roc_auc"] == 1.0
+    bow = baseline.run("taskmaster4", *baseline.split(ex, config.data.eval_fraction, r["split_seed"]))
+    assert r["bow_roc_auc"] == pytest.approx(bow["roc_auc"])
+  assert summary["probe_minus_bow_mean"] == pytest.approx(np.mean([1.0 - r["bow_roc_auc"] for r in rows]))
