@@ -25,7 +25,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from perl_jax import baseline, data, evaluation, models, reward
+from perl_jax import baseline, data, evaluation, models, probe, reward
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "An RM config (experiments/rm/*.py:ARG).")
 _SPLIT_SEEDS = flags.DEFINE_integer("split_seeds", 0, "> 0: probe vs bag-of-words on the held-out splits of seeds "
@@ -99,18 +99,22 @@ def across_splits(config, model_cfg, base, tokenizer, n_seeds: int):
   dc = config.data
   examples = data.read_examples(dc.format, dc.path, skip_invalid=dc.skip_invalid)
   arrays, _ = reward.encode(dc.format, examples, tokenizer, dc)
-  feats = features(model_cfg, base, arrays)[..., 0, :]  # The last token: what the RM head reads.
+  key = probe.digest({"v": "splits-1", "model": repr(config.model.to_dict()), "init_from": config.get("init_from", "")},
+                     base, arrays)  # config.probe_cache memoises the forward (keyed by model, weights, examples).
+  feats, _ = probe.cached_features(config.get("probe_cache", ""), key,
+                                   lambda: (features(model_cfg, base, arrays), None))
+  feats = feats[..., 0, :]  # The last token: what the RM head reads.
   pairwise, rows = arrays["input_ids"].ndim == 3, []
   metric = "accuracy" if pairwise else "roc_auc"
-  indexed = [{**e, "_row": i} for i, e in enumerate(examples)]
+  row_of = {id(e): i for i, e in enumerate(examples)}  # split_train_eval returns the same objects.
   for seed in range(n_seeds):
-    train, held = (np.array([e["_row"] for e in part]) for part in baseline.split(indexed, dc.eval_fraction, seed))
+    train, held = (np.array([row_of[id(e)] for e in part]) for part in baseline.split(examples, dc.eval_fraction, seed))
     label = arrays.get("label")
-    probe = probe_metrics(feats[train], None if pairwise else label[train], feats[held],
-                          None if pairwise else label[held], pairwise)
+    fit = probe_metrics(feats[train], None if pairwise else label[train], feats[held],
+                        None if pairwise else label[held], pairwise)
     bow = baseline.run(dc.format, [examples[i] for i in train], [examples[i] for i in held])
     rows.append({"split_seed": seed, "eval_examples": len(held), "max_len": dc.max_len,
-                 f"probe_{metric}": probe[metric], "probe_C": probe["C"], f"bow_{metric}": bow[metric],
+                 f"probe_{metric}": fit[metric], "probe_C": fit["C"], f"bow_{metric}": bow[metric],
                  "bow_settings": bow["settings"]})
     print(json.dumps(rows[-1]), flush=True)
   p, b = (np.array([r[f"{k}_{metric}"] for r in rows]) for k in ("probe", "bow"))
