@@ -40,6 +40,10 @@ flags.mark_flags_as_required(["data", "format"])
 
 
 def main(_):
+  if _SPLIT_SEEDS.value > 0 and (_EVAL.value or _DEV_FRACTION.value):
+    print("error: --split_seeds makes its own held-out splits of --data: drop --eval and --dev_fraction",
+          file=sys.stderr)
+    sys.exit(2)
   try:
     baseline._sklearn()
     examples = data.read_examples(_FORMAT.value, _DATA.value, skip_invalid=_SKIP_INVALID.value)

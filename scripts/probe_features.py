@@ -70,13 +70,13 @@ def probe_metrics(f_tr, y_tr, f_ev, y_ev, pairwise: bool) -> dict:
   else:
     x, y, fit_intercept = f_tr, y_tr, True
   scaler = preprocessing.StandardScaler(with_mean=fit_intercept).fit(x)
-  probe = linear_model.LogisticRegressionCV(Cs=[0.001, 0.01, 0.1, 1.0], cv=5, max_iter=2000,
-                                            fit_intercept=fit_intercept, scoring="roc_auc")
-  probe.fit(scaler.transform(x), y)
-  score = lambda f: probe.decision_function(scaler.transform(f))
+  clf = linear_model.LogisticRegressionCV(Cs=[0.001, 0.01, 0.1, 1.0], cv=5, max_iter=2000,
+                                          fit_intercept=fit_intercept, scoring="roc_auc")
+  clf.fit(scaler.transform(x), y)
+  score = lambda f: clf.decision_function(scaler.transform(f))
   m = (evaluation.pairwise_metrics(score(f_ev[:, 0]), score(f_ev[:, 1])) if pairwise
        else evaluation.binary_metrics(score(f_ev), y_ev))
-  return {"C": float(probe.C_[0]), **{k: v for k, v in m.items() if isinstance(v, float)}}
+  return {"C": float(clf.C_[0]), **{k: v for k, v in m.items() if isinstance(v, float)}}
 
 
 def main(_):

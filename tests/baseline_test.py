@@ -10,7 +10,7 @@ import pytest
 
 from perl_jax import baseline, data, evaluation
 from tests.conftest import ROOT
-from tests.helpers import head_lines
+from tests.helpers import head_lines, load_script
 
 TM4 = ROOT / "experiments/data/taskmaster4/reward.jsonl.gz"
 HH = ROOT / "experiments/data/hh-rlhf-harmless/pairs.jsonl.gz"
@@ -125,13 +125,9 @@ def test_probe_features_across_splits_pairs_each_row_with_its_example(tmp_path, 
   """scripts/probe_features.py --split_seeds: the probe is fit and scored on the rows of each split's own examples.
   Features stubbed to carry each row's label exactly, so a misaligned row index shows as a probe below 1."""
   pytest.importorskip("sklearn")
-  import importlib.util
   from experiments.rm import smollm2
   from perl_jax import models
-  from tests.conftest import ROOT as root
-  spec = importlib.util.spec_from_file_location("probe_features", root / "scripts" / "probe_features.py")
-  probe = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(probe)
+  probe = load_script("probe_features")
   rng = np.random.default_rng(0)
   monkeypatch.setattr(probe, "features", lambda cfg, base, arrays: np.stack(
       [arrays["label"][:, None] + 0.01 * rng.normal(size=(len(arrays["label"]), 2))] * 2, axis=1))

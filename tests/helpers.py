@@ -1,4 +1,8 @@
 """Tiny model configs shared by tests."""
+import functools
+import importlib.util
+import pathlib
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -71,3 +75,13 @@ def run_two_hosts(script_text: str, tmp_path, *args, timeout: int = 400):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
   logs = [p.communicate(timeout=timeout)[0].decode() for p in procs]
   assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
+
+
+@functools.cache
+def load_script(name: str):
+  """scripts/NAME.py as a module, loaded once per process (its absl flags may be defined only once)."""
+  path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from perl_jax import losses, lora, models, optimizer, reward, trainer
-from tests.helpers import tiny_config
+from tests.helpers import load_script, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -116,11 +116,7 @@ def test_head_lr_mult_scales_only_the_head_update():
 def test_probe_features_rows_match_the_rm_heads_own_reading(rm):
   """scripts/probe_features.py: its last-token feature of each row (computed longest-first in 64-token buckets)
   is the hidden state the RM head reads for that row, and the response mean averages only response tokens."""
-  import importlib.util
-  from tests.conftest import ROOT
-  spec = importlib.util.spec_from_file_location("probe_features", ROOT / "scripts" / "probe_features.py")
-  probe = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(probe)
+  probe = load_script("probe_features")
   cfg, base, _, _ = rm
   rng = np.random.default_rng(0)
   lengths = [5, 70, 12, 90, 33]
