@@ -138,8 +138,8 @@ def test_probe_features_across_splits_pairs_each_row_with_its_example(tmp_path, 
   assert [r["split_seed"] for r in rows] == [0, 1]
   ex = data.read_examples("taskmaster4", config.data.path)
   for r in rows:
-    _, held = baseline.split(ex, config.data.eval_fraction, r["split_seed"])
+    train, held = baseline.split(ex, config.data.eval_fraction, r["split_seed"])
     assert r["eval_examples"] == len(held) and r["probe_roc_auc"] == 1.0
-    bow = baseline.run("taskmaster4", *baseline.split(ex, config.data.eval_fraction, r["split_seed"]))
+    bow = baseline.run("taskmaster4", train, held)
     assert r["bow_roc_auc"] == pytest.approx(bow["roc_auc"])
   assert summary["probe_minus_bow_mean"] == pytest.approx(np.mean([1.0 - r["bow_roc_auc"] for r in rows]))

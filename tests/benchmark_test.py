@@ -1,5 +1,4 @@
 """Benchmark machinery: preset sizes, counts, the memory formula, abstract full vs LoRA, CLI wiring."""
-import importlib.util
 import json
 import types
 
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 
 from perl_jax import benchmark, lora, models, trainer
-from tests.conftest import ROOT
+from tests.helpers import load_script
 
 
 @pytest.mark.parametrize("name", sorted(benchmark.KNOWN_TOTALS))
@@ -81,10 +80,7 @@ def test_flop_formula_and_speedup_ceiling():
 
 
 def _cli():
-  spec = importlib.util.spec_from_file_location("benchmark_cli", ROOT / "scripts" / "benchmark.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script("benchmark")
 
 
 def test_cli_rl_phase_abstract_and_timed_on_tiny(tmp_path, capsys):

@@ -9,6 +9,7 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from perl_jax import metrics
+from tests.helpers import load_script
 
 
 def _read_events(path):
@@ -151,7 +152,6 @@ def test_progress_prints_to_stderr(capsys):
 def test_plot_curves_wall_clock_is_summed_step_time_and_png_written(tmp_path):
   """scripts/plot_curves.py: eval points at their step, wall-clock = Σ step_time × steps per log interval
   (by hand: 2×1.5 + 2×2.5 = 8 s at step 4), a resumed run's repeated rows counted once."""
-  import importlib.util
   import json
   import subprocess
   import sys
@@ -162,9 +162,7 @@ def test_plot_curves_wall_clock_is_summed_step_time_and_png_written(tmp_path):
           {"step": 4, "eval/roc_auc": 0.6}, {"step": 4, "train/step_time_s": 9.0},   # resumed: step 4 again
           {"step": 6, "train/step_time_s": 1.0}, {"step": 6, "eval/roc_auc": 0.7}]
   (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-  spec = importlib.util.spec_from_file_location("plot_curves", ROOT / "scripts" / "plot_curves.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = load_script("plot_curves")
   assert module.curve(run, "roc_auc") == [{"step": 4, "wall_s": 8.0, "value": 0.6},
                                           {"step": 6, "wall_s": 10.0, "value": 0.7}]
   out = tmp_path / "c.png"
