@@ -113,7 +113,8 @@ def digest(*trees) -> str:
 
 def cached_features(cache_dir: str, key: str, compute):
   """compute() -> (features, labels or None), memoised as `cache_dir/key.npz` (written atomically); no cache when
-  cache_dir is empty. The key must name everything the features depend on (probe_key in reward.py)."""
+  cache_dir is empty; cached features are float32 whatever the compute dtype. The key must name everything the
+  features depend on (probe_key in reward.py)."""
   if not cache_dir:
     return compute()
   path = pathlib.Path(cache_dir) / f"{key}.npz"
@@ -122,6 +123,7 @@ def cached_features(cache_dir: str, key: str, compute):
       log.info("LP-FT probe features read from the cache %s", path)
       return f["features"], (f["labels"] if "labels" in f else None)
   feats, labels = compute()
+  feats = np.asarray(feats, np.float32)  # npz has no bfloat16: bf16 features would come back as raw bytes.
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
   with os.fdopen(fd, "wb") as f:

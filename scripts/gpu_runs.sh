@@ -3,6 +3,7 @@
 #
 #   bash scripts/gpu_runs.sh bench   OUTDIR             # RM and RL steps: LoRA vs full, attention kernels
 #   bash scripts/gpu_runs.sh recipes OUTDIR MODEL.gguf  # the shipped RM recipes at max_len 512, 4 runs at once
+#   bash scripts/gpu_runs.sh sweep   OUTDIR MODEL.gguf  # the RM rank sweep (20 points) at max_len 512, 5 shards
 #
 # Runs under whatever python3 the machine has (PYTHON=... to change), from the repository root. Each job has its
 # own time limit (BUDGET_S for the whole stage), so one failure or a slow compile costs that job alone; every
@@ -63,6 +64,23 @@ recipes)
     echo "== $r"; grep "eval step" "$out/$r.log" | sed 's/.*eval step/eval step/' | cut -c1-200
     cp "$out/runs/$r/summary.json" "$out/$r.summary.json" 2>/dev/null
   done
+  ;;
+sweep)
+  [[ -f $model ]] || { echo "sweep: no model file '$model'"; exit 2; }
+  # experiments/sweeps/rm_ranks.py as on CPU (same 120 steps, points, names), untruncated (max_len 512, no length
+  # buckets), bf16 compute with cuDNN attention (right-padded rows: no fully masked query row), no mid-run
+  # checkpoints. SHARDS processes share the GPU, each runs every SHARDS-th point. SWEEP_SETS: more --set flags.
+  export XLA_PYTHON_CLIENT_PREALLOCATE=false
+  n=${SHARDS:-5}
+  for ((i = 0; i < n; i++)); do
+    TAIL=2 job "shard$i" "$budget" $py scripts/ablate.py --sweep experiments/sweeps/rm_ranks.py \
+        --workdir "$out/rm_ranks" --shard "$i/$n" --set model.path="$model" --set data.max_len=512 \
+        --set data.bucket_by_length=False --set model.dtype=bfloat16 --set model.attention="${ATTENTION:-cudnn}" \
+        --set checkpoint_every=100000 ${SWEEP_SETS:-} &
+  done
+  wait
+  (cd "$out" && tar czf rm_ranks.tgz --exclude=checkpoints --exclude=tb rm_ranks)
+  $py scripts/report.py --workdir "$out/rm_ranks" --out "$out/report" 2>&1 | tail -n 30
   ;;
 *) echo "unknown stage '$stage'"; exit 2 ;;
 esac

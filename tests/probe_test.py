@@ -76,3 +76,16 @@ def test_unknown_head_init_is_a_config_error_naming_the_field():
   c.head_init = "pca"
   with pytest.raises(models.ConfigError, match="field 'head_init'.*'pca'"):
     reward.config_from(c)
+
+
+def test_cached_bf16_features_read_back_as_their_float32_values(tmp_path):
+  """bf16 compute (the GPU recipe) caches its features; a second run reads the same numbers, not npz raw bytes."""
+  feats = jnp.asarray(np.random.default_rng(0).normal(size=(5, 3)), jnp.bfloat16)
+  calls = []
+  compute = lambda: (calls.append(1), (np.asarray(feats), np.arange(5.0)))[1]
+  first, _ = probe.cached_features(str(tmp_path), "k", compute)
+  again, labels = probe.cached_features(str(tmp_path), "k", compute)
+  assert len(calls) == 1 and again.dtype == np.float32
+  np.testing.assert_array_equal(again, np.asarray(feats, np.float32))
+  np.testing.assert_array_equal(first, again)
+  np.testing.assert_array_equal(labels, np.arange(5.0))
