@@ -29,6 +29,13 @@ job() {  # job NAME LIMIT_S CMD...: runs CMD unless the stage's budget is spent;
   grep -v "^I[0-9]\{4\}\|^W[0-9]\{4\}" "$out/$name.log" | tail -n "${TAIL:-6}" | cut -c1-400
 }
 
+blas_threads() {  # blas_threads N: N processes share the host's cores for numpy's BLAS (the LP-FT probe's fit).
+  # Each process's OpenBLAS otherwise starts one thread per core: on the H200 lease of stop 27, five shards' probe
+  # fits (2 s alone) had not finished after 4 min; here, 4 processes x 2 threads on 2 cores took 24-29 s vs 5 s.
+  local t=$(($(nproc) / $1)); ((t < 1)) && t=1
+  export OPENBLAS_NUM_THREADS=$t OMP_NUM_THREADS=$t MKL_NUM_THREADS=$t
+}
+
 case $stage in
 bench)
   bench=(scripts/benchmark.py --steps 5)
@@ -54,6 +61,7 @@ recipes)
   # Four runs share the GPU: no preallocation, each takes what it needs. One compiled shape per run (no length
   # buckets: each bucket would be one more compile, which costs more than its padding saves here).
   export XLA_PYTHON_CLIENT_PREALLOCATE=false
+  blas_threads 4
   for r in tm4_lora tm4_full hh_lora hh_full; do
     TAIL=3 job "$r" "$budget" $py scripts/train_reward.py --config "experiments/rm/smollm2.py:$r" \
         --workdir "$out/runs/$r" --config.model.path="$model" --config.data.max_len=512 \
@@ -72,6 +80,7 @@ sweep)
   # checkpoints. SHARDS processes share the GPU, each runs every SHARDS-th point. SWEEP_SETS: more --set flags.
   export XLA_PYTHON_CLIENT_PREALLOCATE=false
   n=${SHARDS:-5}
+  blas_threads "$n"
   for ((i = 0; i < n; i++)); do
     TAIL=2 job "shard$i" "$budget" $py scripts/ablate.py --sweep experiments/sweeps/rm_ranks.py \
         --workdir "$out/rm_ranks" --shard "$i/$n" --set model.path="$model" --set data.max_len=512 \
