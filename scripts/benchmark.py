@@ -66,8 +66,9 @@ def parse(argv):
   _no_positional(FLAGS([sys.argv[0], *argv]))
 
 
-def _isolated(argv, modes) -> list[dict]:
-  """Runs each mode in a child process (fresh allocator peak) and collects its rows."""
+def _isolated(argv, modes, out=None) -> list[dict]:
+  """Runs each mode in a child process (fresh allocator peak) and collects its rows, appending each mode's rows
+  to `out` as soon as its child ends (a time limit that kills a later mode keeps the earlier ones)."""
   rows = []
   for mode in modes:
     with tempfile.NamedTemporaryFile("r", suffix=".jsonl") as tmp:
@@ -75,7 +76,11 @@ def _isolated(argv, modes) -> list[dict]:
       proc = subprocess.run([sys.executable, os.path.abspath(__file__), *child], stdout=subprocess.DEVNULL)
       if proc.returncode:
         sys.exit(proc.returncode)
-      rows += [json.loads(line) for line in tmp.read().splitlines() if line]
+      new = [json.loads(line) for line in tmp.read().splitlines() if line]
+    if out:
+      with open(out, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in new)
+    rows += new
   return rows
 
 
@@ -120,7 +125,7 @@ def run() -> list[dict]:
                                  cpu_no_hoist=not _CPU_HOIST.value)
       row["remat"] = cfg.remat
     else:
-        row = benchmark.measure(cfg, mode, name=name, pairs=_BATCH.value or pairs, seq=_SEQ.value or seq,
+      row = benchmark.measure(cfg, mode, name=name, pairs=_BATCH.value or pairs, seq=_SEQ.value or seq,
                               dtype=_DTYPE.value, lora_cfg=lora_cfg, abstract=_ABSTRACT.value, steps=_STEPS.value,
                               base_params=base, cpu_no_hoist=not _CPU_HOIST.value)
     rows.append(row)
@@ -145,10 +150,7 @@ def main(argv=None) -> int:
                            attention=_ATTENTION.value, remat=_REMAT.value)
   modes = _MODES.value.split(",")
   if not _NO_ISOLATE.value and not _ABSTRACT.value and len(modes) > 1:
-    rows = _isolated(_strip(argv, ("--modes", "--out")), modes)
-    if _OUT.value:
-      with open(_OUT.value, "a") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+    rows = _isolated(_strip(argv, ("--modes", "--out")), modes, _OUT.value)
   else:
     rows = run()
   if _PHASE.value == "rl":

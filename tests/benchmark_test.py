@@ -183,3 +183,26 @@ def test_torch_worker_error_is_raised_in_the_parent():
   msg = r"^torch worker: ValueError: weights do not fit the HF model: missing \['model.norm.weight'\]"
   with pytest.raises(RuntimeError, match=msg):
     bench_torch.TorchWorker(cfg, wrong, lora.LoraConfig(rank=2, alpha=4), head, np.ones((1, 2, 8), np.int64), 1)
+
+
+def test_isolated_modes_keep_finished_rows_when_a_later_mode_dies(tmp_path, monkeypatch):
+  """Each mode runs in a child; its rows reach --out when that child ends, so a time limit (or a crash) in the
+  second mode leaves the first mode's row on disk and the run exits non-zero."""
+  cli = _cli()
+  calls = []
+
+  def fake_run(cmd, **_):
+    mode, child_out = cmd[cmd.index("--modes") + 1], cmd[cmd.index("--out") + 1]
+    calls.append(mode)
+    if mode == "lora":
+      return types.SimpleNamespace(returncode=137)
+    with open(child_out, "a") as f:
+      f.write(json.dumps({"mode": mode, "step_s": 0.5}) + "\n")
+    return types.SimpleNamespace(returncode=0)
+
+  monkeypatch.setattr(cli.subprocess, "run", fake_run)
+  out = tmp_path / "rows.jsonl"
+  with pytest.raises(SystemExit) as e:
+    cli.main(["--model", "tiny", "--modes", "full,lora", "--out", str(out)])
+  assert e.value.code == 137 and calls == ["full", "lora"]
+  assert [json.loads(line) for line in out.read_text().splitlines()] == [{"mode": "full", "step_s": 0.5}]
