@@ -30,8 +30,9 @@ job() {  # job NAME LIMIT_S CMD...: runs CMD unless the stage's budget is spent;
 }
 
 blas_threads() {  # blas_threads N: N processes share the host's cores for numpy's BLAS (the LP-FT probe's fit).
-  # Each process's OpenBLAS otherwise starts one thread per core: on the H200 lease of stop 27, five shards' probe
-  # fits (2 s alone) had not finished after 4 min; here, 4 processes x 2 threads on 2 cores took 24-29 s vs 5 s.
+  # Each process's OpenBLAS otherwise starts one thread per core. On the H200 lease of stop 27, five shards' probe
+  # fits (2 s alone) had not finished after 4 min, most likely for this reason; on the 2-core CPU, 4 processes x 2
+  # threads took 24-29 s per fit vs 5 s with one thread each.
   local t=$(($(nproc) / $1)); ((t < 1)) && t=1
   export OPENBLAS_NUM_THREADS=$t OMP_NUM_THREADS=$t MKL_NUM_THREADS=$t
 }
