@@ -77,11 +77,16 @@ def _isolated(argv, modes, out=None) -> list[dict]:
       if proc.returncode:
         sys.exit(proc.returncode)
       new = [json.loads(line) for line in tmp.read().splitlines() if line]
-    if out:
-      with open(out, "a") as f:
-        f.writelines(json.dumps(r) + "\n" for r in new)
+    _append_rows(out, new)
     rows += new
   return rows
+
+
+def _append_rows(out, rows):
+  """Appends rows to the JSONL file `out` (None: nowhere)."""
+  if out:
+    with open(out, "a") as f:
+      f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 def _strip(argv, names):
@@ -129,9 +134,7 @@ def run() -> list[dict]:
                               dtype=_DTYPE.value, lora_cfg=lora_cfg, abstract=_ABSTRACT.value, steps=_STEPS.value,
                               base_params=base, cpu_no_hoist=not _CPU_HOIST.value)
     rows.append(row)
-    if _OUT.value:
-      with open(_OUT.value, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    _append_rows(_OUT.value, [row])
   return rows
 
 

@@ -29,12 +29,12 @@ job() {  # job NAME LIMIT_S CMD...: runs CMD unless the stage's budget is spent;
   grep -v "^I[0-9]\{4\}\|^W[0-9]\{4\}" "$out/$name.log" | tail -n "${TAIL:-6}" | cut -c1-400
 }
 
-blas_threads() {  # blas_threads N: N processes share the host's cores for numpy's BLAS (the LP-FT probe's fit).
-  # Each process's OpenBLAS otherwise starts one thread per core. On the H200 lease of stop 27, five shards' probe
-  # fits (2 s alone) had not finished after 4 min, most likely for this reason; on the 2-core CPU, 4 processes x 2
-  # threads took 24-29 s per fit vs 5 s with one thread each.
+share_machine() {  # share_machine N: N processes share the GPU (no preallocation, each takes what it needs)
+  # and the host's cores for numpy's BLAS (the LP-FT probe's fit). Each OpenBLAS otherwise starts one thread per
+  # core: on the H200 lease of stop 27, five shards' probe fits (2 s alone) had not finished after 4 min, most
+  # likely for this reason; on the 2-core CPU, 4 processes x 2 threads took 24-29 s per fit vs 5 s with one each.
   local t=$(($(nproc) / $1)); ((t < 1)) && t=1
-  export OPENBLAS_NUM_THREADS=$t OMP_NUM_THREADS=$t MKL_NUM_THREADS=$t
+  export XLA_PYTHON_CLIENT_PREALLOCATE=false OPENBLAS_NUM_THREADS=$t OMP_NUM_THREADS=$t MKL_NUM_THREADS=$t
 }
 
 case $stage in
@@ -59,10 +59,9 @@ optax.__version__, jax.devices())"
   ;;
 recipes)
   [[ -f $model ]] || { echo "recipes: no model file '$model'"; exit 2; }
-  # Four runs share the GPU: no preallocation, each takes what it needs. One compiled shape per run (no length
-  # buckets: each bucket would be one more compile, which costs more than its padding saves here).
-  export XLA_PYTHON_CLIENT_PREALLOCATE=false
-  blas_threads 4
+  # Four runs share the machine. One compiled shape per run (no length buckets: each bucket would be one more
+  # compile, which costs more than its padding saves here).
+  share_machine 4
   for r in tm4_lora tm4_full hh_lora hh_full; do
     TAIL=3 job "$r" "$budget" $py scripts/train_reward.py --config "experiments/rm/smollm2.py:$r" \
         --workdir "$out/runs/$r" --config.model.path="$model" --config.data.max_len=512 \
@@ -79,9 +78,8 @@ sweep)
   # experiments/sweeps/rm_ranks.py as on CPU (same 120 steps, points, names), untruncated (max_len 512, no length
   # buckets), bf16 compute with cuDNN attention (right-padded rows: no fully masked query row), no mid-run
   # checkpoints. SHARDS processes share the GPU, each runs every SHARDS-th point. SWEEP_SETS: more --set flags.
-  export XLA_PYTHON_CLIENT_PREALLOCATE=false
   n=${SHARDS:-5}
-  blas_threads "$n"
+  share_machine "$n"
   for ((i = 0; i < n; i++)); do
     TAIL=2 job "shard$i" "$budget" $py scripts/ablate.py --sweep experiments/sweeps/rm_ranks.py \
         --workdir "$out/rm_ranks" --shard "$i/$n" --set model.path="$model" --set data.max_len=512 \
