@@ -1,5 +1,11 @@
-"""Host-side evaluation metrics over gathered numpy arrays: ROC-AUC, balanced accuracy, pairwise accuracy."""
+"""Host-side evaluation metrics over gathered numpy arrays: ROC-AUC, balanced accuracy, pairwise accuracy,
+and the uncertainty of comparisons: Wilson intervals, paired bootstrap intervals, win rates."""
+import statistics
+
 import numpy as np
+
+# Most resampled indices held at once by paired_bootstrap_ci (uniforms, indices, gathered values: ~96 MiB).
+_BOOTSTRAP_CHUNK_ELEMS = 1 << 22
 
 
 def _average_ranks(x_N):
@@ -51,3 +57,84 @@ def pairwise_metrics(r_chosen_N, r_rejected_N):
       mean_margin=float(np.mean(margin_N)),
       loss=float(np.mean(np.logaddexp(0.0, -margin_N))),
   )
+
+
+def _two_sided_z(confidence):
+  """The normal quantile z with P(|Z| <= z) = confidence (1.95996… for 0.95)."""
+  if not 0.0 < confidence < 1.0:
+    raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+  return statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
+
+
+def _per_example(x, name):
+  """`x` as a float64 [N, k] array: 1-D [N] is k = 1; 2-D [N, k] holds k samples of each of N examples."""
+  x = np.asarray(x, np.float64)
+  if x.ndim == 1:
+    x = x[:, None]
+  if x.ndim != 2:
+    raise ValueError(f"{name} must be [N] or [N, k], got shape {x.shape}")
+  return x
+
+
+def wilson_interval(successes: float, n: int, confidence=0.95):
+  """Wilson score interval for a binomial rate p̂ = s/n:
+
+    (p̂ + z²/2n ± z·sqrt(p̂(1−p̂)/n + z²/4n²)) / (1 + z²/n),
+
+  z the two-sided normal quantile of `confidence`. `successes` may be fractional (ties counted ½ in a win
+  rate). Computed in the equal, cancellation-free form lo = p̂² / (p̂ + z²/2n + h), 1 − hi = q̂² / (q̂ + z²/2n
+  + h), q̂ = 1 − p̂, h the ± term, so lo is exactly 0 at s = 0, hi exactly 1 at s = n, and
+  lo(s) = 1 − hi(n − s). Returns (lo, hi); (nan, nan) when n = 0."""
+  if n <= 0:
+    return float("nan"), float("nan")
+  z = _two_sided_z(confidence)
+  p, z2 = successes / n, z * z
+  half = z * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+  lo = p * p / (p + z2 / (2 * n) + half)
+  hi = 1 - (1 - p) ** 2 / ((1 - p) + z2 / (2 * n) + half)
+  return float(lo), float(hi)
+
+
+def paired_bootstrap_ci(diff_N, n_boot=10000, confidence=0.95, seed=0):
+  """Mean of paired differences d_i = after_i − before_i and its percentile bootstrap interval.
+
+  Each of `n_boot` resamples draws N examples with replacement (numpy default_rng(seed)) and takes
+  mean(d*); (lo, hi) are the (1−c)/2 and (1+c)/2 quantiles of those means. A 2-D [N, k] input holds k
+  samples per example: rows are resampled whole, the statistic is the overall mean (= mean of row means,
+  rows being equal in size). Resamples are drawn in chunks of at most _BOOTSTRAP_CHUNK_ELEMS indices, from
+  uniform doubles so the draws, hence the result, do not depend on the chunking. Returns (mean, lo, hi);
+  all nan when N = 0."""
+  row_N = _per_example(diff_N, "diff_N").mean(axis=1)
+  n = len(row_N)
+  if n == 0:
+    return float("nan"), float("nan"), float("nan")
+  rng = np.random.default_rng(seed)
+  chunk = max(1, _BOOTSTRAP_CHUNK_ELEMS // n)
+  means_B = np.empty(n_boot, np.float64)
+  for start in range(0, n_boot, chunk):
+    m = min(chunk, n_boot - start)
+    idx_MN = np.minimum((rng.random((m, n)) * n).astype(np.int64), n - 1)
+    means_B[start:start + m] = row_N[idx_MN].mean(axis=1)
+  lo, hi = np.quantile(means_B, [(1 - confidence) / 2, (1 + confidence) / 2])
+  return float(row_N.mean()), float(lo), float(hi)
+
+
+def win_rate_stats(a_N, b_N, confidence=0.95):
+  """Win rate of a over b on paired examples, P(a > b) + ½ P(a = b), with a Wilson interval.
+
+  1-D [N] inputs: N comparisons, Wilson successes = wins + ½ ties out of n = N. 2-D [N, k] inputs (k samples
+  per prompt): sample j of prompt i is compared with sample j of prompt i; the rate is over all N·k
+  comparisons, but the Wilson sample size is n = N prompts (successes = rate·N), since comparisons within a
+  prompt are correlated. With intra-prompt correlation ρ ≥ 0 the effective sample size lies between N and
+  N·k, so n = N is the conservative (honest) choice; n = N·k would overstate the certainty.
+  Returns dict(win_rate, win_rate_lo, win_rate_hi, wins, ties, losses, n); wins/ties/losses count
+  comparisons (a NaN pair counts in none), n counts prompts."""
+  a_Nk, b_Nk = _per_example(a_N, "a_N"), _per_example(b_N, "b_N")
+  if a_Nk.shape != b_Nk.shape:
+    raise ValueError(f"a_N and b_N must have the same shape, got {a_Nk.shape} and {b_Nk.shape}")
+  wins, ties, losses = (int(np.sum(a_Nk > b_Nk)), int(np.sum(a_Nk == b_Nk)), int(np.sum(a_Nk < b_Nk)))
+  total, n = wins + ties + losses, a_Nk.shape[0]
+  rate = (wins + 0.5 * ties) / total if total else float("nan")
+  lo, hi = wilson_interval(rate * n, n, confidence) if total else (float("nan"), float("nan"))
+  return dict(win_rate=float(rate), win_rate_lo=lo, win_rate_hi=hi,
+              wins=wins, ties=ties, losses=losses, n=n)

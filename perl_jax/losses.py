@@ -156,6 +156,29 @@ def gae_advantages(rewards_BxT, values_BxT, mask_BxT, gamma, lam):
   return adv_BxT, (adv_BxT + values_BxT) * mask_BxT
 
 
+def rloo_advantages(returns_G, k: int):
+  """REINFORCE leave-one-out (Ahmadian et al. 2024): A_i = R_i − (1/(k−1))·Σ_{j≠i} R_j = k/(k−1)·(R_i − R̄).
+
+  R: per-sample returns [B·k], each prompt's k samples contiguous (rows b·k … b·k+k−1); R̄ the prompt's mean.
+  The baseline of sample i never sees R_i, so the gradient estimate stays unbiased. Returns [B·k].
+  """
+  r_BxK = returns_G.reshape(-1, k)
+  baseline_BxK = (jnp.sum(r_BxK, axis=1, keepdims=True) - r_BxK) / (k - 1)
+  return (r_BxK - baseline_BxK).reshape(-1)
+
+
+def grpo_advantages(returns_G, k: int, eps: float = 1e-6):
+  """GRPO's group-normalised advantage (Shao et al. 2024): A_i = (R_i − mean_g R) / (std_g R + ε).
+
+  R: per-sample returns [B·k], each prompt's k samples contiguous; mean and (population) std over the
+  prompt's k samples, ε = `eps`. A group whose samples tie gets 0. Returns [B·k].
+  """
+  r_BxK = returns_G.reshape(-1, k)
+  mean_Bx1 = jnp.mean(r_BxK, axis=1, keepdims=True)
+  std_Bx1 = jnp.std(r_BxK, axis=1, keepdims=True)
+  return ((r_BxK - mean_Bx1) / (std_Bx1 + eps)).reshape(-1)
+
+
 # ---------------------------------------------------------------- policy / value
 
 

@@ -25,10 +25,15 @@ def scale_subtree(name: str, factor: float) -> optax.GradientTransformation:
   return optax.stateless(scale)
 
 
-def make(optim: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.Schedule, optax.GradientTransformation]:
+def make(optim: ml_collections.ConfigDict, total_steps: int,
+         updates_per_step: int = 1) -> tuple[optax.Schedule, optax.GradientTransformation]:
   """(schedule, optimizer) from config.optim {lr, warmup_steps, weight_decay, clip_norm[, head_lr_mult]};
-  training and restoring a run share this one, so checkpoints and their readers cannot drift apart."""
-  schedule = make_schedule(optim.lr, total_steps, optim.warmup_steps)
+  training and restoring a run share this one, so checkpoints and their readers cannot drift apart.
+
+  The schedule counts optimizer updates: a stage making `updates_per_step` of them per training step (PPO's
+  epochs × minibatches) gets total_steps and warmup_steps in training steps, stretched by that factor, so its
+  learning rate follows the same curve over training steps as a one-update stage's."""
+  schedule = make_schedule(optim.lr, total_steps * updates_per_step, optim.warmup_steps * updates_per_step)
   tx = make_optimizer(schedule, optim.weight_decay, optim.clip_norm)
   head_lr_mult = optim.get("head_lr_mult", 1.0)
   if head_lr_mult != 1.0:  # Only then: optimizer states of runs without it keep their structure.

@@ -1,4 +1,5 @@
-"""Autoregressive sampling: one prefill over a left-padded prompt batch, then KV-cache decode steps in a scan.
+"""Autoregressive sampling: one prefill over a left-padded prompt batch, then KV-cache decode steps in a while
+loop that ends once every row has hit EOS; `num_samples` draws k responses per prompt from that one prefill.
 
 Each token is drawn from logits / T, then top-k, then top-p (nucleus) filtering; rows stop at EOS, and
 `cut_at_stop_strings` (host side) ends responses at the token that completes a stop string. Adapters stay
@@ -20,6 +21,7 @@ class Samples(NamedTuple):
   tokens_BxN: jax.Array    # generated ids; positions after EOS hold pad_id
   mask_BxN: jax.Array      # 1 up to and including the first EOS
   logp_BxN: jax.Array      # log-prob under the sampling distribution (T, top-k, top-p applied); diagnostics only
+  steps: jax.Array | int = 0  # decode steps run: N − 1, or fewer once every row has hit EOS (max row length − 1)
 
 
 def top_k_filter(logits_BxV, k: int):
@@ -60,41 +62,66 @@ def sample_token(rng, logits_BxV, temperature: float, top_k: int = 0, top_p: flo
   return tok.astype(jnp.int32), jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
 
 
+_CACHE_BATCH_AXIS = dict(k=1, v=1, pos=0, valid=0)  # the batch axis of each array of `models.init_cache`
+
+
+def repeat_cache(cache: dict, k: int) -> dict:
+  """Each row of a `models.init_cache` cache repeated k times in place (rows b*k .. b*k+k−1 copy row b): keys and
+  values [L,B,S,K,H] on axis 1, positions and validity [B,S] on axis 0; the scalar write index is shared."""
+  if k == 1:
+    return cache
+  return {name: x if x.ndim == 0 else jnp.repeat(x, k, axis=_CACHE_BATCH_AXIS[name]) for name, x in cache.items()}
+
+
 def generate_fn(cfg, params, lora_trees, prompt_BxT, prompt_mask_BxT, rng, *, scales, max_new_tokens,
-                temperature, eos_id, pad_id, cache_dtype, top_k=0, top_p=1.0) -> Samples:
-  """The un-jitted sampler: prefill the prompts, then `max_new_tokens − 1` cached decode steps."""
+                temperature, eos_id, pad_id, cache_dtype, top_k=0, top_p=1.0, num_samples=1) -> Samples:
+  """The un-jitted sampler: one prefill of the B prompts, then up to `max_new_tokens − 1` cached decode steps
+  on R = B·k rows (k = num_samples; rows b*k .. b*k+k−1 are prompt b's samples), stopping once every row is done.
+
+  Token i is drawn with `jax.random.split(rng, max_new_tokens)[i]`, so the result equals running all
+  `max_new_tokens − 1` steps on the prompts repeated k times; `steps` counts the decode steps actually run."""
   b, t = prompt_BxT.shape
   adapters = list(zip(lora_trees, scales))
   draw = functools.partial(sample_token, temperature=temperature, top_k=top_k, top_p=top_p)
   cache = models.init_cache(cfg, b, t + max_new_tokens, jnp.dtype(cache_dtype))
   out = models.forward(cfg, params, prompt_BxT, prompt_mask_BxT, adapters=adapters, cache=cache)
+  cache, logits_RxV = repeat_cache(out.cache, num_samples), jnp.repeat(out.logits[:, -1], num_samples, axis=0)
   rngs = jax.random.split(rng, max_new_tokens)
-  tok, logp = draw(rngs[0], out.logits[:, -1])
-  done = tok == eos_id
+  tok_R, logp_R = draw(rngs[0], logits_RxV)
+  r = b * num_samples
+  put = lambda buf_RxN, col_R, i: jax.lax.dynamic_update_slice_in_dim(buf_RxN, col_R[:, None], i, axis=1)
+  tokens_RxN = put(jnp.full((r, max_new_tokens), pad_id, jnp.int32), tok_R, 0)
+  mask_RxN = put(jnp.zeros((r, max_new_tokens), jnp.int32), jnp.ones((r,), jnp.int32), 0)
+  logp_RxN = put(jnp.zeros((r, max_new_tokens), jnp.float32), logp_R, 0)
 
-  def step(carry, rng):
-    cache, tok, done = carry
-    out = models.forward(cfg, params, tok[:, None], None, adapters=adapters, cache=cache)
-    nxt, logp = draw(rng, out.logits[:, -1])
-    valid = ~done
-    nxt = jnp.where(valid, nxt, pad_id)
-    return (out.cache, nxt, done | (nxt == eos_id)), (nxt, logp, valid)
+  def running(carry):
+    i, _, _, done_R, *_ = carry
+    return (i < max_new_tokens) & ~jnp.all(done_R)
 
-  _, (toks, logps, valids) = jax.lax.scan(step, (out.cache, tok, done), rngs[1:])
-  tokens = jnp.concatenate([tok[:, None], toks.T], axis=1)
-  mask = jnp.concatenate([jnp.ones((b, 1), bool), valids.T], axis=1)
-  logp_all = jnp.concatenate([logp[:, None], logps.T], axis=1)
-  return Samples(tokens, mask.astype(jnp.int32), jnp.where(mask, logp_all, 0.0))
+  def step(carry):
+    i, cache, tok_R, done_R, tokens_RxN, mask_RxN, logp_RxN = carry
+    out = models.forward(cfg, params, tok_R[:, None], None, adapters=adapters, cache=cache)
+    nxt_R, logp_R = draw(rngs[i], out.logits[:, -1])
+    valid_R = ~done_R
+    nxt_R = jnp.where(valid_R, nxt_R, pad_id)
+    return (i + 1, out.cache, nxt_R, done_R | (nxt_R == eos_id), put(tokens_RxN, nxt_R, i),
+            put(mask_RxN, valid_R.astype(jnp.int32), i), put(logp_RxN, jnp.where(valid_R, logp_R, 0.0), i))
+
+  carry = (jnp.ones((), jnp.int32), cache, tok_R, tok_R == eos_id, tokens_RxN, mask_RxN, logp_RxN)
+  i, *_, tokens_RxN, mask_RxN, logp_RxN = jax.lax.while_loop(running, step, carry)
+  return Samples(tokens_RxN, mask_RxN, logp_RxN, i - 1)
 
 
 _generate = jax.jit(generate_fn, static_argnames=("cfg", "max_new_tokens", "temperature", "eos_id", "pad_id",
-                                                  "scales", "cache_dtype", "top_k", "top_p"))
+                                                  "scales", "cache_dtype", "top_k", "top_p", "num_samples"))
 
 
 def generate(cfg: ModelConfig, params, prompt_BxT, prompt_mask_BxT, *, max_new_tokens: int,
              rng=None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, adapters: Sequence = (),
-             eos_id: int | None = None, pad_id: int = 0, cache_dtype: str = "float32") -> Samples:
-  """Continues left-padded prompts by `max_new_tokens` with zero or more adapter sets (e.g. the policy LoRA).
+             eos_id: int | None = None, pad_id: int = 0, cache_dtype: str = "float32",
+             num_samples: int = 1) -> Samples:
+  """Continues left-padded prompts by `max_new_tokens` with zero or more adapter sets (e.g. the policy LoRA);
+  `num_samples` = k samples per prompt from one prefill, as [B·k, N] rows (prompt b's in rows b*k .. b*k+k−1).
 
   Inputs may be sharded (params by the partition rules, prompts over the batch axes): jit follows them."""
   rng = jax.random.key(0) if rng is None else rng
@@ -103,7 +130,8 @@ def generate(cfg: ModelConfig, params, prompt_BxT, prompt_mask_BxT, *, max_new_t
   scales = tuple(float(s) for _, s in adapters)
   return _generate(cfg, params, trees, prompt_BxT, prompt_mask_BxT, rng, scales=scales,
                    max_new_tokens=max_new_tokens, temperature=float(temperature), eos_id=-1 if eos is None else eos,
-                   pad_id=pad_id, cache_dtype=cache_dtype, top_k=int(top_k), top_p=float(top_p))
+                   pad_id=pad_id, cache_dtype=cache_dtype, top_k=int(top_k), top_p=float(top_p),
+                   num_samples=int(num_samples))
 
 
 def stop_length(tokens_N, decode: Callable[[list], str], stop_strings: Sequence[str]) -> int | None:

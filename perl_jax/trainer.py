@@ -44,12 +44,50 @@ def step_rng(state: dict) -> jax.Array:
   return jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
 
 
-def train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, state: dict, frozen, batch):
+def microbatches(batch, num_microbatches: int):
+  """The batch as [M, B/M, ...] (scan over M): microbatch j holds rows j, j+M, j+2M, … so that each device's
+  contiguous shard of the batch axis splits evenly, without moving rows between devices."""
+  def cut(x):
+    if x.shape[0] % num_microbatches:
+      raise ValueError(f"batch of {x.shape[0]} rows is not divisible into {num_microbatches} microbatches")
+    return jnp.swapaxes(x.reshape(x.shape[0] // num_microbatches, num_microbatches, *x.shape[1:]), 0, 1)
+  return jax.tree.map(cut, batch)
+
+
+def loss_and_grads(loss_fn: Callable, trainable, frozen, batch, rng, num_microbatches: int = 1,
+                   weight_fn: Callable | None = None):
+  """(metrics, grads) of loss_fn over `batch` w.r.t. `trainable`, optionally accumulated over M microbatches:
+  g = Σ_j w_j·g_j with w_j = weight_fn(microbatch_j) / Σ_i weight_fn(microbatch_i) (equal weights by default);
+  metrics are averaged with the same weights. For a loss that is a mean over rows (or, with weight_fn = the valid
+  token count, a masked mean over tokens) this is the full batch's gradient at 1/M of the activation memory."""
+  grad_fn = jax.value_and_grad(lambda tr, b: loss_fn(tr, frozen, b, rng), has_aux=True)
+  if num_microbatches == 1:
+    (_, metrics), grads = grad_fn(trainable, batch)
+    return metrics, grads
+  micro = microbatches(batch, num_microbatches)
+  w_M = (jax.vmap(weight_fn)(micro) if weight_fn else jnp.ones(num_microbatches)).astype(jnp.float32)
+  w_M = w_M / jnp.maximum(jnp.sum(w_M), 1e-12)
+
+  def body(acc, xs):
+    mb, w = xs
+    (_, metrics), grads = grad_fn(trainable, mb)
+    return jax.tree.map(lambda a, x: a + w * x.astype(a.dtype), acc, (metrics, grads)), None
+
+  (_, metric_shapes), grad_shapes = jax.eval_shape(grad_fn, trainable, jax.tree.map(lambda x: x[0], micro))
+  zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)), t)
+  (metrics, grads), _ = jax.lax.scan(body, (zeros(metric_shapes), zeros(grad_shapes)), (micro, w_M))
+  grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
+  return metrics, grads
+
+
+def train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, state: dict, frozen, batch,
+               num_microbatches: int = 1, weight_fn: Callable | None = None):
   """One optimizer update of state["trainable"]; the gradient is never taken w.r.t. `frozen`.
 
-  `loss_fn(trainable, frozen, batch, rng) -> (loss, metrics)`; metrics gain grad_norm."""
-  grad_fn = jax.value_and_grad(lambda tr: loss_fn(tr, frozen, batch, step_rng(state)), has_aux=True)
-  (_, step_metrics), grads = grad_fn(state["trainable"])
+  `loss_fn(trainable, frozen, batch, rng) -> (loss, metrics)`; metrics gain grad_norm. With num_microbatches > 1
+  the gradient is accumulated (`loss_and_grads`)."""
+  step_metrics, grads = loss_and_grads(loss_fn, state["trainable"], frozen, batch, step_rng(state),
+                                       num_microbatches, weight_fn)
   updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
   trainable = optax.apply_updates(state["trainable"], updates)
   step_metrics = {**step_metrics, "grad_norm": optax.global_norm(grads)}
@@ -228,7 +266,10 @@ def run(config, workdir, *, state: dict, frozen, step_fn: Callable, batches, eva
     for step in range(start + 1, total + 1):
       batch = next(batches)
       tokens += tokens_fn(batch)
-      state, step_metrics = step_fn(state, frozen, batch)
+      try:
+        state, step_metrics = step_fn(state, frozen, batch)
+      except TrainingError as e:  # A step that found its own input broken (e.g. RL's non-finite reward).
+        raise TrainingError(f"{e}; stopped, the last good checkpoint is step {ckpt.latest_step()}") from None
       if pending is not None:
         flush(pending)
       pending = _Pending(step, step_metrics, tokens, itstime(step, config.log_every, total), _done_now(step_metrics))

@@ -1,11 +1,13 @@
 """Evaluate an RL policy (a train_rl workdir) on held-out prompts; prints one JSON object.
 
   python scripts/eval_policy.py --workdir runs/rl_tm4_lora --data experiments/data/taskmaster4/dialogs.jsonl.gz \
-      [--format taskmaster4_dialogs|taskmaster4|hh_rlhf] [--split eval|train|all] [--max_prompts 64]
-      [--judge_workdir OTHER_RM]
-JSON: reward_before (the SFT anchor) / reward_after (the policy) under the run's RM, kl (Σ_t log π − log π_ref per
-response, policy samples), win_rate (policy over anchor on the same prompt, ties ½), response lengths; with
---judge_workdir the same under a second RM the policy never trained against (judge_*).
+      [--format taskmaster4_dialogs|taskmaster4|hh_rlhf] [--split eval|train|all] [--max_prompts 128]
+      [--samples_per_prompt 1] [--judge_workdir OTHER_RM]
+JSON (README, "RL" section, lists every key): reward_before (the SFT anchor) / reward_after (the policy) under the
+run's RM, reward_diff with its 95% paired-bootstrap interval [reward_diff_lo, reward_diff_hi], win_rate (policy
+over anchor on the same prompt, ties ½) with its 95% Wilson interval, kl (Σ_t log π − log π_ref per response,
+policy samples) with its interval, finished fractions and response lengths; with --judge_workdir the same under a
+second RM the policy never trained against (judge_*).
 """
 import json
 
@@ -20,8 +22,9 @@ _FORMAT = flags.DEFINE_enum("format", None, ["taskmaster4_dialogs", "taskmaster4
                             "Prompt format. Default: the run's data.format.")
 _SPLIT = flags.DEFINE_enum("split", "eval", ["eval", "train", "all"],
                            "eval/train = the run's conversation split of --data; all = every prompt.")
-_MAX_PROMPTS = flags.DEFINE_integer("max_prompts", 64, "Evaluate the first N prompts (0 = all).")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Prompts per generation batch.")
+_MAX_PROMPTS = flags.DEFINE_integer("max_prompts", 128, "Evaluate the first N prompts (0 = all).")
+_SAMPLES = flags.DEFINE_integer("samples_per_prompt", 1, "Samples of the policy and of the anchor per prompt.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Prompts per generation batch.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step. Default: the latest.")
 _JUDGE = flags.DEFINE_string("judge_workdir", None, "A second RM run folder (same backbone) to judge with.")
 flags.mark_flags_as_required(["workdir", "data"])
@@ -44,7 +47,10 @@ def _evaluate():
   if _JUDGE.value:
     judge = reward.restore(_JUDGE.value, mesh=policy.mesh)
     evaluate.check_judge(policy, judge, _JUDGE.value)
-  return evaluate.evaluate(policy, prompts, batch_size=_BATCH_SIZE.value, judge=judge), fmt
+  if _SAMPLES.value < 1:
+    raise data.DataError(_DATA.value, problem=f"--samples_per_prompt must be >= 1, got {_SAMPLES.value}")
+  return evaluate.evaluate(policy, prompts, batch_size=_BATCH_SIZE.value, judge=judge,
+                           samples_per_prompt=_SAMPLES.value), fmt
 
 
 if __name__ == "__main__":

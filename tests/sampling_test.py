@@ -1,4 +1,6 @@
 """KV-cache sampling equals decoding by repeated full forwards."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,6 +60,152 @@ def test_eos_stops_rows_and_masks_the_rest():
     assert m[row, : stop + 1].all() and not m[row, stop + 1:].any()
     np.testing.assert_array_equal(toks[row, : stop + 1], np.asarray(free.tokens_BxN[row, : stop + 1]))
     assert (toks[row, stop + 1:] == 0).all()
+
+
+def _scan_generate(cfg, params, adapters, ids, mask, rng, n, temperature, eos_id, pad_id=0):
+  """The sampler before the early-exit while loop (git a646b0b): all n − 1 decode steps in a lax.scan."""
+  b, t = ids.shape
+  draw = functools.partial(sampling.sample_token, temperature=temperature)
+  out = models.forward(cfg, params, ids, mask, adapters=adapters, cache=models.init_cache(cfg, b, t + n, jnp.float32))
+  rngs = jax.random.split(rng, n)
+  tok, logp = draw(rngs[0], out.logits[:, -1])
+
+  def step(carry, rng):
+    cache, tok, done = carry
+    out = models.forward(cfg, params, tok[:, None], None, adapters=adapters, cache=cache)
+    nxt, logp = draw(rng, out.logits[:, -1])
+    nxt = jnp.where(~done, nxt, pad_id)
+    return (out.cache, nxt, done | (nxt == eos_id)), (nxt, logp, ~done)
+
+  _, (toks, logps, valids) = jax.lax.scan(step, (out.cache, tok, tok == eos_id), rngs[1:])
+  tokens = jnp.concatenate([tok[:, None], toks.T], axis=1)
+  m = jnp.concatenate([jnp.ones((b, 1), bool), valids.T], axis=1)
+  return tokens, m.astype(jnp.int32), jnp.where(m, jnp.concatenate([logp[:, None], logps.T], axis=1), 0.0)
+
+
+def _lora_model(family):
+  """A tiny model and a LoRA small enough that greedy rows differ (prompt-dependent, no one-token collapse)."""
+  cfg = tiny_config(family)
+  params = models.init_params(cfg, jax.random.key(0))
+  lp = jax.tree.map(lambda x: x + 0.02, lora.init(jax.random.key(1), params, lora.LoraConfig(rank=2)))
+  return cfg, params, [(lp, 2.0)]
+
+
+def _earliest_common_eos(tokens_BxN):
+  """The token that, as eos_id, ends every row soonest (least max over rows of its first index; N if absent)."""
+  tokens_BxN = np.asarray(tokens_BxN)
+  first = lambda v: max(np.argmax(r == v) if (r == v).any() else len(r) for r in tokens_BxN)
+  return int(min(np.unique(tokens_BxN), key=first))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_early_exit_loop_equals_old_scan_sampler_bit_for_bit(temperature):
+  cfg, params, adapters = _lora_model("llama")
+  ids, mask = random_batch(6, 3, 6, cfg.vocab_size, left_pad=(0, 3, 1))
+  rng, n = jax.random.key(11), 7
+  kw = dict(max_new_tokens=n, rng=rng, temperature=temperature, adapters=adapters, pad_id=0)
+  free = sampling.generate(cfg, params, ids, mask, eos_id=-1, **kw)
+  assert int(free.steps) == n - 1
+  scan = jax.jit(_scan_generate, static_argnums=(0, 6, 7, 8))
+  # No eos; one that row 0 emits second (the rest run on); the one that ends every row soonest.
+  for eos_id in (-1, int(free.tokens_BxN[0, 1]), _earliest_common_eos(free.tokens_BxN)):
+    out = sampling.generate(cfg, params, ids, mask, eos_id=eos_id, **kw)
+    want = scan(cfg, params, adapters, ids, mask, rng, n, temperature, eos_id)
+    for got, ref in zip(out[:3], want):
+      assert got.dtype == ref.dtype
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    lengths = np.asarray(out.mask_BxN).sum(1)
+    assert int(out.steps) == lengths.max() - 1
+  if temperature == 0.0:   # greedy rows end at different tokens, all before the last: the loop exited early
+    assert len(set(lengths)) == 3 and int(out.steps) < n - 1
+
+
+def test_loop_stops_once_every_row_has_hit_eos():
+  cfg = tiny_config()
+  params = models.init_params(cfg, jax.random.key(0))
+  ids, mask = random_batch(5, 1, 5, cfg.vocab_size)
+  ids, mask = jnp.repeat(ids, 3, axis=0), jnp.repeat(mask, 3, axis=0)   # three rows, one greedy continuation
+  free = sampling.generate(cfg, params, ids, mask, max_new_tokens=8, eos_id=-1)
+  first = np.asarray(free.tokens_BxN[0])
+  assert int(free.steps) == 7
+  calls = []
+  real_forward = models.forward
+
+  def counting_forward(cfg, params, ids_BxT, *args, **kw):
+    out = real_forward(cfg, params, ids_BxT, *args, **kw)
+    if ids_BxT.shape[1] == 1:   # a decode step: count the ones that execute, not the traces
+      jax.debug.callback(lambda: calls.append(1))
+    return out
+
+  # Greedy rows all emit `first`; an eos_id of first[j] (its first occurrence) ends every row at token j.
+  j = next(j for j in range(1, 7) if first[j] not in first[:j])
+  for steps in (0, j):
+    calls.clear()
+    with pytest.MonkeyPatch.context() as mp:
+      mp.setattr(models, "forward", counting_forward)
+      out = sampling.generate_fn(cfg, params, [], ids, mask, jax.random.key(0), scales=(), max_new_tokens=8,
+                                 temperature=0.0, eos_id=int(first[steps]), pad_id=0, cache_dtype="float32")
+      jax.effects_barrier()
+    assert int(out.steps) == steps and len(calls) == steps
+    np.testing.assert_array_equal(np.asarray(out.mask_BxN), np.tile(np.arange(8) <= steps, (3, 1)))
+    np.testing.assert_array_equal(np.asarray(out.tokens_BxN), np.tile(np.where(np.arange(8) <= steps, first, 0),
+                                                                      (3, 1)))
+
+
+@pytest.mark.parametrize("family,temperature", [("llama", 0.0), ("llama", 0.8), ("gemma2", 0.8)])
+def test_num_samples_equals_repeated_prompts(family, temperature):
+  cfg, params, adapters = _lora_model(family)
+  ids, mask = random_batch(6, 3, 6, cfg.vocab_size, left_pad=(0, 3, 1))
+  ids3, mask3 = jnp.repeat(ids, 3, axis=0), jnp.repeat(mask, 3, axis=0)
+  kw = dict(max_new_tokens=7, rng=jax.random.key(4), temperature=temperature, adapters=adapters, pad_id=0)
+  free = sampling.generate(cfg, params, ids3, mask3, eos_id=-1, **kw)
+  for eos_id in (-1, int(free.tokens_BxN[3, 2])):   # prompt 1's first sample ends at its third token
+    group = sampling.generate(cfg, params, ids, mask, eos_id=eos_id, num_samples=3, **kw)
+    rep = sampling.generate(cfg, params, ids3, mask3, eos_id=eos_id, **kw)
+    assert group.tokens_BxN.shape == group.mask_BxN.shape == group.logp_BxN.shape == (9, 7)
+    np.testing.assert_array_equal(np.asarray(group.tokens_BxN), np.asarray(rep.tokens_BxN))
+    np.testing.assert_array_equal(np.asarray(group.mask_BxN), np.asarray(rep.mask_BxN))
+    np.testing.assert_allclose(np.asarray(group.logp_BxN), np.asarray(rep.logp_BxN), atol=1e-5)
+    assert int(group.steps) == int(rep.steps)
+    if eos_id == -1:
+      toks = np.asarray(group.tokens_BxN).reshape(3, 3, 7)
+  distinct = [len({tuple(row) for row in toks[b]}) for b in range(3)]
+  assert distinct == ([1, 1, 1] if temperature == 0.0 else [3, 3, 3])   # greedy copies; sampled draws differ
+
+
+def test_num_samples_prefills_the_prompts_once():
+  cfg = tiny_config()
+  params = models.init_params(cfg, jax.random.key(0))
+  ids, mask = random_batch(7, 2, 5, cfg.vocab_size, left_pad=(0, 2))
+  shapes = []
+  real_forward = models.forward
+
+  def recording_forward(cfg, params, ids_BxT, *args, **kw):
+    shapes.append(ids_BxT.shape)   # at trace time: one prefill, one traced decode body
+    return real_forward(cfg, params, ids_BxT, *args, **kw)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(models, "forward", recording_forward)
+    out = jax.jit(sampling.generate_fn, static_argnames=("scales", "max_new_tokens", "temperature", "eos_id",
+                                                         "pad_id", "cache_dtype", "num_samples"), static_argnums=0)(
+        cfg, params, [], ids, mask, jax.random.key(0), scales=(), max_new_tokens=4, temperature=0.7, eos_id=-1,
+        pad_id=0, cache_dtype="float32", num_samples=4)
+  assert shapes == [(2, 5), (8, 1)]
+  assert out.tokens_BxN.shape == out.mask_BxN.shape == out.logp_BxN.shape == (8, 4)
+
+
+def test_repeat_cache_repeats_every_batched_array_in_place():
+  cfg = tiny_config()
+  cache = models.init_cache(cfg, 2, 3, jnp.float32)
+  cache = {name: (jnp.arange(x.size).reshape(x.shape).astype(x.dtype) if name != "valid" else
+                  jnp.arange(x.size).reshape(x.shape) % 3 == 0) for name, x in cache.items()}
+  rep = sampling.repeat_cache(cache, 3)
+  assert set(rep) == set(cache) and int(rep["index"]) == int(cache["index"])
+  for row in range(6):
+    np.testing.assert_array_equal(rep["k"][:, row], cache["k"][:, row // 3])
+    np.testing.assert_array_equal(rep["v"][:, row], cache["v"][:, row // 3])
+    np.testing.assert_array_equal(rep["pos"][row], cache["pos"][row // 3])
+    np.testing.assert_array_equal(rep["valid"][row], cache["valid"][row // 3])
 
 
 # ------------------------------------------------------------------ temperature, top-k, top-p, stop strings
@@ -150,5 +298,20 @@ def test_generate_on_2x2x2_mesh_equals_one_device():
   b_sh = sharding.batch_sharding(mesh)
   out = sampling.generate(cfg, sharding.shard(params, mesh), jax.device_put(ids, b_sh), jax.device_put(mask, b_sh),
                           adapters=[(sharding.shard(lp, mesh), 2.0)], **kw)
+  np.testing.assert_array_equal(np.asarray(out.tokens_BxN), np.asarray(one.tokens_BxN))
+  np.testing.assert_allclose(np.asarray(out.logp_BxN), np.asarray(one.logp_BxN), atol=1e-5)
+
+
+def test_num_samples_on_2x2x2_mesh_equals_one_device():
+  from perl_jax import sharding
+  cfg, params, adapters = _lora_model("llama")
+  ids, mask = random_batch(8, 4, 5, cfg.vocab_size, left_pad=(0, 2, 1, 3))
+  kw = dict(max_new_tokens=5, rng=jax.random.key(3), temperature=0.8, eos_id=-1, num_samples=2)
+  one = sampling.generate(cfg, params, ids, mask, adapters=adapters, **kw)
+  mesh = sharding.make_mesh(2, 2, 2)
+  b_sh = sharding.batch_sharding(mesh)
+  out = sampling.generate(cfg, sharding.shard(params, mesh), jax.device_put(ids, b_sh), jax.device_put(mask, b_sh),
+                          adapters=[(sharding.shard(adapters[0][0], mesh), 2.0)], **kw)
+  assert out.tokens_BxN.shape == (8, 5)
   np.testing.assert_array_equal(np.asarray(out.tokens_BxN), np.asarray(one.tokens_BxN))
   np.testing.assert_allclose(np.asarray(out.logp_BxN), np.asarray(one.logp_BxN), atol=1e-5)

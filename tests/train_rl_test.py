@@ -2,13 +2,14 @@
 checkpoint, resume), and one-line errors (exit 2) for a missing or mismatched RM / SFT folder."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import jax
 import pytest
 
-from perl_jax import reward, sft
+from perl_jax import data, reward, sft
 from perl_jax.rl import train as rl_train
 from tests.conftest import ROOT
 from tests.helpers import head_lines, make_tiny_hf_folder
@@ -18,8 +19,8 @@ from experiments.rm import smollm2 as rm_configs  # noqa: E402
 from experiments.sft import smollm2 as sft_configs  # noqa: E402
 
 LOGGED = ("reward_mean", "reward_std", "kl_ref", "entropy", "value_loss", "explained_variance", "clip_fraction",
-          "response_length", "sample_tokens_per_s", "update_tokens_per_s", "rollout_s", "update_s", "kl_coef", "loss",
-          "grad_norm")
+          "response_length", "finished_fraction", "sample_tokens_per_s", "update_tokens_per_s", "sample_s", "score_s",
+          "update_s", "s_per_sample", "kl_coef", "loss", "grad_norm", "lr")
 
 
 @pytest.fixture(scope="module")
@@ -51,20 +52,35 @@ def _rl_config(d, **over):
 
 
 def test_rl_run_logs_metrics_samples_and_resumes(runs, tmp_path):
-  _, ev = rl_train.train(_rl_config(runs), tmp_path / "rl")
-  assert {"reward_before", "reward_after", "kl", "win_rate"} <= set(ev) and 0 <= ev["win_rate"] <= 1
+  _, ev = rl_train.train(_rl_config(runs, steps=3), tmp_path / "rl")
+  assert {"reward_before", "reward_after", "kl", "win_rate", "reward_diff_lo", "win_rate_hi"} <= set(ev)
+  assert ev["win_rate_lo"] <= ev["win_rate"] <= ev["win_rate_hi"] and ev["reward_diff_lo"] <= ev["reward_diff_hi"]
   lines = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
   rows = [r for r in lines if "train/loss" in r]
-  assert [r["step"] for r in rows] == [1, 2] and [r["step"] for r in lines if "eval/win_rate" in r] == [2]
+  assert [r["step"] for r in rows] == [1, 2, 3] and [r["step"] for r in lines if "eval/win_rate" in r] == [3]
   for key in LOGGED:
     assert all(f"train/{key}" in r for r in rows), key
-  assert rows[0]["train/kl_ref"] == 0.0                    # fresh policy LoRA: π = π_SFT exactly
+  assert abs(rows[0]["train/kl_ref"]) < 1e-5               # fresh policy LoRA: π = π_SFT (sampler arithmetic aside)
   samples = [json.loads(line) for line in (tmp_path / "rl" / "samples.jsonl").read_text().splitlines()]
   assert samples and {"step", "reward", "prompt", "response"} <= set(samples[0])
   assert (tmp_path / "rl" / "summary.json").is_file()
-  state, _ = rl_train.train(_rl_config(runs, steps=3), tmp_path / "rl")   # resumes at step 2
+  # A run killed after step 3 but before its checkpoint: it resumes at step 2 and redoes step 3, logging each
+  # step's metrics and sample texts once.
+  shutil.rmtree(tmp_path / "rl" / "checkpoints" / "3")
+  state, _ = rl_train.train(_rl_config(runs, steps=4), tmp_path / "rl")
   rows = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3] and int(state["step"]) == 3
+  assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4] and int(state["step"]) == 4
+  steps = [json.loads(line)["step"] for line in (tmp_path / "rl" / "samples.jsonl").read_text().splitlines()]
+  n = len(steps) // 4
+  assert steps == [1] * n + [2] * n + [3] * n + [4] * n, steps
+
+
+def test_fewer_prompts_than_a_batch_is_a_one_line_error(runs, tmp_path):
+  c = _rl_config(runs)
+  c.data.max_train_prompts = 4                              # data.batch_size is 8
+  with pytest.raises(data.DataError, match="fewer than one batch") as e:
+    rl_train.train(c, tmp_path / "few")
+  assert "\n" not in str(e.value) and "tm4.jsonl" in str(e.value)
 
 
 def _cli(tmp_path, *extra):
@@ -110,9 +126,12 @@ def test_eval_policy_anchor_equality_and_judge(runs, tmp_path):
   policy = evaluate.restore(tmp_path / "rl0")
   prompts = evaluate.held_out_prompts(policy, "taskmaster4", runs / "tm4.jsonl", "all")[:6]
   judge = reward.restore(runs / "rm", mesh=policy.mesh)
-  r = evaluate.evaluate(policy, prompts, batch_size=4, judge=judge)
-  assert r["num_prompts"] == 6 and r["step"] == 1
-  assert r["reward_after"] == r["reward_before"] and r["kl"] == 0.0 and r["win_rate"] == 0.5
+  r = evaluate.evaluate(policy, prompts, batch_size=4, judge=judge, samples_per_prompt=2)
+  assert r["num_prompts"] == 6 and r["step"] == 1 and r["samples_per_prompt"] == 2
+  assert r["reward_after"] == r["reward_before"] and abs(r["kl"]) < 1e-5 and r["win_rate"] == 0.5
+  assert r["reward_diff"] == r["reward_diff_lo"] == r["reward_diff_hi"] == 0.0     # identical samples: no spread
+  assert r["win_rate_lo"] < 0.5 < r["win_rate_hi"] and r["judge_win_rate"] == 0.5
+  assert 0.0 <= r["finished_fraction_after"] == r["finished_fraction_before"] <= 1.0
   assert r["judge_reward_after"] == pytest.approx(r["reward_after"], abs=1e-5)
   assert r["response_length_after"] == r["response_length_before"] > 0
   cli = subprocess.run([sys.executable, "scripts/eval_policy.py", "--workdir", str(tmp_path / "rl0"), "--data",
@@ -120,7 +139,8 @@ def test_eval_policy_anchor_equality_and_judge(runs, tmp_path):
                        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
   assert cli.returncode == 0, cli.stderr[-2000:]
   out = json.loads(cli.stdout)
-  assert {"reward_before", "reward_after", "kl", "win_rate", "format", "split"} <= set(out)
+  assert {"reward_before", "reward_after", "reward_diff_lo", "reward_diff_hi", "kl", "win_rate", "win_rate_lo",
+          "win_rate_hi", "finished_fraction_after", "format", "split"} <= set(out)
   assert out["format"] == "taskmaster4" and out["win_rate"] == 0.5
 
 
@@ -133,8 +153,9 @@ def test_policy_export_merged_and_peft_match_transformers(runs, tmp_path):
   from perl_jax import models
   from perl_jax.export_policy import adapter_sets
   from perl_jax.rl import evaluate
-  rl_train.train(_rl_config(runs, steps=2, optim=dict(lr=0.05, warmup_steps=1, weight_decay=0.0, clip_norm=1.0)),
-                 tmp_path / "rl")
+  c = _rl_config(runs, steps=2, optim=dict(lr=0.05, warmup_steps=1, weight_decay=0.0, clip_norm=1.0))
+  c.rl.value_warmup_steps = 0                                 # the policy moves from step 1
+  rl_train.train(c, tmp_path / "rl")
   policy = evaluate.restore(tmp_path / "rl")
   assert all(float(np.abs(np.asarray(x)).max()) > 0 for x in jax.tree.leaves(policy.trainable["policy"]))
   ids = np.random.default_rng(0).integers(3, 1000, size=(2, 12)).astype(np.int32)

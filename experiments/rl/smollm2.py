@@ -2,7 +2,9 @@
 
   python scripts/train_rl.py --config experiments/rl/smollm2.py:tm4_lora --workdir runs/rl_tm4_lora \
       --config.reward_workdir=runs/tm4_lora --config.sft_workdir=runs/sft_tm4_lora
-Arguments: {tm4,hh}_{lora,full}[_ppo] (REINFORCE by default, as the paper's main runs; "_ppo" for PPO).
+Arguments: {tm4,hh}_{lora,full}[_ppo|_rloo|_grpo]: REINFORCE with a learned LoRA value baseline by default (the
+paper's main runs; "_paper" says so explicitly), PPO (clipped ratio + GAE), RLOO or GRPO (k samples per prompt,
+each one's baseline from the others: no value role).
 The RM and SFT runs must share the backbone and tokenizer; LoRA-mode RL needs LoRA RM and SFT runs.
 """
 import ml_collections
@@ -15,7 +17,9 @@ DATA = {
 
 def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
   parts = arg.split("_")
-  dataset, mode, algorithm = parts[0], parts[1], parts[2] if len(parts) > 2 else "reinforce"
+  dataset, mode, algorithm = parts[0], parts[1], parts[2] if len(parts) > 2 else "paper"
+  algorithm = "reinforce" if algorithm == "paper" else algorithm
+  group = algorithm in ("rloo", "grpo")
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.mode = mode  # "lora": policy / value LoRA on the one frozen backbone; "full": trainable backbone copies.
@@ -29,12 +33,19 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
   c.lora = dict(rank=4, alpha=8.0, targets="attention")  # The policy LoRA (paper: attention, small ranks).
   c.rl = dict(
       algorithm=algorithm, objective="perl",  # "perl": (1−β)·r − β·KL; "standard": r − β·KL.
-      kl_coef=0.05, kl_estimator="k1", kl_target=0.0, kl_horizon=10000,  # kl_target 0 = fixed β.
-      max_new_tokens=48, temperature=0.7, top_k=0, top_p=1.0, stop_strings=["<|im_end|>"],
-      gamma=1.0, lam=0.95, whiten_advantages=True,
+      kl_coef=0.05, kl_estimator="k1",
+      kl_target=0.0, kl_horizon=20,  # kl_target 0 = fixed β; else β moves ≤ 0.2/kl_horizon per RL step toward it.
+      max_new_tokens=48, temperature=0.7,  # T > 0; RL refuses top_k / top_p (the learner would be off-policy).
+      top_k=0, top_p=1.0, stop_strings=["<|im_end|>"],
+      samples_per_prompt=4 if group else 1,  # k samples per prompt (one shared prefill); RLOO / GRPO need k >= 2.
+      unfinished_reward=ml_collections.config_dict.placeholder(float),  # Reward of a response cut at max_new_tokens; None: the RM's.
+      gamma=1.0, lam=0.95,
+      whiten_advantages=not group,  # Whiten over the batch's tokens (RLOO / GRPO baselines are already centred).
       clip_eps=0.2, value_clip_eps=0.0, vf_coef=0.1,  # value_clip_eps 0 = off.
+      value_init="zero",  # "zero": fresh value LoRA + zero head; "reward": value LoRA + head copied from the RM; "fresh".
+      value_warmup_steps=0 if group else 2,  # First RL steps train only the value role (none under RLOO / GRPO).
       ppo_epochs=2 if algorithm == "ppo" else 1, num_minibatches=2 if algorithm == "ppo" else 1,
-      value_init="reward")  # "reward": value LoRA + head start from the RM's; "fresh".
+      num_microbatches=1)  # Gradient accumulation per update: rows / num_microbatches at a time (memory).
   c.optim = dict(lr=1e-4 if mode == "lora" else 5e-6, warmup_steps=5, weight_decay=0.0, clip_norm=1.0)
   c.steps = 100
   c.log_every = 5

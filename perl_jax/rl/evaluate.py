@@ -1,6 +1,8 @@
-"""A trained RL policy on held-out prompts: RM reward of the policy and of its SFT anchor, KL to the anchor,
-response length, and the win rate of the policy over the anchor under the RM (and, optionally, under a second
-"judge" RM the policy never trained against, to show over-optimisation).
+"""A trained RL policy on held-out prompts: RM reward of the policy and of its SFT anchor with the paired
+difference and its 95% bootstrap interval, the win rate of the policy over the anchor with its 95% Wilson
+interval, KL to the anchor, finished fractions and lengths (and the same under an optional second "judge" RM the
+policy never trained against, to show over-optimisation). n samples per prompt pair sample j of the policy with
+sample j of the anchor (same RNG); intervals resample prompts, keeping a prompt's samples together.
 
 The anchor is the policy's own stack without the policy LoRA (LoRA mode: the policy LoRA zeroed, which is
 exactly the reference role) or the frozen reference copy (full mode); both sample with the run's settings.
@@ -12,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perl_jax import data, lora, models, optimizer, reward, runs, sharding
+from perl_jax import data, evaluation, models, optimizer, reward, runs, sharding
 from perl_jax.rl import RLConfig, learner, roles, rollout
 from perl_jax.rl import train as rl_train
 
@@ -34,9 +36,9 @@ def restore(workdir, *, step: int | None = None, mesh=None) -> TrainedPolicy:
   config = runs.read_config(workdir)
   mesh = mesh or sharding.make_mesh(-1, config.mesh.fsdp, config.mesh.tensor)
   model_cfg, tokenizer, base, sft_lora, rm_params, rm_scale, sft_scale, rm_lora_cfg = rl_train.load_roles(config, mesh)
-  value_lora = rm_lora_cfg if config.rl.value_init == "reward" else lora.config_from(config.lora)
-  rlcfg = rl_train.config_from(config, model_cfg, tokenizer, rm_scale, sft_scale, value_lora)
-  _, optim = optimizer.make(config.optim, config.steps)
+  rlcfg = rl_train.config_from(config, model_cfg, tokenizer, rm_scale, sft_scale,
+                               rl_train.value_lora_cfg(config, rm_lora_cfg))
+  _, optim = optimizer.make(config.optim, config.steps, rlcfg.num_updates)
   make = lambda b: learner.new_state(roles.init_trainable(jax.random.key(config.seed), model_cfg, rlcfg, b, sft_lora,
                                                           rm_params), optim, jax.random.key(0), rlcfg)
   restored_step, state = runs.restore(workdir, runs.sharded_abstract(make, base, mesh), step=step)
@@ -54,8 +56,7 @@ def anchor_trainable(rlcfg: RLConfig, trainable: dict, frozen: dict) -> dict:
 
 def win_rate(r_policy_N, r_anchor_N) -> float:
   """P(r_policy > r_anchor) + ½·P(tie) over paired prompts."""
-  a, b = np.asarray(r_policy_N, np.float64), np.asarray(r_anchor_N, np.float64)
-  return float(np.mean((a > b) + 0.5 * (a == b)))
+  return evaluation.win_rate_stats(r_policy_N, r_anchor_N)["win_rate"]
 
 
 def _judge_fn(judge: reward.TrainedRM):
@@ -63,44 +64,81 @@ def _judge_fn(judge: reward.TrainedRM):
   return jax.jit(lambda ids, mask: reward.scores(judge.model_cfg, judge.rcfg, judge.trainable, judge.base, ids, mask))
 
 
+def _eval_fns(policy: TrainedPolicy, n: int):
+  """(sample(trainable, ids, mask, rng), score(samples) -> (RM score_B, ref log-probs_BxN)): jitted, no value pass."""
+  rlcfg = dataclasses.replace(policy.rlcfg, samples_per_prompt=n)
+  sample_jit = jax.jit(lambda tr, ids, mask, rng: rollout.sample(policy.model_cfg, rlcfg, tr, policy.frozen, ids,
+                                                                 mask, rng))
+
+  def score(s):
+    ids, mask = roles.sequence(s["prompt_BxP"], s["prompt_mask_BxP"], s["tokens_BxN"], s["mask_BxN"])
+    ref = roles.reference_logprobs(policy.model_cfg, rlcfg, policy.frozen, ids, mask, s["prompt_BxP"].shape[1])
+    return roles.rewards(policy.model_cfg, rlcfg, policy.frozen, ids, mask), ref * s["mask_BxN"]
+
+  stop = tuple(policy.config.rl.stop_strings)
+  put = lambda x, k: jnp.asarray(x)
+
+  def sample(tr, ids, mask, rng):
+    out = sample_jit(tr, ids, mask, rng)
+    return rollout.apply_stop_strings(rlcfg, out, policy.tokenizer.decode, stop, put) if stop else out
+
+  return sample, jax.jit(score)
+
+
+def _stats(prefix: str, after_NxK, before_NxK) -> dict:
+  """{prefix}reward_before / _after, the paired difference with its 95% bootstrap interval, the win rate with
+  its 95% Wilson interval (n = prompts)."""
+  diff, lo, hi = evaluation.paired_bootstrap_ci(after_NxK - before_NxK)
+  w = evaluation.win_rate_stats(after_NxK, before_NxK)
+  return {f"{prefix}reward_before": float(before_NxK.mean()), f"{prefix}reward_after": float(after_NxK.mean()),
+          f"{prefix}reward_diff": diff, f"{prefix}reward_diff_lo": lo, f"{prefix}reward_diff_hi": hi,
+          f"{prefix}win_rate": w["win_rate"], f"{prefix}win_rate_lo": w["win_rate_lo"],
+          f"{prefix}win_rate_hi": w["win_rate_hi"]}
+
+
 def evaluate(policy: TrainedPolicy, prompts: list, *, batch_size: int = 8, seed: int = 0,
-             judge: reward.TrainedRM | None = None) -> dict:
-  """Samples the policy and its anchor on every prompt once (same rng per batch) and scores both."""
+             judge: reward.TrainedRM | None = None, samples_per_prompt: int = 1) -> dict:
+  """Samples the policy and its anchor `samples_per_prompt` times on every prompt (same rng per batch), scores
+  both under the RM (and the judge), and returns the figures with their intervals (module docstring)."""
+  n = samples_per_prompt
   arrays, n_trunc = data.encode_prompts(prompts, policy.tokenizer, policy.config.data.max_prompt_len)
-  rollout_fn = rollout.make_rollout(policy.model_cfg, policy.rlcfg, decode=policy.tokenizer.decode,
-                                    stop_strings=tuple(policy.config.rl.stop_strings))
+  sample_fn, score_fn = _eval_fns(policy, n)
   anchor = anchor_trainable(policy.rlcfg, policy.trainable, policy.frozen)
   judge_fn = None if judge is None else _judge_fn(judge)
-  out = {k: [] for k in ("r_pol", "r_anc", "kl", "len_pol", "len_anc", "j_pol", "j_anc")}
+  out = {k: [] for k in ("r_pol", "r_anc", "kl", "len_pol", "len_anc", "fin_pol", "fin_anc", "j_pol", "j_anc")}
   sample = {}
   it = data.BatchIterator(arrays, batch_size, shuffle=False, num_epochs=1, drop_remainder=False,
                           process_index=0, process_count=1)
   for i, batch in enumerate(it):
-    valid = batch["valid"].astype(bool)
+    valid = np.repeat(batch["valid"].astype(bool), n)
     ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
     rng = jax.random.fold_in(jax.random.key(seed), i)
     for name, tr in (("pol", policy.trainable), ("anc", anchor)):
-      b = rollout.to_host(rollout_fn(tr, policy.frozen, policy.rlcfg.kl_coef, ids, mask, rng))
+      s = sample_fn(tr, ids, mask, rng)
+      score_B, ref_BxN = score_fn(s)
+      b = rollout.to_host({**s, "score_B": score_B, "ref_logp_BxN": ref_BxN})
       m = b["mask_BxN"].astype(np.float64)
       if i == 0:  # The first prompt's responses, as text, before (anchor) and after (policy).
         sample["prompt"] = policy.tokenizer.decode(b["prompt_BxP"][0][b["prompt_mask_BxP"][0] > 0])
         sample["before" if name == "anc" else "after"] = policy.tokenizer.decode(b["tokens_BxN"][0][m[0] > 0])
       out[f"r_{name}"].append(b["score_B"][valid])
       out[f"len_{name}"].append(m.sum(1)[valid])
+      out[f"fin_{name}"].append(b["finished_B"][valid])
       if name == "pol":  # Σ_t log π(y_t) − log π_ref(y_t) over the policy's own samples (k1 per sequence).
-        out["kl"].append(((b["old_logp_BxN"] - b["ref_logp_BxN"]) * m).sum(1)[valid])
+        out["kl"].append(((b["sampler_logp_BxN"] - b["ref_logp_BxN"]) * m).sum(1)[valid])
       if judge_fn is not None:
         seq_ids, seq_mask = roles.sequence(b["prompt_BxP"], b["prompt_mask_BxP"], b["tokens_BxN"], b["mask_BxN"])
         out[f"j_{name}"].append(np.asarray(judge_fn(seq_ids, seq_mask))[valid])
-  cat = {k: np.concatenate(v) if v else None for k, v in out.items()}
-  result = {"num_prompts": len(prompts), "num_truncated": int(n_trunc), "step": policy.step,
-            "reward_after": float(cat["r_pol"].mean()), "reward_before": float(cat["r_anc"].mean()),
-            "kl": float(cat["kl"].mean()), "win_rate": win_rate(cat["r_pol"], cat["r_anc"]),
+  cat = {k: np.concatenate(v).astype(np.float64).reshape(-1, n) if v else None for k, v in out.items()}
+  kl, kl_lo, kl_hi = evaluation.paired_bootstrap_ci(cat["kl"])
+  result = {"num_prompts": len(prompts), "samples_per_prompt": n, "num_truncated": int(n_trunc),
+            "step": policy.step, **_stats("", cat["r_pol"], cat["r_anc"]), "kl": kl, "kl_lo": kl_lo, "kl_hi": kl_hi,
+            "finished_fraction_after": float(cat["fin_pol"].mean()),
+            "finished_fraction_before": float(cat["fin_anc"].mean()),
             "response_length_after": float(cat["len_pol"].mean()),
             "response_length_before": float(cat["len_anc"].mean()), "sample": sample}
   if judge_fn is not None:
-    result.update(judge_reward_after=float(cat["j_pol"].mean()), judge_reward_before=float(cat["j_anc"].mean()),
-                  judge_win_rate=win_rate(cat["j_pol"], cat["j_anc"]))
+    result.update(_stats("judge_", cat["j_pol"], cat["j_anc"]))
   return result
 
 

@@ -1,8 +1,10 @@
-"""The learner: REINFORCE or PPO losses over a rollout batch, and the jitted update (epochs × minibatches).
+"""The learner: REINFORCE / RLOO / GRPO or PPO losses over a rollout batch, and the jitted update
+(epochs × minibatches, each accumulating rl.num_microbatches).
 
 loss_fn(trainable, frozen, batch, rng) -> (loss, metrics) follows the project's convention (bind model_cfg
-and rlcfg with functools.partial); only trainable = {policy, value} is differentiated. Log-probs and values
-are recomputed here at the sampling temperature; the rollout's old_logp / old_values are constants.
+and rlcfg with functools.partial); only trainable = {policy[, value]} is differentiated. Log-probs and values
+are recomputed here at the sampling temperature; the rollout's old_logp / old_values are constants. During the
+first rl.value_warmup_steps RL steps the policy loss is off (policy_on_B = 0), so only the value role learns.
 """
 import functools
 
@@ -20,29 +22,31 @@ def explained_variance(values_BxN, returns_BxN, mask_BxN):
 
 
 def loss_fn(model_cfg, rlcfg, trainable, frozen, batch, rng=None):
-  """REINFORCE: −mean sg(A)·log π + c_v·½(V − G)²;  PPO: clipped surrogate + c_v·(optionally clipped) value loss."""
+  """REINFORCE / RLOO / GRPO: −mean sg(A)·log π (+ c_v·½(V − G)² with a value role); PPO: clipped surrogate +
+  c_v·(optionally clipped) value loss. The policy term is multiplied by batch["policy_on_B"] (0 in warm-up)."""
   del rng
   prompt_len = batch["prompt_BxP"].shape[1]
   ids, mask = roles.sequence(batch["prompt_BxP"], batch["prompt_mask_BxP"], batch["tokens_BxN"], batch["mask_BxN"])
   m_BxN = batch["mask_BxN"].astype(jnp.float32)
   logp_BxN, entropy_BxN = roles.policy_logprobs(model_cfg, rlcfg, trainable, frozen, ids, mask, prompt_len)
-  values_BxN = roles.values(model_cfg, rlcfg, trainable, frozen, ids, mask, prompt_len)
   adv_BxN = batch["advantages_BxN"]
   surrogate, ratio_metrics = losses.ppo_clip_loss(logp_BxN, batch["old_logp_BxN"], adv_BxN, m_BxN, rlcfg.clip_eps)
-  if rlcfg.algorithm == "reinforce":
-    policy_loss = losses.reinforce_loss(logp_BxN, adv_BxN, m_BxN)
-    value_loss = losses.value_loss(values_BxN, batch["returns_BxN"], m_BxN)
+  policy_loss = surrogate if rlcfg.algorithm == "ppo" else losses.reinforce_loss(logp_BxN, adv_BxN, m_BxN)
+  metrics = {}
+  if rlcfg.uses_value:
+    values_BxN = roles.values(model_cfg, rlcfg, trainable, frozen, ids, mask, prompt_len)
+    clip = rlcfg.value_clip_eps if rlcfg.algorithm == "ppo" else None
+    value_loss = losses.value_loss(values_BxN, batch["returns_BxN"], m_BxN, batch["old_values_BxN"], clip)
+    metrics.update(explained_variance=explained_variance(values_BxN, batch["returns_BxN"], m_BxN),
+                   value_mean=losses.masked_mean(values_BxN, m_BxN))
   else:
-    policy_loss = surrogate
-    value_loss = losses.value_loss(values_BxN, batch["returns_BxN"], m_BxN, batch["old_values_BxN"],
-                                   rlcfg.value_clip_eps)
-  loss = policy_loss + rlcfg.vf_coef * value_loss
+    value_loss = jnp.zeros((), jnp.float32)
+  policy_on = jnp.max(batch["policy_on_B"]) if "policy_on_B" in batch else 1.0
+  loss = policy_on * policy_loss + rlcfg.vf_coef * value_loss
   log_ratio_BxN = jax.lax.stop_gradient(logp_BxN - batch["old_logp_BxN"])
-  metrics = {"loss": loss, "policy_loss": policy_loss, "value_loss": value_loss,
-             "entropy": losses.masked_mean(entropy_BxN, m_BxN),
-             "explained_variance": explained_variance(values_BxN, batch["returns_BxN"], m_BxN),
-             "max_abs_log_ratio": jnp.max(jnp.abs(log_ratio_BxN) * m_BxN),
-             "value_mean": losses.masked_mean(values_BxN, m_BxN), **ratio_metrics}
+  metrics.update({"loss": loss, "policy_loss": policy_loss, "value_loss": value_loss,
+                  "entropy": losses.masked_mean(entropy_BxN, m_BxN),
+                  "max_abs_log_ratio": jnp.max(jnp.abs(log_ratio_BxN) * m_BxN), **ratio_metrics})
   return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
 
 
@@ -54,11 +58,18 @@ def minibatch_indices(rng, batch_size: int, epochs: int, num_minibatches: int):
   return jnp.stack(perms).reshape(epochs * num_minibatches, batch_size // num_minibatches)
 
 
+def _valid_tokens(batch):
+  return jnp.sum(batch["mask_BxN"].astype(jnp.float32))
+
+
 def update(loss_fn_, optimizer, rlcfg, state, frozen, batch):
-  """One RL step's learning: epochs × minibatches of trainer.train_step over the rollout batch (a scan), then
-  β for the next rollout. state["step"] advances by one per rollout; metrics are stacked [epochs·M]."""
+  """One RL step's learning: epochs × minibatches of trainer.train_step over the rollout batch (a scan; each
+  update accumulates rl.num_microbatches, weighted by valid tokens, so it equals one big batch), then β for the
+  next rollout. state["step"] advances by one per rollout; metrics are stacked [epochs·M]."""
   rng = jax.random.fold_in(trainer.step_rng(state), 1)
   b = batch["tokens_BxN"].shape[0]
+  policy_on = (state["step"] >= rlcfg.value_warmup_steps).astype(jnp.float32)
+  batch = {**batch, "policy_on_B": jnp.full((b,), policy_on)}
   if rlcfg.num_updates == 1:
     idx_UxM = jnp.arange(b)[None]
   else:
@@ -66,11 +77,11 @@ def update(loss_fn_, optimizer, rlcfg, state, frozen, batch):
 
   def body(st, idx_M):
     minibatch = jax.tree.map(lambda x: jnp.take(x, idx_M, axis=0), batch)
-    return trainer.train_step(loss_fn_, optimizer, st, frozen, minibatch)
+    return trainer.train_step(loss_fn_, optimizer, st, frozen, minibatch, rlcfg.num_microbatches, _valid_tokens)
 
   inner, metrics = jax.lax.scan(body, state, idx_UxM)
   kl_seq = jnp.mean(jnp.sum(batch["kl_BxN"], axis=1))
-  kl_coef = kl_control.next_kl_coef(rlcfg, state["kl_coef"], kl_seq, b)
+  kl_coef = kl_control.next_kl_coef(rlcfg, state["kl_coef"], kl_seq)
   return {**inner, "step": state["step"] + 1, "kl_coef": kl_coef}, metrics
 
 

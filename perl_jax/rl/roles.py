@@ -128,18 +128,23 @@ def reward_backbone(rlcfg, base_params, reward_params):
 
 
 def init_trainable(rng, model_cfg: ModelConfig, rlcfg, base_params, sft_lora=None, reward_params=None) -> dict:
-  """{"policy", "value"}: a fresh policy LoRA (B = 0, so π = π_SFT at start) or a float32 copy of the SFT model;
-  a value LoRA / backbone + head copied from the RM (value_init="reward") or fresh."""
+  """{"policy"[, "value"]}: a fresh policy LoRA (B = 0, so π = π_SFT at start) or a float32 copy of the SFT model;
+  when the algorithm has a value role, a value LoRA / backbone + head: fresh with a zero head (value_init "zero",
+  so V = 0 until the value warm-up teaches it), copied from the RM ("reward") or fresh with a random head."""
   k_policy, k_value, k_head = jax.random.split(rng, 3)
+  policy = (lora.init(k_policy, base_params, rlcfg.policy_lora) if rlcfg.mode == "lora"
+            else _copy(sft_params(rlcfg, base_params, sft_lora)))
+  if not rlcfg.uses_value:
+    return {"policy": policy}
   from_rm = rlcfg.value_init == "reward" and reward_params is not None
   head = _copy(reward_params["head"]) if from_rm else reward.init_head(k_head, model_cfg.hidden_size)
+  if rlcfg.value_init == "zero":
+    head = jax.tree.map(jnp.zeros_like, head)
   if rlcfg.mode == "lora":
     if from_rm and "lora" not in reward_params:
-      raise ValueError("LoRA-mode RL needs a LoRA reward model to start the value LoRA from (or value_init='fresh')")
+      raise ValueError("LoRA-mode RL needs a LoRA reward model to start the value LoRA from (or value_init='zero')")
     value_lora = _copy(reward_params["lora"]) if from_rm else lora.init(k_value, base_params, rlcfg.value_lora)
-    return {"policy": lora.init(k_policy, base_params, rlcfg.policy_lora),
-            "value": {"lora": value_lora, "head": head}}
-  policy = _copy(sft_params(rlcfg, base_params, sft_lora))
+    return {"policy": policy, "value": {"lora": value_lora, "head": head}}
   value_src = reward_backbone(rlcfg, base_params, reward_params) if from_rm else policy
   return {"policy": policy, "value": {"backbone": _copy(_without_lm_head(value_src)), "head": head}}
 

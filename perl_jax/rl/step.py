@@ -1,7 +1,8 @@
 """One RL step for the shared loop: step(state, frozen, prompt_batch) -> (state, metrics).
 
-rollout (sample with the policy, score with every role, advantages) -> jitted, donated update (epochs ×
-minibatches) -> metrics: the update's means, rollout statistics, sampling / update tokens per second.
+rollout (sample with the policy, score, advantages) -> jitted, donated update (epochs × minibatches) ->
+metrics: the update's means, rollout statistics, seconds of sampling / scoring / update and per sample.
+A reward that is not finite stops the step with a TrainingError before the update.
 """
 import time
 from typing import Callable
@@ -37,20 +38,27 @@ class RLStep:
   def __call__(self, state, frozen, prompt_batch):
     ids, mask = self._prompts(prompt_batch)
     rng = jax.random.fold_in(trainer.step_rng(state), 0)
-    t0 = time.perf_counter()
-    batch = jax.block_until_ready(self.rollout(state["trainable"], frozen, state["kl_coef"], ids, mask, rng))
-    t1 = time.perf_counter()
+    step, timings = int(state["step"]) + 1, {}
+    batch = self.rollout(state["trainable"], frozen, state["kl_coef"], ids, mask, rng, timings=timings)
+    score_B = np.asarray(batch["score_B"])
+    if not np.all(np.isfinite(score_B)):
+      raise trainer.TrainingError(f"step {step}: the reward is not finite for {int(np.sum(~np.isfinite(score_B)))} of "
+                                  f"{score_B.size} rollout samples (e.g. {score_B[~np.isfinite(score_B)][0]})")
     stats = rollout.rollout_metrics(batch)
     kl_coef = float(state["kl_coef"])  # Read before the update donates the state's buffers.
+    t1 = time.perf_counter()
     state, stacked = self.update(state, frozen, batch)
     jax.block_until_ready(state["step"])
-    t2 = time.perf_counter()
+    update_s = time.perf_counter() - t1
     self.last_batch = batch
+    rows = score_B.size
     response_tokens = float(jnp.sum(batch["mask_BxN"]))
     seq_tokens = response_tokens + float(jnp.sum(batch["prompt_mask_BxP"]))
+    total_s = timings["sample_s"] + timings["score_s"] + update_s
     metrics = {k: jnp.mean(v) for k, v in stacked.items()}
     metrics.update(stats, kl_coef=kl_coef, first_clip_fraction=stacked["clip_fraction"][0],
-                   first_max_abs_log_ratio=stacked["max_abs_log_ratio"][0],
-                   sample_tokens_per_s=response_tokens / (t1 - t0), rollout_s=t1 - t0, update_s=t2 - t1,
-                   update_tokens_per_s=seq_tokens * self.rlcfg.num_updates / (t2 - t1))
+                   first_max_abs_log_ratio=stacked["max_abs_log_ratio"][0], **timings, update_s=update_s,
+                   rollout_s=timings["sample_s"] + timings["score_s"], s_per_sample=total_s / rows,
+                   sample_tokens_per_s=response_tokens / timings["sample_s"],
+                   update_tokens_per_s=seq_tokens * self.rlcfg.num_updates / update_s)
     return state, metrics

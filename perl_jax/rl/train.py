@@ -25,17 +25,26 @@ SAMPLES_FILE = "samples.jsonl"
 
 def config_from(config: ml_collections.ConfigDict, model_cfg, tokenizer, rm_scale: float, sft_scale: float,
                 value_lora: lora.LoraConfig) -> RLConfig:
-  """RLConfig from a run config plus what the loaded runs fix (adapter scales, EOS / pad ids)."""
+  """RLConfig from a run config plus what the loaded runs fix (adapter scales, EOS / pad ids); fields newer than
+  a run's config (an older run folder) take their RLConfig defaults."""
   r = config.rl
+  unfinished = r.get("unfinished_reward")
   return RLConfig(
       mode=config.mode, algorithm=r.algorithm, objective=r.objective, kl_coef=r.kl_coef,
       kl_estimator=r.kl_estimator, kl_target=r.kl_target or None, kl_horizon=r.kl_horizon,
       max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
       eos_id=-1 if model_cfg.eos_token_id is None else model_cfg.eos_token_id, pad_id=pipeline.pad_id(tokenizer),
+      samples_per_prompt=r.get("samples_per_prompt", 1), unfinished_reward=None if unfinished is None else unfinished,
       gamma=r.gamma, lam=r.lam, whiten_advantages=r.whiten_advantages, clip_eps=r.clip_eps,
-      value_clip_eps=r.value_clip_eps or None, vf_coef=r.vf_coef, ppo_epochs=r.ppo_epochs,
-      num_minibatches=r.num_minibatches, policy_lora=lora.config_from(config.lora), value_lora=value_lora,
-      value_init=r.value_init, sft_scale=sft_scale, reward_scale=rm_scale)
+      value_clip_eps=r.value_clip_eps or None, vf_coef=r.vf_coef, value_warmup_steps=r.get("value_warmup_steps", 0),
+      ppo_epochs=r.ppo_epochs, num_minibatches=r.num_minibatches, num_microbatches=r.get("num_microbatches", 1),
+      policy_lora=lora.config_from(config.lora), value_lora=value_lora, value_init=r.value_init,
+      sft_scale=sft_scale, reward_scale=rm_scale)
+
+
+def value_lora_cfg(config, rm_lora_cfg) -> lora.LoraConfig:
+  """The value LoRA's shape: the RM's (value_init "reward" copies it) or the policy's."""
+  return rm_lora_cfg if config.rl.value_init == "reward" else lora.config_from(config.lora)
 
 
 def _same_backbone(name: str, workdir, other_cfg, other_tok, model_cfg, tokenizer) -> None:
@@ -100,6 +109,21 @@ def check_context(config, model_cfg) -> None:
                              f"the model's context ({ctx} tokens)")
 
 
+def check_batch(config, rlcfg, mesh) -> None:
+  """Prompts per step divide over data × fsdp; the rollout's rows (prompts × samples_per_prompt) over data × fsdp
+  × minibatches × microbatches. One line naming the field otherwise."""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  b, k = config.data.batch_size, rlcfg.samples_per_prompt
+  if b % shards:
+    raise models.ConfigError(f"config: field 'data.batch_size': {b} prompts are not divisible by data x fsdp "
+                             f"({shards})")
+  cuts = shards * rlcfg.num_minibatches * rlcfg.num_microbatches
+  if (b * k) % cuts:
+    raise models.ConfigError(f"config: field 'data.batch_size': {b} prompts x rl.samples_per_prompt ({k}) = {b * k} "
+                             f"rollout rows are not divisible by data x fsdp ({shards}) x rl.num_minibatches "
+                             f"({rlcfg.num_minibatches}) x rl.num_microbatches ({rlcfg.num_microbatches})")
+
+
 def load_prompts(config, tokenizer):
   """(train prompt arrays, held-out prompts, info). A prompt longer than data.max_prompt_len keeps its last
   tokens (data.truncate_prompts=True, the default) or is a one-line DataError naming the file and conversation."""
@@ -122,6 +146,17 @@ def load_prompts(config, tokenizer):
                             "truncated_prompts": n_trunc}
 
 
+def trim_samples(workdir, last_step: int | None) -> None:
+  """On resume: drop sample lines of steps after the checkpoint the run restarts from (it redoes those steps, and
+  would write their lines again)."""
+  path = pathlib.Path(workdir) / SAMPLES_FILE
+  if jax.process_index() != 0 or not path.exists():
+    return
+  keep = [line for line in path.read_text().splitlines(keepends=True)
+          if last_step is not None and json.loads(line)["step"] <= last_step]
+  path.write_text("".join(keep))
+
+
 def _write_samples(workdir, step: int, batch, tokenizer, n: int) -> None:
   if jax.process_index() != 0 or n <= 0:
     return
@@ -138,15 +173,15 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
   sharding.initialize_distributed(config.multihost)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   model_cfg, tokenizer, base, sft_lora, rm_params, rm_scale, sft_scale, rm_lora_cfg = load_roles(config, mesh)
-  value_lora = rm_lora_cfg if config.rl.value_init == "reward" else lora.config_from(config.lora)
-  rlcfg = config_from(config, model_cfg, tokenizer, rm_scale, sft_scale, value_lora)
+  rlcfg = config_from(config, model_cfg, tokenizer, rm_scale, sft_scale, value_lora_cfg(config, rm_lora_cfg))
   check_context(config, model_cfg)
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  if config.data.batch_size % (shards * rlcfg.num_minibatches):
-    raise models.ConfigError(f"config: field 'data.batch_size': {config.data.batch_size} is not divisible by "
-                             f"data x fsdp ({shards}) x rl.num_minibatches ({rlcfg.num_minibatches})")
+  check_batch(config, rlcfg, mesh)
   arrays, held_out, info = load_prompts(config, tokenizer)
-  _, optim = optimizer.make(config.optim, config.steps)
+  if len(arrays["input_ids"]) < config.data.batch_size:
+    raise data.DataError(config.data.path, field="prompt", problem=(
+        f"{len(arrays['input_ids'])} training prompts, fewer than one batch (data.batch_size="
+        f"{config.data.batch_size}); lower data.batch_size or add prompts"))
+  schedule, optim = optimizer.make(config.optim, config.steps, rlcfg.num_updates)
   trainable = roles.init_trainable(jax.random.key(config.seed), model_cfg, rlcfg, base, sft_lora, rm_params)
   frozen = roles.frozen_params(rlcfg, base, sft_lora, rm_params)
   state, state_sh = trainer.place(learner.new_state(trainable, optim, jax.random.key(config.seed + 1), rlcfg), mesh)
@@ -170,9 +205,10 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
   perf = {"trainable_params": n_train, "frozen_params": models.count_params(frozen)}
   # The update is compiled once, ahead of time, from shapes (every rollout batch has the same ones); its compiled
   # peak is the paper's memory figure.
+  rows = config.data.batch_size * rlcfg.samples_per_prompt
   step.update, mem = trainer.compile_step(step.update, checkpoint.abstract_like(state),
                                           checkpoint.abstract_like(frozen), rollout.batch_struct(
-                                              config.data.batch_size, config.data.max_prompt_len, rlcfg.max_new_tokens))
+                                              rows, config.data.max_prompt_len, rlcfg.max_new_tokens))
   perf["compiled_memory_bytes"] = mem["compiled_memory_bytes"]
   n_eval = config.get("eval_prompts", 0)
 
@@ -181,10 +217,12 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
     from perl_jax.rl import evaluate  # evaluate imports this module (load_roles)
     policy = evaluate.TrainedPolicy(config, model_cfg, tokenizer, rlcfg, s["trainable"], f, int(s["step"]), mesh)
     result = evaluate.evaluate(policy, held_out[:n_eval], batch_size=config.data.batch_size)
-    result.pop("sample")
     return {k: v for k, v in result.items() if isinstance(v, (int, float))}
 
+  with checkpoint.Checkpointer(pathlib.Path(workdir) / runs.CHECKPOINTS) as ckpt:
+    trim_samples(workdir, ckpt.latest_step())
+  lr_at = lambda s: schedule(s * rlcfg.num_updates)  # The learning rate of RL step s's first update.
   return trainer.run(config, workdir, state=state, frozen=frozen, step_fn=step_fn, batches=batches, perf=perf,
-                     info=info, stop_after=stop_after, evaluate=evaluate_fn if n_eval and held_out else None,
-                     progress_keys=("reward_mean", "kl_ref", "entropy", "response_length"),
+                     info=info, schedule=lr_at, stop_after=stop_after, evaluate=evaluate_fn if n_eval and held_out else None,
+                     progress_keys=("reward_mean", "kl_ref", "entropy", "finished_fraction"),
                      tokens_fn=lambda b: int(np.sum(b["attention_mask"])) * jax.process_count())
