@@ -149,14 +149,17 @@ def stop_length(tokens_N, decode: Callable[[list], str], stop_strings: Sequence[
 
 
 def cut_at_stop_strings(tokens_BxN, mask_BxN, decode: Callable[[list], str], stop_strings: Sequence[str],
-                        pad_id: int = 0):
+                        pad_id: int = 0, return_stopped: bool = False):
   """Host side: ends each response after the token that completes its first stop string (mask 0 and pad_id
-  after it); rows without a stop string are unchanged. Returns numpy (tokens_BxN, mask_BxN)."""
+  after it); rows without a stop string are unchanged. Returns numpy (tokens_BxN, mask_BxN), and with
+  return_stopped a bool [B] of the rows that contain a stop string (finished, even when it ends on the last token)."""
   tokens_BxN, mask_BxN = np.array(tokens_BxN), np.array(mask_BxN)
+  stopped_B = np.zeros(tokens_BxN.shape[0], bool)
   for row in range(tokens_BxN.shape[0]):
     valid = int(mask_BxN[row].sum())
     n = stop_length(tokens_BxN[row, :valid], decode, stop_strings)
     if n is not None:
       mask_BxN[row, n:] = 0
       tokens_BxN[row, n:] = pad_id
-  return tokens_BxN, mask_BxN
+      stopped_B[row] = True
+  return (tokens_BxN, mask_BxN, stopped_B) if return_stopped else (tokens_BxN, mask_BxN)

@@ -282,6 +282,10 @@ def test_stop_string_cut_hand_example():
   np.testing.assert_array_equal(toks[1], tokens[1])
   toks, m = sampling.cut_at_stop_strings(tokens, mask, decode, ["User:"], pad_id=0)
   np.testing.assert_array_equal(m.sum(1), [6, 4, 3])
+  # A stop string ending on a row's last token leaves its mask as it was, but the row did finish.
+  _, m, stopped = sampling.cut_at_stop_strings(tokens, mask, decode, ["ok!"], pad_id=0, return_stopped=True)
+  np.testing.assert_array_equal(m, mask)
+  np.testing.assert_array_equal(stopped, [True, False, False])
   assert sampling.stop_length([1, 2], decode, ["User:"]) is None
 
 

@@ -35,7 +35,8 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
       algorithm=algorithm, objective="perl",  # "perl": (1−β)·r − β·KL; "standard": r − β·KL.
       kl_coef=0.05, kl_estimator="k1",
       kl_target=0.0, kl_horizon=20,  # kl_target 0 = fixed β; else β moves ≤ 0.2/kl_horizon per RL step toward it.
-      max_new_tokens=48, temperature=0.7,  # T > 0; RL refuses top_k / top_p (the learner would be off-policy).
+      # 64 new tokens fit 89% of Taskmaster-4's agent turns (API calls included; 48: 82%, 32: 54%).
+      max_new_tokens=64, temperature=0.7,  # T > 0; RL refuses top_k / top_p (the learner would be off-policy).
       top_k=0, top_p=1.0, stop_strings=["<|im_end|>"],
       samples_per_prompt=4 if group else 1,  # k samples per prompt (one shared prefill); RLOO / GRPO need k >= 2.
       unfinished_reward=ml_collections.config_dict.placeholder(float),  # Reward of a response cut at max_new_tokens; None: the RM's.

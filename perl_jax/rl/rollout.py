@@ -143,10 +143,9 @@ def batch_shardings(mesh, keys=SAMPLE_KEYS + SCORE_KEYS) -> dict:
 
 def apply_stop_strings(rlcfg, samples, decode, stop_strings, put):
   """Host side: responses end at their first stop string; a cut response counts as finished."""
-  toks, mask = sampling.cut_at_stop_strings(samples["tokens_BxN"], samples["mask_BxN"], decode, stop_strings,
-                                            rlcfg.pad_id)
-  cut_B = mask.sum(1) < np.asarray(samples["mask_BxN"]).sum(1)
-  finished = (np.asarray(samples["finished_B"]) > 0) | cut_B
+  toks, mask, stopped_B = sampling.cut_at_stop_strings(samples["tokens_BxN"], samples["mask_BxN"], decode,
+                                                       stop_strings, rlcfg.pad_id, return_stopped=True)
+  finished = (np.asarray(samples["finished_B"]) > 0) | stopped_B
   return {**samples, "tokens_BxN": put(toks, "tokens_BxN"), "mask_BxN": put(mask, "mask_BxN"),
           "sampler_logp_BxN": samples["sampler_logp_BxN"] * put(mask, "mask_BxN"),
           "finished_B": put(finished.astype(np.int32), "finished_B")}
