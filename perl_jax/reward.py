@@ -234,7 +234,8 @@ def probe_key(config, trainable, base, arrays) -> str:
 def probe_head(feature_fn, trainable, base, arrays, config, pos_weight: float, mesh) -> tuple[dict, dict]:
   """LP-FT's first stage: the head fit by a cross-validated logistic regression (probe.fit_head) on the
   frozen-model features of the first config.probe_examples training examples (0 = all), as the untrained
-  adapters (B = 0) or backbone copy give them. Returns (head, info)."""
+  adapters (B = 0) or backbone copy give them; the L2 strength is cross-validated over config.probe_cs.
+  Returns (head, info)."""
   n = config.get("probe_examples", 0) or len(arrays["input_ids"])
   sub = {k: v[:n] for k, v in arrays.items()}
   t0 = time.perf_counter()
@@ -243,7 +244,8 @@ def probe_head(feature_fn, trainable, base, arrays, config, pos_weight: float, m
       cache, cache and probe_key(config, trainable, base, sub),
       lambda: score_all(feature_fn, trainable, base, sub, config.data.eval_batch_size, mesh,
                         progress="LP-FT probe features"))
-  head, info = probe.fit_head(feats, labels, pos_weight=pos_weight, seed=config.seed)
+  cs = tuple(float(c) for c in config.get("probe_cs", probe.DEFAULT_CS))
+  head, info = probe.fit_head(feats, labels, pos_weight=pos_weight, cs=cs, seed=config.seed)
   info["seconds"] = time.perf_counter() - t0
   log.info("LP-FT head: logistic probe on %d examples' frozen features, C=%g, train loss %.4f (%.0f s)",
            info["examples"], info["C"], info["train_loss"], info["seconds"])

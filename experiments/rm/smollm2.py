@@ -34,6 +34,7 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
   c.pos_weight = 1.0  # BCE (binary data): weight of positive labels.
   c.head_init = "probe"  # LP-FT: the head starts as a logistic probe of the frozen model's features ("random": N(0, 1/D)).
   c.probe_examples = 1024  # head_init="probe": fit on the first N training examples (0 = all of them).
+  c.probe_cs = (0.001, 0.01, 0.1, 1.0)  # Inverse L2 strengths (sklearn's C) the probe cross-validates over (log loss).
   c.probe_cache = ""  # Folder memoising the probe's frozen features across runs (sweeps); "" = off.
   c.balance_classes = False  # BCE: pos_weight = n_neg / n_pos of the training split (overrides pos_weight).
   c.steps = 120  # The 2-core CPU budget (<= 60 min a run); an accelerator run: steps=2000, max_len=1024.
