@@ -167,3 +167,14 @@ def test_non_finite_reward_stops_the_step_naming_it():
   nan_reward = lambda f, ids, mask, p: jnp.where(jnp.arange(ids.shape[0]) == 3, jnp.nan, 1.0)
   with pytest.raises(trainer.TrainingError, match=r"step 1: the reward is not finite for 1 of 8"):
     RLStep(cfg, rlcfg, opt, reward_fn=nan_reward)(state, frozen, _prompt_batch())
+
+
+@pytest.mark.parametrize("run", [dict(algorithm="rloo", samples_per_prompt=4),
+                                 dict(algorithm="ppo", ppo_epochs=2, num_minibatches=2),
+                                 dict(algorithm="reinforce", value_warmup_steps=3)])
+def test_eval_samples_any_run_once_or_n_times_with_its_sampling_settings(run):
+  from perl_jax.rl import evaluate
+  rlcfg = RLConfig(temperature=0.7, max_new_tokens=9, eos_id=4, **run)
+  for n in (1, 3):
+    s = evaluate.sampling_config(rlcfg, n)
+    assert (s.samples_per_prompt, s.temperature, s.max_new_tokens, s.eos_id) == (n, 0.7, 9, 4)

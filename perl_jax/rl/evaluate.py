@@ -64,16 +64,27 @@ def _judge_fn(judge: reward.TrainedRM):
   return jax.jit(lambda ids, mask: reward.scores(judge.model_cfg, judge.rcfg, judge.trainable, judge.base, ids, mask))
 
 
+def sampling_config(rlcfg: RLConfig, n: int) -> RLConfig:
+  """The run's sampling settings with n samples per prompt; the learner's settings (which the eval never uses)
+  reset so that any run's config, RLOO's or PPO's included, is valid with any n."""
+  return dataclasses.replace(rlcfg, algorithm="reinforce", samples_per_prompt=n, ppo_epochs=1, num_minibatches=1,
+                             value_warmup_steps=0)
+
+
 def _eval_fns(policy: TrainedPolicy, n: int):
-  """(sample(trainable, ids, mask, rng), score(samples) -> (RM score_B, ref log-probs_BxN)): jitted, no value pass."""
-  rlcfg = dataclasses.replace(policy.rlcfg, samples_per_prompt=n)
+  """(sample(trainable, ids, mask, rng), score(samples, with_ref) -> (RM score_B, ref log-probs_BxN or 0)):
+  jitted; no value pass, and the reference pass only where KL is reported (the policy's samples)."""
+  rlcfg = sampling_config(policy.rlcfg, n)
   sample_jit = jax.jit(lambda tr, ids, mask, rng: rollout.sample(policy.model_cfg, rlcfg, tr, policy.frozen, ids,
                                                                  mask, rng))
 
-  def score(s):
+  def score(s, with_ref: bool):
     ids, mask = roles.sequence(s["prompt_BxP"], s["prompt_mask_BxP"], s["tokens_BxN"], s["mask_BxN"])
+    r_B = roles.rewards(policy.model_cfg, rlcfg, policy.frozen, ids, mask)
+    if not with_ref:  # The anchor's samples need no KL.
+      return r_B, jnp.zeros(s["mask_BxN"].shape, jnp.float32)
     ref = roles.reference_logprobs(policy.model_cfg, rlcfg, policy.frozen, ids, mask, s["prompt_BxP"].shape[1])
-    return roles.rewards(policy.model_cfg, rlcfg, policy.frozen, ids, mask), ref * s["mask_BxN"]
+    return r_B, ref * s["mask_BxN"]
 
   stop = tuple(policy.config.rl.stop_strings)
   put = lambda x, k: jnp.asarray(x)
@@ -82,7 +93,7 @@ def _eval_fns(policy: TrainedPolicy, n: int):
     out = sample_jit(tr, ids, mask, rng)
     return rollout.apply_stop_strings(rlcfg, out, policy.tokenizer.decode, stop, put) if stop else out
 
-  return sample, jax.jit(score)
+  return sample, jax.jit(score, static_argnums=1)
 
 
 def _stats(prefix: str, after_NxK, before_NxK) -> dict:
@@ -115,7 +126,7 @@ def evaluate(policy: TrainedPolicy, prompts: list, *, batch_size: int = 8, seed:
     rng = jax.random.fold_in(jax.random.key(seed), i)
     for name, tr in (("pol", policy.trainable), ("anc", anchor)):
       s = sample_fn(tr, ids, mask, rng)
-      score_B, ref_BxN = score_fn(s)
+      score_B, ref_BxN = score_fn(s, name == "pol")
       b = rollout.to_host({**s, "score_B": score_B, "ref_logp_BxN": ref_BxN})
       m = b["mask_BxN"].astype(np.float64)
       if i == 0:  # The first prompt's responses, as text, before (anchor) and after (policy).

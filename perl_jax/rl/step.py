@@ -40,10 +40,10 @@ class RLStep:
     rng = jax.random.fold_in(trainer.step_rng(state), 0)
     step, timings = int(state["step"]) + 1, {}
     batch = self.rollout(state["trainable"], frozen, state["kl_coef"], ids, mask, rng, timings=timings)
-    score_B = np.asarray(batch["score_B"])
-    if not np.all(np.isfinite(score_B)):
-      raise trainer.TrainingError(f"step {step}: the reward is not finite for {int(np.sum(~np.isfinite(score_B)))} of "
-                                  f"{score_B.size} rollout samples (e.g. {score_B[~np.isfinite(score_B)][0]})")
+    rows = batch["score_B"].shape[0]
+    n_bad = int(jnp.sum(~jnp.isfinite(batch["score_B"])))  # A global reduction: fine across hosts.
+    if n_bad:
+      raise trainer.TrainingError(f"step {step}: the reward is not finite for {n_bad} of {rows} rollout samples")
     stats = rollout.rollout_metrics(batch)
     kl_coef = float(state["kl_coef"])  # Read before the update donates the state's buffers.
     t1 = time.perf_counter()
@@ -51,7 +51,6 @@ class RLStep:
     jax.block_until_ready(state["step"])
     update_s = time.perf_counter() - t1
     self.last_batch = batch
-    rows = score_B.size
     response_tokens = float(jnp.sum(batch["mask_BxN"]))
     seq_tokens = response_tokens + float(jnp.sum(batch["prompt_mask_BxP"]))
     total_s = timings["sample_s"] + timings["score_s"] + update_s

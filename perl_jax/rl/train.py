@@ -28,13 +28,12 @@ def config_from(config: ml_collections.ConfigDict, model_cfg, tokenizer, rm_scal
   """RLConfig from a run config plus what the loaded runs fix (adapter scales, EOS / pad ids); fields newer than
   a run's config (an older run folder) take their RLConfig defaults."""
   r = config.rl
-  unfinished = r.get("unfinished_reward")
   return RLConfig(
       mode=config.mode, algorithm=r.algorithm, objective=r.objective, kl_coef=r.kl_coef,
       kl_estimator=r.kl_estimator, kl_target=r.kl_target or None, kl_horizon=r.kl_horizon,
       max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
       eos_id=-1 if model_cfg.eos_token_id is None else model_cfg.eos_token_id, pad_id=pipeline.pad_id(tokenizer),
-      samples_per_prompt=r.get("samples_per_prompt", 1), unfinished_reward=None if unfinished is None else unfinished,
+      samples_per_prompt=r.get("samples_per_prompt", 1), unfinished_reward=r.get("unfinished_reward"),
       gamma=r.gamma, lam=r.lam, whiten_advantages=r.whiten_advantages, clip_eps=r.clip_eps,
       value_clip_eps=r.value_clip_eps or None, vf_coef=r.vf_coef, value_warmup_steps=r.get("value_warmup_steps", 0),
       ppo_epochs=r.ppo_epochs, num_minibatches=r.num_minibatches, num_microbatches=r.get("num_microbatches", 1),
