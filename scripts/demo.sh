@@ -43,7 +43,7 @@ $PY scripts/train_rl.py --config experiments/rl/smollm2.py:tm4_lora_rloo --workd
   --config.data.batch_size=4 --config.rl.samples_per_prompt=4 --config.data.max_train_prompts=512 \
   --config.data.max_prompt_len=96 --config.rl.max_new_tokens=64 --config.log_every=1 --config.checkpoint_every="$RL_STEPS" \
   --config.optim.warmup_steps=2 --config.eval_prompts=0 \
-  --config.optim.lr=1e-3  # 10x the config default, so 10 steps move the policy (experiments/results/rl_signal)
+  --config.optim.lr=3e-3  # 30x the config default: at 1e-3, 10 steps moved the policy but not its reward (rl_signal)
 echo "== 5. 128 held-out prompts: SFT anchor (before) vs RL policy (after) under the RM =="
 $PY scripts/eval_policy.py --workdir "$W/rl" --data $TM4/reward.jsonl.gz --max_prompts 128 --batch_size 64 \
   > "$W/eval_policy.json"
