@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perl_jax import data, evaluation, models, optimizer, reward, runs, sharding
+from perl_jax import data, evaluation, lora, models, optimizer, reward, runs, sharding
 from perl_jax.rl import RLConfig, learner, roles, rollout
 from perl_jax.rl import train as rl_train
 
@@ -60,8 +60,9 @@ def win_rate(r_policy_N, r_anchor_N) -> float:
 
 
 def _judge_fn(judge: reward.TrainedRM):
-  """r_B of a second RM (same backbone) on prompt + response sequences."""
-  return jax.jit(lambda ids, mask: reward.scores(judge.model_cfg, judge.rcfg, judge.trainable, judge.base, ids, mask))
+  """r_B of a second RM (same backbone) on prompt + response sequences (its params passed, not closed over)."""
+  fn = jax.jit(lambda tr, base, ids, mask: reward.scores(judge.model_cfg, judge.rcfg, tr, base, ids, mask))
+  return lambda ids, mask: fn(judge.trainable, judge.base, ids, mask)
 
 
 def sampling_config(rlcfg: RLConfig, n: int) -> RLConfig:
@@ -72,28 +73,43 @@ def sampling_config(rlcfg: RLConfig, n: int) -> RLConfig:
 
 
 def _eval_fns(policy: TrainedPolicy, n: int):
-  """(sample(trainable, ids, mask, rng), score(samples, with_ref) -> (RM score_B, ref log-probs_BxN or 0)):
-  jitted; no value pass, and the reference pass only where KL is reported (the policy's samples)."""
+  """(sampler(trainable) -> sample(ids, mask, rng), score(samples, with_ref) -> (RM score_B, ref log-probs_BxN or
+  0)), jitted with params as arguments (a closure would bake them into the program as constants). A policy
+  samples from its adapters merged into the backbone (one set of weights per decode step, as for inference);
+  scoring has no value pass, and the reference pass only where KL is reported (the policy's samples)."""
   rlcfg = sampling_config(policy.rlcfg, n)
-  sample_jit = jax.jit(lambda tr, ids, mask, rng: rollout.sample(policy.model_cfg, rlcfg, tr, policy.frozen, ids,
-                                                                 mask, rng))
 
-  def score(s, with_ref: bool):
+  @jax.jit
+  def merge(tr, fr):
+    params, adapters = roles.policy_model(rlcfg, tr, fr)
+    for tree, scale in adapters:
+      params = lora.merge(params, tree, scale)
+    return params
+
+  sample_jit = jax.jit(lambda params, ids, mask, rng: rollout.sample_with(policy.model_cfg, rlcfg, params, [], ids,
+                                                                          mask, rng))
+
+  def score(fr, s, with_ref: bool):
     ids, mask = roles.sequence(s["prompt_BxP"], s["prompt_mask_BxP"], s["tokens_BxN"], s["mask_BxN"])
-    r_B = roles.rewards(policy.model_cfg, rlcfg, policy.frozen, ids, mask)
+    r_B = roles.rewards(policy.model_cfg, rlcfg, fr, ids, mask)
     if not with_ref:  # The anchor's samples need no KL.
       return r_B, jnp.zeros(s["mask_BxN"].shape, jnp.float32)
-    ref = roles.reference_logprobs(policy.model_cfg, rlcfg, policy.frozen, ids, mask, s["prompt_BxP"].shape[1])
+    ref = roles.reference_logprobs(policy.model_cfg, rlcfg, fr, ids, mask, s["prompt_BxP"].shape[1])
     return r_B, ref * s["mask_BxN"]
 
+  score_jit = jax.jit(score, static_argnums=2)
   stop = tuple(policy.config.rl.stop_strings)
   put = lambda x, k: jnp.asarray(x)
 
-  def sample(tr, ids, mask, rng):
-    out = sample_jit(tr, ids, mask, rng)
-    return rollout.apply_stop_strings(rlcfg, out, policy.tokenizer.decode, stop, put) if stop else out
+  def sampler(tr):
+    params = merge(tr, policy.frozen)
 
-  return sample, jax.jit(score, static_argnums=1)
+    def sample(ids, mask, rng):
+      out = sample_jit(params, ids, mask, rng)
+      return rollout.apply_stop_strings(rlcfg, out, policy.tokenizer.decode, stop, put) if stop else out
+    return sample
+
+  return sampler, lambda s, with_ref: score_jit(policy.frozen, s, with_ref)
 
 
 def _stats(prefix: str, after_NxK, before_NxK) -> dict:
@@ -113,8 +129,9 @@ def evaluate(policy: TrainedPolicy, prompts: list, *, batch_size: int = 8, seed:
   both under the RM (and the judge), and returns the figures with their intervals (module docstring)."""
   n = samples_per_prompt
   arrays, n_trunc = data.encode_prompts(prompts, policy.tokenizer, policy.config.data.max_prompt_len)
-  sample_fn, score_fn = _eval_fns(policy, n)
+  sampler, score_fn = _eval_fns(policy, n)
   anchor = anchor_trainable(policy.rlcfg, policy.trainable, policy.frozen)
+  samplers = {"pol": sampler(policy.trainable), "anc": sampler(anchor)}
   judge_fn = None if judge is None else _judge_fn(judge)
   out = {k: [] for k in ("r_pol", "r_anc", "kl", "len_pol", "len_anc", "fin_pol", "fin_anc", "j_pol", "j_anc")}
   sample = {}
@@ -124,8 +141,8 @@ def evaluate(policy: TrainedPolicy, prompts: list, *, batch_size: int = 8, seed:
     valid = np.repeat(batch["valid"].astype(bool), n)
     ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
     rng = jax.random.fold_in(jax.random.key(seed), i)
-    for name, tr in (("pol", policy.trainable), ("anc", anchor)):
-      s = sample_fn(tr, ids, mask, rng)
+    for name in ("pol", "anc"):
+      s = samplers[name](ids, mask, rng)
       score_B, ref_BxN = score_fn(s, name == "pol")
       b = rollout.to_host({**s, "score_B": score_B, "ref_logp_BxN": ref_BxN})
       m = b["mask_BxN"].astype(np.float64)

@@ -104,10 +104,9 @@ def score(model_cfg, rlcfg, trainable, frozen, kl_coef, samples: dict, reward_fn
           "advantages_BxN": adv_BxN, "returns_BxN": ret_BxN}
 
 
-def sample(model_cfg, rlcfg, trainable, frozen, prompt_BxP, prompt_mask_BxP, rng) -> dict:
-  """k = samples_per_prompt policy samples of each left-padded prompt (adapters unmerged), rows b·k … b·k+k−1,
-  with the prompts repeated to match: the rollout's first half, as a dict."""
-  params, adapters = roles.policy_model(rlcfg, trainable, frozen)
+def sample_with(model_cfg, rlcfg, params, adapters, prompt_BxP, prompt_mask_BxP, rng) -> dict:
+  """k = samples_per_prompt samples of each left-padded prompt from `params` + `adapters` [(tree, scale)], rows
+  b·k … b·k+k−1, with the prompts repeated to match: the rollout's first half, as a dict."""
   k = rlcfg.samples_per_prompt
   out = sampling.generate_fn(
       model_cfg, params, [t for t, _ in adapters], prompt_BxP, prompt_mask_BxP, rng,
@@ -118,6 +117,12 @@ def sample(model_cfg, rlcfg, trainable, frozen, prompt_BxP, prompt_mask_BxP, rng
   return {"prompt_BxP": jnp.repeat(prompt_BxP, k, axis=0), "prompt_mask_BxP": jnp.repeat(prompt_mask_BxP, k, axis=0),
           "tokens_BxN": out.tokens_BxN, "mask_BxN": out.mask_BxN, "sampler_logp_BxN": out.logp_BxN,
           "finished_B": finished_B.astype(jnp.int32)}
+
+
+def sample(model_cfg, rlcfg, trainable, frozen, prompt_BxP, prompt_mask_BxP, rng) -> dict:
+  """The policy's samples (adapters unmerged, so the policy LoRA's gradient step is the only change per step)."""
+  params, adapters = roles.policy_model(rlcfg, trainable, frozen)
+  return sample_with(model_cfg, rlcfg, params, adapters, prompt_BxP, prompt_mask_BxP, rng)
 
 
 SAMPLE_KEYS = ("prompt_BxP", "prompt_mask_BxP", "tokens_BxN", "mask_BxN", "sampler_logp_BxN", "finished_B")
