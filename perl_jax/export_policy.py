@@ -15,6 +15,7 @@ import numpy as np
 from flax import traverse_util
 
 from perl_jax import export, lora, models, runs
+from perl_jax.rl import roles
 from perl_jax.models import loading
 
 CAUSAL_LM = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
@@ -23,8 +24,7 @@ CAUSAL_LM = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": 
 
 def adapter_sets(policy) -> list:
   """[(lora tree, scale), ...]: the SFT adapter (if any) then the policy adapter (LoRA mode)."""
-  sets = [] if policy.frozen.get("sft") is None else [(policy.frozen["sft"], policy.rlcfg.sft_scale)]
-  return sets + [(policy.trainable["policy"], policy.rlcfg.policy_scale)]
+  return roles.policy_model(policy.rlcfg, policy.trainable, policy.frozen)[1]
 
 
 def merged_params(policy) -> dict:

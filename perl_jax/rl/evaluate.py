@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perl_jax import data, evaluation, lora, models, optimizer, reward, runs, sharding
+from perl_jax import data, evaluation, models, optimizer, reward, runs, sharding
 from perl_jax.rl import RLConfig, learner, roles, rollout
 from perl_jax.rl import train as rl_train
 
@@ -78,14 +78,7 @@ def _eval_fns(policy: TrainedPolicy, n: int):
   samples from its adapters merged into the backbone (one set of weights per decode step, as for inference);
   scoring has no value pass, and the reference pass only where KL is reported (the policy's samples)."""
   rlcfg = sampling_config(policy.rlcfg, n)
-
-  @jax.jit
-  def merge(tr, fr):
-    params, adapters = roles.policy_model(rlcfg, tr, fr)
-    for tree, scale in adapters:
-      params = lora.merge(params, tree, scale)
-    return params
-
+  merge = jax.jit(lambda tr, fr: roles.merged_policy(rlcfg, tr, fr))
   sample_jit = jax.jit(lambda params, ids, mask, rng: rollout.sample_with(policy.model_cfg, rlcfg, params, [], ids,
                                                                           mask, rng))
 

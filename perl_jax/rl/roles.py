@@ -27,6 +27,14 @@ def policy_model(rlcfg, trainable, frozen):
   return trainable["policy"], []
 
 
+def merged_policy(rlcfg, trainable, frozen):
+  """The policy π_θ as one params tree: its adapter sets merged into the backbone (full mode: the policy copy)."""
+  params, adapters = policy_model(rlcfg, trainable, frozen)
+  for tree, scale in adapters:
+    params = lora.merge(params, tree, scale)
+  return params
+
+
 def reference_model(rlcfg, frozen):
   """(params, adapters) of the reference π_SFT: the policy's stack without the policy LoRA."""
   if rlcfg.mode == "lora":
