@@ -52,6 +52,7 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
   c.log_every = 5
   c.eval_every = 0  # Held-out eval cadence (0 = only at the last step).
   c.eval_prompts = 32  # Held-out prompts the eval samples (policy vs SFT anchor under the RM); 0 = no eval.
+  c.eval_batch_size = 0  # Prompts per eval sampling batch; 0 = data.batch_size.
   c.checkpoint_every = 25
   c.keep_checkpoints = 2
   c.num_sample_texts = 3

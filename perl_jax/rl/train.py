@@ -215,7 +215,8 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
     """eval_policy's figures on the first `eval_prompts` held-out prompts: reward before / after, KL, win rate."""
     from perl_jax.rl import evaluate  # evaluate imports this module (load_roles)
     policy = evaluate.TrainedPolicy(config, model_cfg, tokenizer, rlcfg, s["trainable"], f, int(s["step"]), mesh)
-    result = evaluate.evaluate(policy, held_out[:n_eval], batch_size=config.data.batch_size)
+    result = evaluate.evaluate(policy, held_out[:n_eval],
+                               batch_size=config.get("eval_batch_size", 0) or config.data.batch_size)
     return {k: v for k, v in result.items() if isinstance(v, (int, float))}
 
   with checkpoint.Checkpointer(pathlib.Path(workdir) / runs.CHECKPOINTS) as ckpt:
