@@ -81,6 +81,14 @@ def kl_divergence_estimate(logp_BxT, ref_logp_BxT, kind="k1"):
   raise ValueError(f"Unknown KL estimator kind {kind!r}; expected k1, k2 or k3.")
 
 
+def token_logprobs(logits_BxTxV, ids_BxT, temperature: float = 1.0):
+  """logp_Bx(T-1)[b, t] = log_softmax(logits[b, t] / temperature)[ids[b, t+1]], in float32: the log-probability
+  of each next token. The one definition SFT and the RL learner (at the sampling temperature) share."""
+  z_BxTxV = logits_BxTxV[:, :-1].astype(jnp.float32) / temperature
+  picked_BxT = jnp.take_along_axis(z_BxTxV, ids_BxT[:, 1:, None], axis=-1)[..., 0]
+  return picked_BxT - jax.nn.logsumexp(z_BxTxV, axis=-1)
+
+
 def last_token_index(mask_BxT):
   """Index of each row's last valid (non-pad) position, right or left padding alike; −1 for an empty row."""
   t_T = jnp.arange(mask_BxT.shape[-1])

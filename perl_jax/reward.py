@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from perl_jax import data, evaluation, lora, losses, models, optimizer, probe, runs, sft, sharding, trainer
+from perl_jax import data, evaluation, heads, lora, losses, models, optimizer, probe, runs, sft, sharding, trainer
 from perl_jax.models import ModelConfig
 
 log = logging.getLogger("perl_jax")
@@ -45,16 +45,10 @@ def config_from(config: ml_collections.ConfigDict) -> RewardConfig:
                       lora_cfg=lora.config_from(config.lora), pos_weight=float(config.get("pos_weight", 1.0)))
 
 
-def init_head(rng, hidden_size: int) -> dict:
-  """A [D,1] projection, N(0, 1/D) so initial rewards are O(1), plus a bias."""
-  return {"kernel": jax.random.normal(rng, (hidden_size, 1), jnp.float32) / jnp.sqrt(hidden_size),
-          "bias": jnp.zeros((1,), jnp.float32)}
-
-
 def init_trainable(rng, rcfg: RewardConfig, model_cfg: ModelConfig, base_params) -> dict:
   """The trained pytree: LoRA + head (PERL) or a float32 copy of the backbone + head (full)."""
   k_lora, k_head = jax.random.split(rng)
-  head = init_head(k_head, model_cfg.hidden_size)
+  head = heads.init_head(k_head, model_cfg.hidden_size)
   if rcfg.mode == "lora":
     return {"lora": lora.init(k_lora, base_params, rcfg.lora_cfg), "head": head}
   if rcfg.mode == "full":
@@ -71,22 +65,6 @@ def frozen_params(rcfg: RewardConfig, base_params) -> dict:
   return {k: v for k, v in base_params.items() if k == "lm_head"}
 
 
-def head_apply(head: dict, hidden_xD):
-  """The scalar head h · w + b at every position ([..., D] -> [...], float32); the RL value head is this too."""
-  return (hidden_xD.astype(jnp.float32) @ head["kernel"] + head["bias"])[..., 0]
-
-
-def head_scores(head: dict, hidden_BxTxD, mask_BxT):
-  """r_B = h_last · w + b, read at each row's last non-pad token (float32)."""
-  return head_apply(head, last_token(hidden_BxTxD, mask_BxT))
-
-
-def last_token(hidden_BxTxD, mask_BxT):
-  """h_last [B,D]: each row's hidden state at its last non-pad token."""
-  idx_B = losses.last_token_index(mask_BxT)
-  return jnp.take_along_axis(hidden_BxTxD, idx_B[:, None, None], axis=1)[:, 0]
-
-
 def last_hidden(model_cfg: ModelConfig, rcfg: RewardConfig, trainable, base_params, ids_BxT, mask_BxT):
   """h_last [B,D]: the final hidden state the head reads, at each row's last non-pad token."""
   if rcfg.mode == "lora":
@@ -94,12 +72,12 @@ def last_hidden(model_cfg: ModelConfig, rcfg: RewardConfig, trainable, base_para
   else:
     params, adapters = {**base_params, **trainable["backbone"]}, []
   hidden = models.forward(model_cfg, params, ids_BxT, mask_BxT, adapters=adapters, return_logits=False).hidden
-  return last_token(hidden, mask_BxT)
+  return heads.last_token(hidden, mask_BxT)
 
 
 def scores(model_cfg: ModelConfig, rcfg: RewardConfig, trainable, base_params, ids_BxT, mask_BxT):
   """Scalar rewards r_B (float32) read at each row's last non-pad token."""
-  return head_apply(trainable["head"], last_hidden(model_cfg, rcfg, trainable, base_params, ids_BxT, mask_BxT))
+  return heads.head_apply(trainable["head"], last_hidden(model_cfg, rcfg, trainable, base_params, ids_BxT, mask_BxT))
 
 
 def batch_features(model_cfg, rcfg, trainable, base_params, batch) -> jax.Array:
@@ -114,7 +92,7 @@ def batch_features(model_cfg, rcfg, trainable, base_params, batch) -> jax.Array:
 
 def batch_scores(model_cfg, rcfg, trainable, base_params, batch) -> jax.Array:
   """Rewards for a batch: [B,2] (chosen, rejected) for pairwise data, [B] for binary data."""
-  return head_apply(trainable["head"], batch_features(model_cfg, rcfg, trainable, base_params, batch))
+  return heads.head_apply(trainable["head"], batch_features(model_cfg, rcfg, trainable, base_params, batch))
 
 
 def loss_fn(model_cfg, rcfg, trainable, base_params, batch, rng=None) -> tuple[jax.Array, dict]:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from perl_jax import data, lora, models, optimizer, runs, sharding, trainer
+from perl_jax import data, lora, losses, models, optimizer, runs, sharding, trainer
 from perl_jax.models import ModelConfig
 
 log = logging.getLogger("perl_jax")
@@ -34,14 +34,6 @@ def config_from(config: ml_collections.ConfigDict) -> SftConfig:
   if config.mode not in ("lora", "full"):
     raise models.ConfigError(f"config: field 'mode': must be 'lora' or 'full', got '{config.mode}'")
   return SftConfig(mode=config.mode, lora_cfg=lora.config_from(config.lora))
-
-
-def token_logprobs(logits_BxTxV, ids_BxT, temperature: float = 1.0):
-  """logp_Bx(T-1)[b, t] = log_softmax(logits[b, t] / temperature)[ids[b, t+1]], in float32: the log-probability
-  of each next token. The one definition SFT and the RL learner (at the sampling temperature) share."""
-  z_BxTxV = logits_BxTxV[:, :-1].astype(jnp.float32) / temperature
-  picked_BxT = jnp.take_along_axis(z_BxTxV, ids_BxT[:, 1:, None], axis=-1)[..., 0]
-  return picked_BxT - jax.nn.logsumexp(z_BxTxV, axis=-1)
 
 
 def init_trainable(rng, scfg: SftConfig, base_params) -> dict:
@@ -82,7 +74,7 @@ def target_weights(batch) -> jax.Array:
 def masked_sums(logits_BxTxV, batch) -> dict:
   """Σ w·(−log p(next)), Σ w·[argmax == next], Σ w over the batch: what eval adds up across batches."""
   w = target_weights(batch)
-  logp = token_logprobs(logits_BxTxV, batch["input_ids"])
+  logp = losses.token_logprobs(logits_BxTxV, batch["input_ids"])
   hit = jnp.argmax(logits_BxTxV[:, :-1], axis=-1) == batch["input_ids"][:, 1:]
   return {"nll_sum": -jnp.sum(w * logp), "correct": jnp.sum(w * hit), "num_tokens": jnp.sum(w)}
 

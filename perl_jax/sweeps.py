@@ -28,7 +28,7 @@ import sys
 import ml_collections
 import numpy as np
 
-from perl_jax.models import ConfigError
+from perl_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

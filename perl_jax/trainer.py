@@ -23,13 +23,9 @@ import optax
 
 from perl_jax import checkpoint, metrics, runs, sharding
 from perl_jax import models
-from perl_jax.models import ConfigError
+from perl_jax.errors import ConfigError, TrainingError  # noqa: F401 (trainer.TrainingError)
 
 log = logging.getLogger("perl_jax")
-
-
-class TrainingError(RuntimeError):
-  """A run cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
 
 
 def new_state(trainable, optimizer: optax.GradientTransformation, rng) -> dict:

@@ -25,7 +25,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from perl_jax import baseline, data, evaluation, models, probe, reward
+from perl_jax import baseline, data, evaluation, heads, models, probe, reward
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "An RM config (experiments/rm/*.py:ARG).")
 _SPLIT_SEEDS = flags.DEFINE_integer("split_seeds", 0, "> 0: probe vs bag-of-words on the held-out splits of seeds "
@@ -38,7 +38,7 @@ def features(model_cfg, base, arrays, batch_size: int = 16):
   @jax.jit
   def feats(ids, mask, resp):
     hidden = models.forward(model_cfg, base, ids, mask, return_logits=False).hidden.astype(jnp.float32)
-    last = reward.last_token(hidden, mask)
+    last = heads.last_token(hidden, mask)
     r = resp.astype(jnp.float32)[..., None]
     return jnp.stack([last, jnp.sum(hidden * r, 1) / jnp.maximum(jnp.sum(r, 1), 1.0)], axis=1)
 

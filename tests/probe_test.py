@@ -1,13 +1,12 @@
 """LP-FT's linear probe: the Newton fit is sklearn's logistic regression, the folded head scores raw features as
 the standardised fit does, and an RM run with head_init="probe" starts from the probe of its own features."""
-import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perl_jax import probe, reward
+from perl_jax import heads, probe, reward
 
 sklearn = pytest.importorskip("sklearn")
 from sklearn import linear_model, preprocessing  # noqa: E402
@@ -51,7 +50,7 @@ def test_fit_head_on_raw_features_scores_like_the_standardised_sklearn_probe():
   scaler = preprocessing.StandardScaler().fit(x)
   ref = linear_model.LogisticRegression(C=info["C"], tol=1e-12, max_iter=10000).fit(
       scaler.transform(x), y, sample_weight=np.where(y > 0.5, 2.0, 1.0))
-  got = np.asarray(reward.head_apply(jax.tree.map(jnp.asarray, head), jnp.asarray(x, jnp.float32)))
+  got = np.asarray(heads.head_apply(jax.tree.map(jnp.asarray, head), jnp.asarray(x, jnp.float32)))
   np.testing.assert_allclose(got, ref.decision_function(scaler.transform(x)), rtol=1e-3, atol=1e-3)
   assert set(info["cv_loss"]) == set(probe.DEFAULT_CS) and info["C"] == min(info["cv_loss"], key=info["cv_loss"].get)
 

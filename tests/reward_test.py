@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perl_jax import losses, lora, models, optimizer, reward, trainer
+from perl_jax import heads, lora, losses, models, optimizer, reward, trainer
 from tests.helpers import load_script, tiny_config
 
 
@@ -125,9 +125,9 @@ def test_probe_features_rows_match_the_rm_heads_own_reading(rm):
   for i, n in enumerate(lengths):
     ids[i, :n], mask[i, :n], resp[i, n // 2:n] = rng.integers(3, cfg.vocab_size, n), 1, 1
   feats = probe.features(cfg, base, {"input_ids": ids, "attention_mask": mask, "response_mask": resp}, batch_size=2)
-  head = reward.init_head(jax.random.key(3), cfg.hidden_size)
+  head = heads.init_head(jax.random.key(3), cfg.hidden_size)
   hidden = np.asarray(models.forward(cfg, base, jnp.asarray(ids), jnp.asarray(mask), return_logits=False).hidden)
-  np.testing.assert_allclose(reward.head_apply(head, jnp.asarray(feats[:, 0])),
-                             reward.head_scores(head, jnp.asarray(hidden), jnp.asarray(mask)), atol=1e-4)
+  np.testing.assert_allclose(heads.head_apply(head, jnp.asarray(feats[:, 0])),
+                             heads.head_scores(head, jnp.asarray(hidden), jnp.asarray(mask)), atol=1e-4)
   for i, n in enumerate(lengths):
     np.testing.assert_allclose(feats[i, 1], hidden[i, n // 2:n].mean(0), atol=1e-4)

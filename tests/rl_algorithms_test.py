@@ -1,7 +1,6 @@
 """RL learning signal: group advantages (RLOO, GRPO) vs loops, gradient accumulation vs one big batch, the
 PPO schedule's length, the zero value head and its warm-up, unfinished responses, config refusals, and a
 non-finite reward stopping the step — each against an independent truth."""
-import dataclasses
 import functools
 
 import jax
@@ -11,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from perl_jax import losses, lora, models, optimizer, reward, trainer
+from perl_jax import heads, lora, losses, models, optimizer, trainer
 from perl_jax.rl import RLConfig, learner, roles, rollout
 from perl_jax.rl.step import RLStep
 from tests.helpers import random_batch, tiny_config
@@ -86,7 +85,7 @@ def _tiny_roles(algorithm="reinforce", **kw):
   base = models.init_params(cfg, jax.random.key(0))
   sft = jax.tree.map(lambda x: x + 0.1, lora.init(jax.random.key(1), base, LCFG))
   rm = {"lora": jax.tree.map(lambda x: x + 0.1, lora.init(jax.random.key(3), base, LCFG)),
-        "head": reward.init_head(jax.random.key(5), cfg.hidden_size)}
+        "head": heads.init_head(jax.random.key(5), cfg.hidden_size)}
   rlcfg = RLConfig(algorithm=algorithm, max_new_tokens=6, eos_id=5, temperature=0.9, policy_lora=LCFG,
                    value_lora=LCFG, sft_scale=2.0, reward_scale=2.0, **kw)
   trainable = roles.init_trainable(jax.random.key(6), cfg, rlcfg, base, sft, rm)

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from perl_jax import lora, models, optimizer, reward, sharding
+from perl_jax import heads, lora, models, optimizer, sharding
 from perl_jax.rl import RLConfig, kl_control, learner, roles, rollout
 from perl_jax.rl.step import RLStep
 from tests.helpers import random_batch, tiny_config
@@ -31,7 +31,7 @@ def _models(mode="lora", **kw):
   base = models.init_params(cfg, jax.random.key(0))
   sft = _perturb(lora.init(jax.random.key(1), base, LCFG), 2, 0.2)
   rm = {"lora": _perturb(lora.init(jax.random.key(3), base, LCFG), 4, 0.2),
-        "head": reward.init_head(jax.random.key(5), cfg.hidden_size)}
+        "head": heads.init_head(jax.random.key(5), cfg.hidden_size)}
   rlcfg = RLConfig(mode=mode, max_new_tokens=N, eos_id=-1, policy_lora=LCFG, value_lora=LCFG,
                    sft_scale=lora.scale(LCFG), reward_scale=lora.scale(LCFG), **kw)
   trainable = roles.init_trainable(jax.random.key(6), cfg, rlcfg, base, sft, rm)

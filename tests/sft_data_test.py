@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from perl_jax import data, models
-from perl_jax.data import chat, dialogs, readers
+from perl_jax.data import dialogs, readers
 from tests.conftest import ROOT
 from tests.helpers import head_lines
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perl_jax import lora, models, sft
+from perl_jax import lora, losses, models, sft
 from tests.helpers import make_tiny_hf_folder, tiny_config
 
 LCFG = lora.LoraConfig(rank=4, alpha=8.0)
@@ -45,7 +45,7 @@ def test_token_logprobs_equal_numpy_log_softmax_at_temperature():
   logits = rng.normal(size=(2, 5, 7)).astype(np.float32) * 3
   ids = rng.integers(0, 7, size=(2, 5))
   for temperature in (1.0, 0.7):
-    got = np.asarray(sft.token_logprobs(jnp.asarray(logits), jnp.asarray(ids), temperature))
+    got = np.asarray(losses.token_logprobs(jnp.asarray(logits), jnp.asarray(ids), temperature))
     want = np.take_along_axis(_np_log_softmax(logits[:, :-1] / temperature), ids[:, 1:, None], -1)[..., 0]
     assert got.shape == (2, 4) and got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -9,7 +9,7 @@ import sys
 import jax
 import pytest
 
-from perl_jax import data, reward, sft
+from perl_jax import data, heads, reward, sft
 from perl_jax.rl import train as rl_train
 from tests.conftest import ROOT
 from tests.helpers import head_lines, make_tiny_hf_folder
@@ -193,7 +193,7 @@ def test_rm_started_from_the_sft_run_stands_on_it_in_training_restore_and_rl(run
   mask = np.ones_like(ids)
   stack = [(sft_lora, lora.scale(pol.scfg.lora_cfg)), (rm_lora, lora.scale(rm.rcfg.lora_cfg))]
   hidden = models.forward(rm.model_cfg, pol.frozen, ids, mask, adapters=stack, return_logits=False).hidden
-  expected = reward.head_apply(rm.trainable["head"], hidden[:, -1])
+  expected = heads.head_apply(rm.trainable["head"], hidden[:, -1])
   got = reward.scores(rm.model_cfg, rm.rcfg, rm.trainable, rm.base, ids, mask)
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
   without_sft = reward.scores(rm.model_cfg, rm.rcfg, rm.trainable, pol.frozen, ids, mask)

@@ -14,20 +14,12 @@ import os
 import re
 from typing import Any, Callable, Iterator
 
+from perl_jax.errors import DataError  # noqa: F401 (data.DataError)
+
 HH_ASSISTANT = "\n\nAssistant:"
 _HH_TURN_RE = re.compile(r"\n\n(Human|Assistant):")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 _TM4_ROLES = {"agent": "assistant", "user": "user", "api": "user"}
-
-
-class DataError(ValueError):
-  """One bad input record: the message is a single line naming file, line and field."""
-
-  def __init__(self, path, line=None, field=None, problem=""):
-    self.path, self.line, self.field, self.problem = str(path), line, field, problem
-    where = self.path if line is None else f"{self.path}:{line}"
-    what = problem if field is None else f"field '{field}': {problem}"
-    super().__init__(f"{where}: {what}")
 
 
 class _FieldError(Exception):

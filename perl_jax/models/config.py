@@ -4,16 +4,14 @@ import json
 import pathlib
 from typing import Any
 
+from perl_jax.errors import ConfigError  # noqa: F401 (models.ConfigError)
+
 FAMILIES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
 _MODEL_TYPES = {
     "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
     "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3",
 }
 _ROPE_TYPES = ("default", "linear", "llama3")
-
-
-class ConfigError(ValueError):
-  """A config or weights file that cannot be used; the message names the file and field."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,4 @@
 """Weights from a Hugging Face folder (config.json + *.safetensors) or a GGUF file, into our params pytree."""
-import json
 import pathlib
 import re
 from typing import Callable, Iterator

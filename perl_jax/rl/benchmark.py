@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from perl_jax import benchmark, checkpoint, lora, models, optimizer, reward, sharding, trainer
+from perl_jax import benchmark, checkpoint, heads, lora, models, optimizer, sharding, trainer
 from perl_jax.rl import RLConfig, learner, roles, rollout
 from perl_jax.rl.step import RLStep
 
@@ -27,7 +27,7 @@ def build(cfg, rlcfg: RLConfig, base_params):
   """(state, frozen) of an RL run on `base_params`: random SFT / RM adapters and head stand in for trained ones."""
   k_sft, k_rm, k_head, k_init, k_state = jax.random.split(jax.random.key(0), 5)
   sft_lora = lora.init(k_sft, base_params, rlcfg.policy_lora)
-  rm = {"lora": lora.init(k_rm, base_params, rlcfg.policy_lora), "head": reward.init_head(k_head, cfg.hidden_size)}
+  rm = {"lora": lora.init(k_rm, base_params, rlcfg.policy_lora), "head": heads.init_head(k_head, cfg.hidden_size)}
   _, optim = optimizer.make(_OPTIM, 1000)
   trainable = roles.init_trainable(k_init, cfg, rlcfg, base_params, sft_lora, rm)
   frozen = roles.frozen_params(rlcfg, base_params, sft_lora, rm)

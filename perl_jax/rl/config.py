@@ -2,7 +2,7 @@
 import dataclasses
 
 from perl_jax import lora
-from perl_jax.models import ConfigError
+from perl_jax.errors import ConfigError
 
 ALGORITHMS = ("reinforce", "ppo", "rloo", "grpo")
 GROUP_ALGORITHMS = ("rloo", "grpo")   # Baseline from the other samples of the same prompt: no value role.

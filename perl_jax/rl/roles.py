@@ -12,7 +12,7 @@ predicted by the hidden state at P−1+n, so per-token log-probs and values read
 import jax
 import jax.numpy as jnp
 
-from perl_jax import lora, models, reward, sft
+from perl_jax import heads, lora, losses, models
 from perl_jax.models import ModelConfig
 
 
@@ -78,11 +78,11 @@ def tempered_entropy(logits_BxNxV, temperature: float):
 
 def _logprobs(model_cfg, params, adapters, rlcfg, ids_BxS, mask_BxS, prompt_len):
   """(log-probs, entropy) [B,N] of the response tokens: the hidden states from P−1 on, unembedded, through
-  sft.token_logprobs (the one next-token log-prob definition SFT and RL share) at the sampling temperature."""
+  losses.token_logprobs (the one next-token log-prob definition SFT and RL share) at the sampling temperature."""
   hidden = models.forward(model_cfg, params, ids_BxS, mask_BxS, adapters=adapters, return_logits=False).hidden
   logits_Bx1pNxV = models.unembed(model_cfg, params, hidden[:, prompt_len - 1:])
   t = rlcfg.temperature if rlcfg.temperature > 0 else 1.0
-  logp_BxN = sft.token_logprobs(logits_Bx1pNxV, ids_BxS[:, prompt_len - 1:], t)
+  logp_BxN = losses.token_logprobs(logits_Bx1pNxV, ids_BxS[:, prompt_len - 1:], t)
   return logp_BxN, tempered_entropy(logits_Bx1pNxV[:, :-1], t)
 
 
@@ -101,14 +101,14 @@ def reference_logprobs(model_cfg: ModelConfig, rlcfg, frozen, ids_BxS, mask_BxS,
 def values(model_cfg: ModelConfig, rlcfg, trainable, frozen, ids_BxS, mask_BxS, prompt_len: int):
   """V(x, y_<n) for every response token n, [B,N] float32: the value head on the state that predicts y_n."""
   params, adapters, head = value_model(rlcfg, trainable, frozen)
-  return reward.head_apply(head, _response_hidden(model_cfg, params, adapters, ids_BxS, mask_BxS, prompt_len))
+  return heads.head_apply(head, _response_hidden(model_cfg, params, adapters, ids_BxS, mask_BxS, prompt_len))
 
 
 def rewards(model_cfg: ModelConfig, rlcfg, frozen, ids_BxS, mask_BxS):
   """r(x, y) [B]: the RM head at each row's last real token, i.e. the final response token."""
   params, adapters, head = reward_model(rlcfg, frozen)
   hidden = models.forward(model_cfg, params, ids_BxS, mask_BxS, adapters=adapters, return_logits=False).hidden
-  return reward.head_scores(head, hidden, mask_BxS)
+  return heads.head_scores(head, hidden, mask_BxS)
 
 
 # ---------------------------------------------------------------- pytrees of both modes
@@ -145,7 +145,7 @@ def init_trainable(rng, model_cfg: ModelConfig, rlcfg, base_params, sft_lora=Non
   if not rlcfg.uses_value:
     return {"policy": policy}
   from_rm = rlcfg.value_init == "reward" and reward_params is not None
-  head = _copy(reward_params["head"]) if from_rm else reward.init_head(k_head, model_cfg.hidden_size)
+  head = _copy(reward_params["head"]) if from_rm else heads.init_head(k_head, model_cfg.hidden_size)
   if rlcfg.value_init == "zero":
     head = jax.tree.map(jnp.zeros_like, head)
   if rlcfg.mode == "lora":
