@@ -116,6 +116,37 @@ class Checkpointer:
                        f"(structure/shape mismatch): {e}") from e
     return step, restored[_STATE], dict(restored[_EXTRA] or {})
 
+  def restore_subtree(self, key: str, shardings_fn, step: int | None = None, like: Any = None) -> tuple[int, Any]:
+    """(step, state[key]) of checkpoint `step` (default latest), read alone: shapes and dtypes come from the
+    checkpoint's metadata, placement from shardings_fn(abstract subtree) -> a tree of shardings. For reading a
+    run's trained params without rebuilding its optimizer (the rest of the state is never read). With `like`
+    (a tree of arrays or ShapeDtypeStructs), paths and shapes must match it, as in `restore`."""
+    self.wait()
+    step = self._existing_step(step)
+    meta = self._mgr.item_metadata(step)[_STATE]
+    tree = getattr(meta, "tree", meta)[key]
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
+    if like is not None:
+      saved = {k: v.shape for k, v in ocp.tree.to_flat_dict(abstract).items()}
+      wanted = {k: _stored_shape(v) for k, v in ocp.tree.to_flat_dict(like).items()}
+      problems = _target_problems(saved, wanted)
+      if problems:
+        raise ValueError(f"Checkpoint step {step} in {self.workdir} does not match the restore target ({key}):\n  "
+                         + "\n  ".join(problems))
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                          shardings_fn(abstract))
+    restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape,
+                                                               dtype=t.dtype), target)
+    reader = ocp.CheckpointManager(self.workdir, item_handlers={_STATE: ocp.PyTreeCheckpointHandler(),
+                                                                _EXTRA: ocp.JsonCheckpointHandler()})
+    try:
+      restored = reader.restore(step, args=ocp.args.Composite(**{
+          _STATE: ocp.args.PyTreeRestore(item={key: target}, restore_args={key: restore_args}, partial_restore=True),
+          _EXTRA: ocp.args.JsonRestore()}))
+    finally:
+      reader.close()
+    return step, restored[_STATE][key]
+
   def _existing_step(self, step: int | None) -> int:
     """`step`, or the latest one if None; FileNotFoundError if it is not a committed step."""
     if step is None:

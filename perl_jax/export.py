@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from perl_jax import data, lora, models
+from perl_jax import data, lora, models, runs
 from perl_jax.models import loading
-from perl_jax.reward import TrainedRM, head_bias
+from perl_jax.reward import head_bias
 
 log = logging.getLogger("perl_jax")
 
@@ -50,16 +50,16 @@ def _save_safetensors(tensors: dict, path: pathlib.Path):
   save_file({k: jnp.asarray(v) for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
 
 
-def export_merged(rm: TrainedRM, out, dtype: str = "float32") -> pathlib.Path:
+def export_merged(rm: runs.Trained, out, dtype: str = "float32") -> pathlib.Path:
   """A self-contained HF folder for AutoModelForSequenceClassification (num_labels=1): LoRA merged into the
   kernels, head as `score.weight`, its bias as config "perl_reward_bias", tokenizer padding with a non-eos id."""
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  if rm.rcfg.mode == "lora":
-    base32 = jax.tree.map(lambda x: np.asarray(x, np.float32), rm.base)
-    params = lora.merge(base32, rm.trainable["lora"], lora.scale(rm.rcfg.lora_cfg))
+  if rm.stage.mode == "lora":
+    base32 = jax.tree.map(lambda x: np.asarray(x, np.float32), rm.frozen)
+    params = lora.merge(base32, rm.trainable["lora"], lora.scale(rm.stage.lora_cfg))
   else:
-    params = {**rm.base, **rm.trainable["backbone"]}
+    params = {**rm.frozen, **rm.trainable["backbone"]}
   tensors = loading.hf_state_dict(rm.model_cfg, params, jnp.dtype(dtype))
   if rm.model_cfg.tie_embeddings:
     tensors.pop("lm_head.weight", None)
@@ -113,10 +113,10 @@ def write_adapter(out: pathlib.Path, tensors: dict, task: str, base_path: str, r
   _save_safetensors(tensors, out / "adapter_model.safetensors")
 
 
-def export_peft(rm: TrainedRM, out) -> pathlib.Path:
+def export_peft(rm: runs.Trained, out) -> pathlib.Path:
   """A PEFT LoRA adapter folder (task SEQ_CLS) for the base model, plus perl_reward.json (bias, pad id)."""
-  if rm.rcfg.mode != "lora":
-    raise models.ConfigError(f"mode '{rm.rcfg.mode}' trains no adapter: export it with --format merged")
+  if rm.stage.mode != "lora":
+    raise models.ConfigError(f"mode '{rm.stage.mode}' trains no adapter: export it with --format merged")
   if rm.config.get("init_from"):
     raise models.ConfigError(f"config field 'init_from': this reward model stands on the SFT model of "
                              f"{rm.config.init_from}, not on the base model a PEFT adapter is for: export it with "
@@ -124,7 +124,7 @@ def export_peft(rm: TrainedRM, out) -> pathlib.Path:
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   tensors = peft_state_dict(rm.model_cfg, rm.trainable)
-  write_adapter(out, tensors, "SEQ_CLS", rm.model_path, rm.rcfg.lora_cfg.rank, rm.rcfg.lora_cfg.alpha, ["score"])
+  write_adapter(out, tensors, "SEQ_CLS", rm.model_path, rm.stage.lora_cfg.rank, rm.stage.lora_cfg.alpha, ["score"])
   side = {"bias": head_bias(rm), "pad_token_id": _pad_for_export(rm.tokenizer), "step": rm.step}
   (out / SIDE_FILE).write_text(json.dumps(side, indent=1))
   return out

@@ -1,4 +1,4 @@
-"""A trained RL policy (`rl.evaluate.restore`) exported for Hugging Face transformers or PEFT.
+"""A trained RL policy (`rl.setup.restore`) exported for Hugging Face transformers or PEFT.
 
 merged: a self-contained `*ForCausalLM` folder: base ⊕ SFT adapter ⊕ policy adapter merged into the kernels (LoRA
   mode) or the trained policy copy (full mode), with the tokenizer.
@@ -24,12 +24,12 @@ CAUSAL_LM = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": 
 
 def adapter_sets(policy) -> list:
   """[(lora tree, scale), ...]: the SFT adapter (if any) then the policy adapter (LoRA mode)."""
-  return roles.policy_model(policy.rlcfg, policy.trainable, policy.frozen)[1]
+  return roles.policy_model(policy.stage, policy.trainable, policy.frozen)[1]
 
 
 def merged_params(policy) -> dict:
   """The policy as one params tree (float32)."""
-  if policy.rlcfg.mode == "full":
+  if policy.stage.mode == "full":
     return jax.tree.map(lambda x: np.asarray(x, np.float32), policy.trainable["policy"])
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), policy.frozen["base"])
   for tree, scale in adapter_sets(policy):
@@ -75,8 +75,8 @@ def export_merged(policy, out, model_path: str, dtype: str = "float32") -> pathl
 
 
 def export_peft(policy, out, model_path: str) -> pathlib.Path:
-  if policy.rlcfg.mode != "lora":
-    raise models.ConfigError(f"mode '{policy.rlcfg.mode}' trains no adapter: export it with --format merged")
+  if policy.stage.mode != "lora":
+    raise models.ConfigError(f"mode '{policy.stage.mode}' trains no adapter: export it with --format merged")
   rm_config = runs.read_config(policy.config.reward_workdir)
   if rm_config.mode == "lora" and rm_config.get("init_from"):
     raise models.ConfigError(f"{policy.config.reward_workdir}: this policy stands on the SFT model of "

@@ -8,7 +8,6 @@ import dataclasses
 import functools
 import logging
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +15,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from perl_jax import data, evaluation, heads, lora, losses, models, optimizer, probe, runs, sft, sharding, trainer
+from perl_jax import data, evaluation, heads, lora, losses, models, optimizer, policy, probe, runs, sharding, trainer
 from perl_jax.models import ModelConfig
 
 log = logging.getLogger("perl_jax")
@@ -246,9 +245,9 @@ def load_backbone(config, mesh, check: bool = True):
   if check and not runs.same_path(theirs, ours):
     raise models.ConfigError(f"{src}: the SFT run (config field 'init_from') was trained on another backbone "
                              f"({theirs}) than this reward model's ({ours})")
-  policy = sft.restore(src, model_path=ours, mesh=mesh, loaded=(model_cfg, base, tokenizer))
-  log.info("reward model starts from the SFT run %s (step %d, %s)", src, policy.step, policy.scfg.mode)
-  return model_cfg, sft.merged_params(policy, base), tokenizer
+  sft_run = policy.restore(src, model_path=ours, mesh=mesh, loaded=(model_cfg, base, tokenizer))
+  log.info("reward model starts from the SFT run %s (step %d, %s)", src, sft_run.step, sft_run.stage.mode)
+  return model_cfg, policy.merged(sft_run.stage, sft_run.trainable, sft_run.frozen, base), tokenizer
 
 
 def new_state(config, rcfg: RewardConfig, model_cfg, base_params, optim) -> dict:
@@ -296,39 +295,19 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
                      evaluate=evaluate_fn, schedule=schedule, perf=perf, info=data_info, stop_after=stop_after)
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainedRM:
-  """A restored reward model: frozen params (frozen_params) and trainable, placed on `mesh`."""
-  config: ml_collections.ConfigDict
-  rcfg: RewardConfig
-  model_cfg: models.ModelConfig
-  base: dict
-  trainable: dict
-  tokenizer: Any
-  step: int
-  mesh: jax.sharding.Mesh
-  model_path: str
+def restore(workdir, *, step: int | None = None, model_path: str | None = None, mesh=None) -> runs.Trained:
+  """An RM run as a `runs.Trained` (stage: its RewardConfig; frozen: the whole backbone it stands on, see
+  load_backbone), checkpoint `step` (default latest). `model_path` replaces the run's base model path (e.g. when the
+  base moved since training)."""
+  def build(config, mesh):
+    rcfg = config_from(config)
+    model_cfg, base, tokenizer = load_backbone(config, mesh, check=model_path is None)
+    like = jax.eval_shape(lambda b: init_trainable(jax.random.key(0), rcfg, model_cfg, b), base)
+    return model_cfg, tokenizer, base, rcfg, like
+  return runs.restore_stage(workdir, build=build, step=step, model_path=model_path, mesh=mesh)
 
 
-def restore(workdir, *, step: int | None = None, model_path: str | None = None, mesh=None) -> TrainedRM:
-  """Rebuilds model + RM from run.json and restores the trained params of checkpoint `step` (default latest).
-
-  `model_path` replaces the run's base model path (e.g. when the base moved since training)."""
-  config = runs.read_config(workdir)
-  if model_path is not None:
-    config.model.path = model_path
-  rcfg = config_from(config)
-  mesh = mesh or sharding.make_mesh(-1, config.mesh.fsdp, config.mesh.tensor)
-  model_cfg, base, tokenizer = load_backbone(config, mesh, check=model_path is None)
-  _, optim = optimizer.make(config.optim, config.steps)
-  target = runs.sharded_abstract(lambda b: new_state(config, rcfg, model_cfg, b, optim), base, mesh)
-  restored_step, state = runs.restore(workdir, target, step=step)
-  base, _ = trainer.place(frozen_params(rcfg, base), mesh)
-  return TrainedRM(config, rcfg, model_cfg, base, state["trainable"], tokenizer, restored_step, mesh,
-                   runs.model_path(config.model))
-
-
-def evaluate_examples(rm: TrainedRM, fmt: str, examples: list, batch_size: int | None = None,
+def evaluate_examples(rm: runs.Trained, fmt: str, examples: list, batch_size: int | None = None,
                       where: str = "data") -> dict:
   """`evaluate`'s metrics for read examples, plus num_examples and num_truncated."""
   if not examples:
@@ -339,11 +318,11 @@ def evaluate_examples(rm: TrainedRM, fmt: str, examples: list, batch_size: int |
     raise models.ConfigError(f"batch_size {batch_size} is not a multiple of the {shards} data shards")
   arrays, num_truncated = encode(fmt, examples, rm.tokenizer, rm.config.data)
   batch_sh = {k: sharding.batch_sharding(rm.mesh, v.ndim) for k, v in arrays.items() if k in MODEL_KEYS}
-  score_fn = jit_scores(rm.model_cfg, rm.rcfg, sharding.shardings(rm.trainable, rm.mesh),
-                        sharding.shardings(rm.base, rm.mesh), batch_sh, sharding.replicated(rm.mesh))
-  metrics = evaluate(score_fn, rm.trainable, rm.base, arrays, batch_size, rm.mesh, data.KINDS[fmt])
+  score_fn = jit_scores(rm.model_cfg, rm.stage, sharding.shardings(rm.trainable, rm.mesh),
+                        sharding.shardings(rm.frozen, rm.mesh), batch_sh, sharding.replicated(rm.mesh))
+  metrics = evaluate(score_fn, rm.trainable, rm.frozen, arrays, batch_size, rm.mesh, data.KINDS[fmt])
   return {**metrics, "num_examples": len(examples), "num_truncated": int(num_truncated)}
 
 
-def head_bias(rm: TrainedRM) -> float:
+def head_bias(rm: runs.Trained) -> float:
   return float(np.asarray(rm.trainable["head"]["bias"]).reshape(-1)[0])

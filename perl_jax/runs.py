@@ -1,10 +1,13 @@
 """A run folder: run.json (config + data info), checkpoints/, metrics.jsonl, tb/, eval.json, summary.json.
 
-Every stage (reward model, SFT, RL) writes the same layout, so a later stage loads an earlier one through here:
-read its config back, load the model and tokenizer it was trained on, restore its trained state.
+Every stage (reward model, SFT, RL) writes the same layout, so a later stage, an eval or an export loads an
+earlier run through here: `restore_stage` reads its config back, loads the model and tokenizer it was trained on
+(once), and restores its trained params into a `Trained` record.
 """
+import dataclasses
 import json
 import pathlib
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +44,9 @@ def model_path(model_config: ml_collections.ConfigDict) -> str:
   return model_config.path or str(models.default_model_path())
 
 
+_model_path_of = model_path  # restore_stage's keyword argument shadows the name.
+
+
 def require_run_folder(path, field: str) -> None:
   """A one-line ConfigError unless `path` holds a run (its run.json); `field` is the config field that named it."""
   if not (pathlib.Path(path) / RUN_FILE).is_file():
@@ -61,24 +67,6 @@ def load_model(model_config: ml_collections.ConfigDict):
   return cfg, params, models.load_tokenizer(path)
 
 
-def restore(workdir, abstract_state, *, step: int | None = None) -> tuple[int, dict]:
-  """(step, state) of checkpoint `step` (default latest) in WORKDIR/checkpoints, placed as `abstract_state`'s
-  leaves say (ShapeDtypeStructs with shardings); a ConfigError if there is none."""
-  ckpt_dir = pathlib.Path(workdir) / CHECKPOINTS
-  if not ckpt_dir.is_dir():
-    raise models.ConfigError(f"{ckpt_dir}: no such folder (no checkpoint saved yet)")
-  ckpt = checkpoint.Checkpointer(ckpt_dir, max_to_keep=None)
-  try:
-    if ckpt.latest_step() is None:
-      raise models.ConfigError(f"{ckpt_dir}: no checkpoint")
-    restored_step, state, _ = ckpt.restore(abstract_state, step)
-  except FileNotFoundError as e:
-    raise models.ConfigError(str(e)) from None
-  finally:
-    ckpt.close()
-  return restored_step, state
-
-
 def latest_step(workdir) -> int | None:
   """The step of WORKDIR's latest checkpoint, or None when it has none (a fresh run)."""
   ckpt_dir = pathlib.Path(workdir) / CHECKPOINTS
@@ -91,8 +79,54 @@ def latest_step(workdir) -> int | None:
     ckpt.close()
 
 
-def sharded_abstract(make_state, base, mesh):
-  """ShapeDtypeStructs of make_state(base) carrying their shardings on `mesh`: a restore target."""
-  abstract = jax.eval_shape(make_state, base)
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-                      sharding.shardings(abstract, mesh))
+@dataclasses.dataclass(frozen=True)
+class Trained:
+  """A run restored for use (a later stage, an eval, an export): the same record for SFT, RM and RL runs."""
+  config: ml_collections.ConfigDict  # run.json's config (model.path replaced when the caller asked).
+  model_cfg: models.ModelConfig
+  tokenizer: Any
+  frozen: dict  # What the stage's forwards take beside `trainable` (SFT / RM: the whole base), placed on `mesh`.
+  trainable: dict  # The trained pytree of checkpoint `step`, placed on `mesh`.
+  step: int
+  mesh: jax.sharding.Mesh
+  model_path: str  # The base model's path (config.model.path, or the embedded default).
+  stage: Any = None  # The stage's settings record (policy.PolicyConfig, reward.RewardConfig, rl.RLConfig).
+
+
+def restore_stage(workdir, *, build: Callable | None = None, step: int | None = None, model_path: str | None = None,
+                  mesh=None) -> Trained:
+  """The run in WORKDIR with the trained params of checkpoint `step` (default latest); `model_path` replaces its
+  base model's path. build(config, mesh) -> (model_cfg, tokenizer, frozen, stage, like) rebuilds what the params
+  stand on, `like` being their expected shapes (checked before any data is read); by default the run's base model,
+  loaded once, with stage None and no shape check. Only the trained params are read, never the optimizer state."""
+  config = read_config(workdir)
+  if model_path is not None:
+    config.model.path = model_path
+  mesh = mesh or sharding.make_mesh(-1, config.mesh.fsdp, config.mesh.tensor)
+  if build is None:
+    model_cfg, frozen, tokenizer = load_model(config.model)
+    stage, like = None, None
+  else:
+    model_cfg, tokenizer, frozen, stage, like = build(config, mesh)
+  restored_step, trainable = restore_trainable(workdir, mesh, step=step, like=like)
+  return Trained(config, model_cfg, tokenizer, sharding.shard(frozen, mesh), trainable, restored_step, mesh,
+                 _model_path_of(config.model), stage)
+
+
+def restore_trainable(workdir, mesh, *, step: int | None = None, like=None) -> tuple[int, dict]:
+  """(step, state["trainable"]) of checkpoint `step` (default latest) placed on `mesh` under the partition rules;
+  a ConfigError naming the folder if there is none, or if the params do not match `like`'s paths and shapes."""
+  ckpt_dir = pathlib.Path(workdir) / CHECKPOINTS
+  if not ckpt_dir.is_dir():
+    raise models.ConfigError(f"{ckpt_dir}: no such folder (no checkpoint saved yet)")
+  ckpt = checkpoint.Checkpointer(ckpt_dir, max_to_keep=None)
+  try:
+    if ckpt.latest_step() is None:
+      raise models.ConfigError(f"{ckpt_dir}: no checkpoint")
+    return ckpt.restore_subtree("trainable", lambda a: sharding.shardings(a, mesh), step, like=like)
+  except FileNotFoundError as e:
+    raise models.ConfigError(str(e)) from None
+  except ValueError as e:  # Paths or shapes that do not fit the model the run is rebuilt on.
+    raise models.ConfigError(" ".join(str(e).split())) from None
+  finally:
+    ckpt.close()

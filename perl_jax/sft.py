@@ -1,65 +1,27 @@
-"""Supervised fine-tuning: masked next-token loss on assistant tokens, its data and eval, its set-up over the
-shared loop (`train`) and its restore from a run folder (the RL policy starts from it).
+"""Supervised fine-tuning: masked next-token loss on assistant tokens, its data and eval, and its set-up over the
+shared loop (`train`). What it tunes, and how a later stage restores it, is `policy` (a LoRA or a backbone copy).
 
-Trainable state is {"lora": ...} for PERL (the backbone frozen and never differentiated) or {"backbone": ...}
-(a float32 copy of every base param, LM head included) for full tuning; `frozen_params` is the rest.
 Batches: input_ids / attention_mask / loss_mask int32[B, T] (data.encode_sft) and valid int32[B].
 """
-import dataclasses
 import functools
 import logging
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from perl_jax import data, lora, losses, models, optimizer, runs, sharding, trainer
+from perl_jax import data, lora, losses, models, optimizer, policy, runs, sharding, trainer
 from perl_jax.models import ModelConfig
 
 log = logging.getLogger("perl_jax")
 MODEL_KEYS = ("input_ids", "attention_mask", "loss_mask", "valid")
 
 
-@dataclasses.dataclass(frozen=True)
-class SftConfig:
-  """How the policy is tuned: mode "lora" (PERL) | "full", and the LoRA shape."""
-  mode: str = "lora"
-  lora_cfg: lora.LoraConfig = lora.LoraConfig()
-
-
-def config_from(config: ml_collections.ConfigDict) -> SftConfig:
-  if config.mode not in ("lora", "full"):
-    raise models.ConfigError(f"config: field 'mode': must be 'lora' or 'full', got '{config.mode}'")
-  return SftConfig(mode=config.mode, lora_cfg=lora.config_from(config.lora))
-
-
-def init_trainable(rng, scfg: SftConfig, base_params) -> dict:
-  """{"lora": A ~ U(±1/√in), B = 0} (the policy starts as the base) or {"backbone": float32 copy of the base}."""
-  if scfg.mode == "lora":
-    return {"lora": lora.init(rng, base_params, scfg.lora_cfg)}
-  if scfg.mode == "full":
-    return {"backbone": jax.tree.map(lambda x: x.astype(jnp.float32), base_params)}
-  raise models.ConfigError(f"config: field 'mode': must be 'lora' or 'full', got '{scfg.mode}'")
-
-
-def frozen_params(scfg: SftConfig, base_params) -> dict:
-  """The whole base under LoRA; nothing under full tuning (every param is trained)."""
-  return base_params if scfg.mode == "lora" else {}
-
-
-def model_params(scfg: SftConfig, trainable, frozen) -> tuple[dict, list]:
-  """(params, adapters) for models.forward: base + [(LoRA, α/r)], or the trained backbone alone."""
-  if scfg.mode == "lora":
-    return frozen, [(trainable["lora"], lora.scale(scfg.lora_cfg))]
-  return {**frozen, **trainable["backbone"]}, []
-
-
-def logits(model_cfg: ModelConfig, scfg: SftConfig, trainable, frozen, ids_BxT, mask_BxT):
+def logits(model_cfg: ModelConfig, scfg: policy.PolicyConfig, trainable, frozen, ids_BxT, mask_BxT):
   """Policy logits [B, T, V] (float32 from the model's unembedding)."""
-  params, adapters = model_params(scfg, trainable, frozen)
+  params, adapters = policy.model_params(scfg, trainable, frozen)
   return models.forward(model_cfg, params, ids_BxT, mask_BxT, adapters=adapters).logits
 
 
@@ -79,7 +41,7 @@ def masked_sums(logits_BxTxV, batch) -> dict:
   return {"nll_sum": -jnp.sum(w * logp), "correct": jnp.sum(w * hit), "num_tokens": jnp.sum(w)}
 
 
-def loss_fn(model_cfg: ModelConfig, scfg: SftConfig, trainable, frozen, batch, rng=None) -> tuple[jax.Array, dict]:
+def loss_fn(model_cfg: ModelConfig, scfg: policy.PolicyConfig, trainable, frozen, batch, rng=None) -> tuple[jax.Array, dict]:
   """Token-weighted mean CE over the loss-mask tokens, loss = Σ w·(−log p) / max(Σ w, 1); metrics loss,
   accuracy (argmax == target on those tokens) and num_tokens. rng unused (no dropout)."""
   del rng
@@ -89,7 +51,7 @@ def loss_fn(model_cfg: ModelConfig, scfg: SftConfig, trainable, frozen, batch, r
   return loss, {"loss": loss, "accuracy": s["correct"] / n, "num_tokens": s["num_tokens"]}
 
 
-def make_loss_fn(model_cfg: ModelConfig, scfg: SftConfig):
+def make_loss_fn(model_cfg: ModelConfig, scfg: policy.PolicyConfig):
   """loss_fn bound to the model: (trainable, frozen, batch, rng) -> (loss, metrics), trainer's convention."""
   return functools.partial(loss_fn, model_cfg, scfg)
 
@@ -146,23 +108,23 @@ def evaluate(sums_fn, trainable, frozen, arrays, batch_size: int, mesh) -> dict:
 # ---------------------------------------------------------------- training and restoring
 
 
-def new_state(config, scfg: SftConfig, base_params, optim) -> dict:
+def new_state(config, scfg: policy.PolicyConfig, base_params, optim) -> dict:
   """The checkpointed train state seeded from config.seed (restore targets are this function's shapes)."""
-  trainable = init_trainable(jax.random.key(config.seed), scfg, base_params)
+  trainable = policy.init_trainable(jax.random.key(config.seed), scfg, base_params)
   return trainer.new_state(trainable, optim, jax.random.key(config.seed + 1))
 
 
 def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = None):
   """Trains (or resumes) the SFT policy described by `config` in `workdir`; returns (final state, eval metrics)."""
   sharding.initialize_distributed(config.multihost)
-  scfg = config_from(config)
+  scfg = policy.config_from(config)
   model_cfg, base, tokenizer = runs.load_model(config.model)
   train_arrays, eval_arrays, data_info = load_data(config, tokenizer)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   trainer.check_batch_sizes(config, mesh)
   schedule, optim = optimizer.make(config.optim, config.steps)
   state, state_sh = trainer.place(new_state(config, scfg, base, optim), mesh)
-  frozen, frozen_sh = trainer.place(frozen_params(scfg, base), mesh)
+  frozen, frozen_sh = trainer.place(policy.frozen_params(scfg, base), mesh)
   log.info("%s policy: %s", "PERL (LoRA)" if scfg.mode == "lora" else "full",
            lora.summary(base if scfg.mode == "lora" else {}, state["trainable"]))
   del base
@@ -176,48 +138,3 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
   return trainer.run(config, workdir, state=state, frozen=frozen, step_fn=step_fn,
                      batches=data.pipeline.train_iterator(train_arrays, config.data),
                      evaluate=evaluate_fn, schedule=schedule, perf=perf, info=data_info, stop_after=stop_after)
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainedPolicy:
-  """A restored SFT policy: frozen params (frozen_params) and trainable, placed on `mesh`."""
-  config: ml_collections.ConfigDict
-  scfg: SftConfig
-  model_cfg: models.ModelConfig
-  frozen: dict
-  trainable: dict
-  tokenizer: Any
-  step: int
-  mesh: jax.sharding.Mesh
-  model_path: str
-
-  def params(self) -> tuple[dict, list]:
-    """(params, adapters) to run this policy with models.forward / sampling."""
-    return model_params(self.scfg, self.trainable, self.frozen)
-
-
-def restore(workdir, *, step: int | None = None, model_path: str | None = None, mesh=None,
-            loaded=None) -> TrainedPolicy:
-  """Rebuilds model + policy from run.json and restores the trained params of checkpoint `step` (default latest);
-  `model_path` replaces the run's base model path; `loaded` = (model_cfg, base, tokenizer) already loaded from it."""
-  config = runs.read_config(workdir)
-  if model_path is not None:
-    config.model.path = model_path
-  scfg = config_from(config)
-  model_cfg, base, tokenizer = loaded or runs.load_model(config.model)
-  mesh = mesh or sharding.make_mesh(-1, config.mesh.fsdp, config.mesh.tensor)
-  _, optim = optimizer.make(config.optim, config.steps)
-  target = runs.sharded_abstract(lambda b: new_state(config, scfg, b, optim), base, mesh)
-  restored_step, state = runs.restore(workdir, target, step=step)
-  frozen, _ = trainer.place(frozen_params(scfg, base), mesh)
-  return TrainedPolicy(config, scfg, model_cfg, frozen, state["trainable"], tokenizer, restored_step, mesh,
-                       runs.model_path(config.model))
-
-
-def merged_params(policy: TrainedPolicy, like: dict) -> dict:
-  """The SFT model as one params tree in the dtypes of `like` (the base): base ⊕ (α/r)·A·B merged into the
-  kernels (LoRA, in float32) or the tuned backbone (full)."""
-  params, adapters = policy.params()
-  for tree, scale in adapters:
-    params = lora.merge(params, tree, scale)
-  return jax.tree.map(lambda x, ref: x.astype(ref.dtype), params, like)

@@ -14,7 +14,7 @@ import json
 from absl import app, flags
 
 from perl_jax import cli, data, reward
-from perl_jax.rl import evaluate
+from perl_jax.rl import evaluate, setup
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "RL run folder (run.json, checkpoints/).")
 _DATA = flags.DEFINE_string("data", None, "Prompt source: a TM-4 dialogs / reward file or HH pairs file.")
@@ -36,7 +36,7 @@ def main(_):
 
 
 def _evaluate():
-  policy = evaluate.restore(_WORKDIR.value, step=_STEP.value)
+  policy = setup.restore(_WORKDIR.value, step=_STEP.value)
   fmt = _FORMAT.value or policy.config.data.format
   prompts = evaluate.held_out_prompts(policy, fmt, _DATA.value, _SPLIT.value)
   if _MAX_PROMPTS.value:

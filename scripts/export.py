@@ -40,8 +40,8 @@ def _export():
 
 
 def _export_policy():
-  from perl_jax.rl import evaluate
-  policy = evaluate.restore(_WORKDIR.value, step=_STEP.value)
+  from perl_jax.rl import setup
+  policy = setup.restore(_WORKDIR.value, step=_STEP.value)
   model_path = runs.model_path(policy.config.model)
   if _FORMAT.value == "merged":
     out = export_policy.export_merged(policy, _OUT.value, model_path, _DTYPE.value)

@@ -78,7 +78,7 @@ def run(tmp_path_factory):
   workdir = root / "run"
   reward.train(config, str(workdir))
   rm = reward.restore(workdir)
-  host = types.SimpleNamespace(trainable=jax.device_get(rm.trainable), base=jax.device_get(rm.base))
+  host = types.SimpleNamespace(trainable=jax.device_get(rm.trainable), base=jax.device_get(rm.frozen))
   return types.SimpleNamespace(root=root, base=base, files=files, config=config, workdir=workdir, rm=rm, host=host)
 
 
@@ -89,7 +89,7 @@ def _encoded(run, fmt, path, with_truncated=False):
 
 def _our_scores(run, ids, mask):
   rm = run.rm
-  return np.asarray(reward.scores(rm.model_cfg, rm.rcfg, run.host.trainable, run.host.base, ids, mask))
+  return np.asarray(reward.scores(rm.model_cfg, rm.stage, run.host.trainable, run.host.base, ids, mask))
 
 
 def _hf_scores(model, ids, mask, pad_id):
@@ -138,7 +138,7 @@ def test_merged_export_loads_in_perl_jax(run):
   rm = run.rm
   arrays = _encoded(run, "taskmaster4", run.files.eval)
   ids, mask = arrays["input_ids"], arrays["attention_mask"]
-  lora_tree, scale = run.host.trainable["lora"], lora.scale(rm.rcfg.lora_cfg)
+  lora_tree, scale = run.host.trainable["lora"], lora.scale(rm.stage.lora_cfg)
   loaded = models.forward(cfg, params, ids, mask).logits
   merged = models.forward(rm.model_cfg, lora.merge(run.host.base, lora_tree, scale), ids, mask).logits
   adapted = models.forward(rm.model_cfg, run.host.base, ids, mask, adapters=[(lora_tree, scale)]).logits
@@ -163,7 +163,7 @@ def test_peft_export_matches_peft(run):
 
 
 def test_peft_export_refuses_full_mode(run):
-  rm = dataclasses.replace(run.rm, rcfg=dataclasses.replace(run.rm.rcfg, mode="full"))
+  rm = dataclasses.replace(run.rm, stage=dataclasses.replace(run.rm.stage, mode="full"))
   with pytest.raises(models.ConfigError, match="merged"):
     export.export_peft(rm, run.root / "peft_full")
 

@@ -9,7 +9,8 @@ import sys
 import jax
 import pytest
 
-from perl_jax import data, heads, reward, sft
+from perl_jax import data, heads, policy, reward, sft
+from perl_jax.rl import setup
 from perl_jax.rl import train as rl_train
 from tests.conftest import ROOT
 from tests.helpers import head_lines, make_tiny_hf_folder
@@ -123,7 +124,7 @@ def test_eval_policy_anchor_equality_and_judge(runs, tmp_path):
   from perl_jax.rl import evaluate
   rl_train.train(_rl_config(runs, steps=1, checkpoint_every=1, optim=dict(lr=0.0, warmup_steps=1, weight_decay=0.0,
                                                                           clip_norm=1.0)), tmp_path / "rl0")
-  policy = evaluate.restore(tmp_path / "rl0")
+  policy = setup.restore(tmp_path / "rl0")
   prompts = evaluate.held_out_prompts(policy, "taskmaster4", runs / "tm4.jsonl", "all")[:6]
   judge = reward.restore(runs / "rm", mesh=policy.mesh)
   r = evaluate.evaluate(policy, prompts, batch_size=4, judge=judge, samples_per_prompt=2)
@@ -152,11 +153,10 @@ def test_policy_export_merged_and_peft_match_transformers(runs, tmp_path):
   from peft import PeftModel
   from perl_jax import models
   from perl_jax.export_policy import adapter_sets
-  from perl_jax.rl import evaluate
   c = _rl_config(runs, steps=2, optim=dict(lr=0.05, warmup_steps=1, weight_decay=0.0, clip_norm=1.0))
   c.rl.value_warmup_steps = 0                                 # the policy moves from step 1
   rl_train.train(c, tmp_path / "rl")
-  policy = evaluate.restore(tmp_path / "rl")
+  policy = setup.restore(tmp_path / "rl")
   assert all(float(np.abs(np.asarray(x)).max()) > 0 for x in jax.tree.leaves(policy.trainable["policy"]))
   ids = np.random.default_rng(0).integers(3, 1000, size=(2, 12)).astype(np.int32)
   ours = np.asarray(models.forward(policy.model_cfg, policy.frozen["base"], ids, None,
@@ -186,32 +186,33 @@ def test_rm_started_from_the_sft_run_stands_on_it_in_training_restore_and_rl(run
   c.update(steps=2, log_every=1, eval_every=2, checkpoint_every=2, optim=dict(
       lr=0.05, warmup_steps=1, weight_decay=0.0, clip_norm=1.0, head_lr_mult=1.0))
   reward.train(c, tmp_path / "rm")
-  rm, pol = reward.restore(tmp_path / "rm"), sft.restore(runs / "sft")
+  rm, pol = reward.restore(tmp_path / "rm"), policy.restore(runs / "sft")
   sft_lora, rm_lora = pol.trainable["lora"], rm.trainable["lora"]
   assert all(float(np.abs(np.asarray(x)).max()) > 0 for x in jax.tree.leaves((sft_lora, rm_lora)))  # both moved
   ids = np.random.default_rng(0).integers(3, 1000, size=(3, 10)).astype(np.int32)
   mask = np.ones_like(ids)
-  stack = [(sft_lora, lora.scale(pol.scfg.lora_cfg)), (rm_lora, lora.scale(rm.rcfg.lora_cfg))]
+  stack = [(sft_lora, lora.scale(pol.stage.lora_cfg)), (rm_lora, lora.scale(rm.stage.lora_cfg))]
   hidden = models.forward(rm.model_cfg, pol.frozen, ids, mask, adapters=stack, return_logits=False).hidden
   expected = heads.head_apply(rm.trainable["head"], hidden[:, -1])
-  got = reward.scores(rm.model_cfg, rm.rcfg, rm.trainable, rm.base, ids, mask)
+  got = reward.scores(rm.model_cfg, rm.stage, rm.trainable, rm.frozen, ids, mask)
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
-  without_sft = reward.scores(rm.model_cfg, rm.rcfg, rm.trainable, pol.frozen, ids, mask)
+  without_sft = reward.scores(rm.model_cfg, rm.stage, rm.trainable, pol.frozen, ids, mask)
   assert float(np.abs(np.asarray(without_sft) - np.asarray(expected)).max()) > 1e-4   # 10× the tolerance above
 
   rl = _rl_config(runs, steps=1, checkpoint_every=1)
   rl.reward_workdir = str(tmp_path / "rm")
-  _, _, base, sft_adapter, *_ = rl_train.load_roles(rl, rm.mesh)
+  roles_ = setup.load_roles(rl, rm.mesh)
+  base, sft_adapter = roles_.base, roles_.sft_lora
   assert sft_adapter is None                                   # already merged into the one backbone
   np.testing.assert_allclose(np.asarray(models.forward(rm.model_cfg, base, ids, mask).logits),
-                             np.asarray(sft.logits(pol.model_cfg, pol.scfg, pol.trainable, pol.frozen, ids, mask)),
+                             np.asarray(sft.logits(pol.model_cfg, pol.stage, pol.trainable, pol.frozen, ids, mask)),
                              atol=1e-4)                        # reference = the SFT policy
   rl_train.train(rl, tmp_path / "rl")
   first = json.loads((tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()[0])
   assert first["train/kl_ref"] == 0.0                          # the policy starts at that anchor
   rl.sft_workdir = str(tmp_path / "rm")                        # any other run as anchor is refused
   with pytest.raises(models.ConfigError, match="starts from the SFT run"):
-    rl_train.load_roles(rl, rm.mesh)
+    setup.load_roles(rl, rm.mesh)
   with pytest.raises(models.ConfigError, match="--format merged"):
     export.export_peft(rm, tmp_path / "peft")
   c.init_from = str(tmp_path / "nope")

@@ -160,7 +160,7 @@ def test_probe_head_init_is_the_probe_of_the_runs_own_frozen_features(tiny, tmp_
   step-1 checkpoint at the initial state. A resumed run restores the head and does not fit it again."""
   import optax
 
-  from perl_jax import optimizer, probe, runs
+  from perl_jax import probe, runs
   cfg = _config(tiny, arg, head_init="probe", probe_examples=12, steps=2, checkpoint_every=1, eval_every=0)
   cfg.optim.lr = 0.0
   reward.train(cfg, tmp_path / "run", stop_after=1)
@@ -179,11 +179,9 @@ def test_probe_head_init_is_the_probe_of_the_runs_own_frozen_features(tiny, tmp_
     rows.append(np.asarray(reward.batch_features(model_cfg, rcfg, init, frozen, batch))[0])
   want, _ = probe.fit_head(np.stack(rows), train_arrays["label"][:12] if "label" in train_arrays else None,
                            seed=cfg.seed)
-  optim = optimizer.make(cfg.optim, cfg.steps)[1]
-  target = jax.eval_shape(lambda b: reward.new_state(cfg, rcfg, model_cfg, b, optim), base)
-  _, state = runs.restore(tmp_path / "run", target, step=1)
-  np.testing.assert_allclose(np.asarray(state["trainable"]["head"]["kernel"]), want["kernel"], rtol=2e-3, atol=2e-4)
-  np.testing.assert_allclose(np.asarray(state["trainable"]["head"]["bias"]), want["bias"], rtol=2e-3, atol=2e-4)
+  got = reward.restore(tmp_path / "run", step=1).trainable["head"]
+  np.testing.assert_allclose(np.asarray(got["kernel"]), want["kernel"], rtol=2e-3, atol=2e-4)
+  np.testing.assert_allclose(np.asarray(got["bias"]), want["bias"], rtol=2e-3, atol=2e-4)
 
   monkeypatch.setattr(reward, "probe_head", lambda *a, **k: pytest.fail("refit on resume"))
   resumed, _ = reward.train(cfg, tmp_path / "run")
@@ -194,7 +192,6 @@ def test_probe_cache_is_shared_by_lora_ranks_and_seeds_and_equals_a_fresh_probe(
   """probe_cache: the frozen features are computed once for every LoRA rank and seed (untrained adapters add
   exactly zero); a point that reads them starts from the head an uncached run of that point fits. Full tuning
   gets its own entry."""
-  from perl_jax import optimizer, runs
   cache = tmp_path / "cache"
 
   def head(run, **over):
@@ -202,10 +199,7 @@ def test_probe_cache_is_shared_by_lora_ranks_and_seeds_and_equals_a_fresh_probe(
                                               eval_every=0), **over})
     cfg.optim.lr = 0.0
     reward.train(cfg, tmp_path / run, stop_after=1)
-    model_cfg, base, _ = runs.load_model(cfg.model)
-    rcfg, optim = reward.config_from(cfg), optimizer.make(cfg.optim, cfg.steps)[1]
-    target = jax.eval_shape(lambda b: reward.new_state(cfg, rcfg, model_cfg, b, optim), base)
-    return runs.restore(tmp_path / run, target, step=1)[1]["trainable"]["head"]
+    return reward.restore(tmp_path / run, step=1).trainable["head"]
 
   head("r4", probe_cache=str(cache))
   assert len(list(cache.glob("*.npz"))) == 1

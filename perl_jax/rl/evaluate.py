@@ -1,4 +1,4 @@
-"""A trained RL policy on held-out prompts: RM reward of the policy and of its SFT anchor with the paired
+"""A trained RL policy (`setup.restore`, a `runs.Trained`) on held-out prompts: RM reward of the policy and of its SFT anchor with the paired
 difference and its 95% bootstrap interval, the win rate of the policy over the anchor with its 95% Wilson
 interval, KL to the anchor, finished fractions and lengths (and the same under an optional second "judge" RM the
 policy never trained against, to show over-optimisation). n samples per prompt pair sample j of the policy with
@@ -8,43 +8,13 @@ The anchor is the policy's own stack without the policy LoRA (LoRA mode: the pol
 exactly the reference role) or the frozen reference copy (full mode); both sample with the run's settings.
 """
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perl_jax import data, evaluation, models, optimizer, reward, runs, sharding
-from perl_jax.rl import RLConfig, learner, roles, rollout
-from perl_jax.rl import train as rl_train
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainedPolicy:
-  config: Any
-  model_cfg: models.ModelConfig
-  tokenizer: Any
-  rlcfg: RLConfig
-  trainable: dict
-  frozen: dict
-  step: int
-  mesh: jax.sharding.Mesh
-
-
-def restore(workdir, *, step: int | None = None, mesh=None) -> TrainedPolicy:
-  """The RL run in `workdir`: its roles rebuilt from its RM / SFT folders and its trained adapters restored."""
-  config = runs.read_config(workdir)
-  mesh = mesh or sharding.make_mesh(-1, config.mesh.fsdp, config.mesh.tensor)
-  model_cfg, tokenizer, base, sft_lora, rm_params, rm_scale, sft_scale, rm_lora_cfg = rl_train.load_roles(config, mesh)
-  rlcfg = rl_train.config_from(config, model_cfg, tokenizer, rm_scale, sft_scale,
-                               rl_train.value_lora_cfg(config, rm_lora_cfg))
-  _, optim = optimizer.make(config.optim, config.steps, rlcfg.num_updates)
-  make = lambda b: learner.new_state(roles.init_trainable(jax.random.key(config.seed), model_cfg, rlcfg, b, sft_lora,
-                                                          rm_params), optim, jax.random.key(0), rlcfg)
-  restored_step, state = runs.restore(workdir, runs.sharded_abstract(make, base, mesh), step=step)
-  frozen = roles.frozen_params(rlcfg, base, sft_lora, rm_params)
-  frozen = jax.device_put(frozen, sharding.shardings(frozen, mesh))
-  return TrainedPolicy(config, model_cfg, tokenizer, rlcfg, state["trainable"], frozen, restored_step, mesh)
+from perl_jax import data, evaluation, models, reward, runs
+from perl_jax.rl import RLConfig, roles, rollout
 
 
 def anchor_trainable(rlcfg: RLConfig, trainable: dict, frozen: dict) -> dict:
@@ -59,10 +29,10 @@ def win_rate(r_policy_N, r_anchor_N) -> float:
   return evaluation.win_rate_stats(r_policy_N, r_anchor_N)["win_rate"]
 
 
-def _judge_fn(judge: reward.TrainedRM):
+def _judge_fn(judge: runs.Trained):
   """r_B of a second RM (same backbone) on prompt + response sequences (its params passed, not closed over)."""
-  fn = jax.jit(lambda tr, base, ids, mask: reward.scores(judge.model_cfg, judge.rcfg, tr, base, ids, mask))
-  return lambda ids, mask: fn(judge.trainable, judge.base, ids, mask)
+  fn = jax.jit(lambda tr, base, ids, mask: reward.scores(judge.model_cfg, judge.stage, tr, base, ids, mask))
+  return lambda ids, mask: fn(judge.trainable, judge.frozen, ids, mask)
 
 
 def sampling_config(rlcfg: RLConfig, n: int) -> RLConfig:
@@ -72,12 +42,12 @@ def sampling_config(rlcfg: RLConfig, n: int) -> RLConfig:
                              value_warmup_steps=0)
 
 
-def _eval_fns(policy: TrainedPolicy, n: int):
+def _eval_fns(policy: runs.Trained, n: int):
   """(sampler(trainable) -> sample(ids, mask, rng), score(samples, with_ref) -> (RM score_B, ref log-probs_BxN or
   0)), jitted with params as arguments (a closure would bake them into the program as constants). A policy
   samples from its adapters merged into the backbone (one set of weights per decode step, as for inference);
   scoring has no value pass, and the reference pass only where KL is reported (the policy's samples)."""
-  rlcfg = sampling_config(policy.rlcfg, n)
+  rlcfg = sampling_config(policy.stage, n)
   merge = jax.jit(lambda tr, fr: roles.merged_policy(rlcfg, tr, fr))
   sample_jit = jax.jit(lambda params, ids, mask, rng: rollout.sample_with(policy.model_cfg, rlcfg, params, [], ids,
                                                                           mask, rng))
@@ -116,14 +86,14 @@ def _stats(prefix: str, after_NxK, before_NxK) -> dict:
           f"{prefix}win_rate_hi": w["win_rate_hi"]}
 
 
-def evaluate(policy: TrainedPolicy, prompts: list, *, batch_size: int = 8, seed: int = 0,
-             judge: reward.TrainedRM | None = None, samples_per_prompt: int = 1) -> dict:
+def evaluate(policy: runs.Trained, prompts: list, *, batch_size: int = 8, seed: int = 0,
+             judge: runs.Trained | None = None, samples_per_prompt: int = 1) -> dict:
   """Samples the policy and its anchor `samples_per_prompt` times on every prompt (same rng per batch), scores
   both under the RM (and the judge), and returns the figures with their intervals (module docstring)."""
   n = samples_per_prompt
   arrays, n_trunc = data.encode_prompts(prompts, policy.tokenizer, policy.config.data.max_prompt_len)
   sampler, score_fn = _eval_fns(policy, n)
-  anchor = anchor_trainable(policy.rlcfg, policy.trainable, policy.frozen)
+  anchor = anchor_trainable(policy.stage, policy.trainable, policy.frozen)
   samplers = {"pol": sampler(policy.trainable), "anc": sampler(anchor)}
   judge_fn = None if judge is None else _judge_fn(judge)
   out = {k: [] for k in ("r_pol", "r_anc", "kl", "len_pol", "len_anc", "fin_pol", "fin_anc", "j_pol", "j_anc")}
@@ -163,7 +133,7 @@ def evaluate(policy: TrainedPolicy, prompts: list, *, batch_size: int = 8, seed:
   return result
 
 
-def held_out_prompts(policy: TrainedPolicy, fmt: str, path, split: str = "eval", skip_invalid: bool = True) -> list:
+def held_out_prompts(policy: runs.Trained, fmt: str, path, split: str = "eval", skip_invalid: bool = True) -> list:
   """Prompts of `path`; with split "eval"/"train", the run's own conversation split of them."""
   prompts = data.read_prompts(fmt, path, skip_invalid=skip_invalid)
   if split == "all":
@@ -172,7 +142,7 @@ def held_out_prompts(policy: TrainedPolicy, fmt: str, path, split: str = "eval",
   return held if split == "eval" else train
 
 
-def check_judge(policy: TrainedPolicy, judge: reward.TrainedRM, where: str) -> None:
+def check_judge(policy: runs.Trained, judge: runs.Trained, where: str) -> None:
   """A judge RM must score sequences of the policy's tokenizer on the same backbone shape."""
   same = dataclasses.replace(judge.model_cfg, dtype=policy.model_cfg.dtype, remat=policy.model_cfg.remat,
                              attention=policy.model_cfg.attention)

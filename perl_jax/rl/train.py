@@ -1,11 +1,7 @@
-"""The RL stage over the shared loop: load the RM and SFT runs onto one backbone, read prompts, run RLStep in
-trainer.run (resume, cadence, metrics.jsonl / TensorBoard, checkpoints, summary), log sample texts.
-
-RM / SFT folders that are missing, or trained on another backbone or tokenizer, are a ConfigError (the script
-prints one line and exits 2). LoRA mode keeps one base: the RM's; the SFT run contributes only its adapter
-(an RM trained from an SFT run, `init_from`, already stands on that SFT model: it is the base and the anchor).
+"""The RL stage over the shared loop: its roles from `setup`, prompts read and split, RLStep run in trainer.run
+(resume, cadence, metrics.jsonl / TensorBoard, checkpoints, summary), sample texts logged, the held-out eval of
+`evaluate` at eval steps.
 """
-import dataclasses
 import json
 import logging
 import pathlib
@@ -14,113 +10,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from perl_jax import checkpoint, data, lora, models, optimizer, reward, runs, sft, sharding, trainer
-from perl_jax.data import pipeline
-from perl_jax.rl import RLConfig, learner, roles, rollout
+from perl_jax import checkpoint, data, models, optimizer, runs, sharding, trainer
+from perl_jax.rl import evaluate, learner, roles, rollout, setup
 from perl_jax.rl.step import RLStep
 
 log = logging.getLogger("perl_jax")
 SAMPLES_FILE = "samples.jsonl"
-
-
-def config_from(config: ml_collections.ConfigDict, model_cfg, tokenizer, rm_scale: float, sft_scale: float,
-                value_lora: lora.LoraConfig) -> RLConfig:
-  """RLConfig from a run config plus what the loaded runs fix (adapter scales, EOS / pad ids); fields newer than
-  a run's config (an older run folder) take their RLConfig defaults."""
-  r = config.rl
-  return RLConfig(
-      mode=config.mode, algorithm=r.algorithm, objective=r.objective, kl_coef=r.kl_coef,
-      kl_estimator=r.kl_estimator, kl_target=r.kl_target or None, kl_horizon=r.kl_horizon,
-      max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-      eos_id=-1 if model_cfg.eos_token_id is None else model_cfg.eos_token_id, pad_id=pipeline.pad_id(tokenizer),
-      samples_per_prompt=r.get("samples_per_prompt", 1), unfinished_reward=r.get("unfinished_reward"),
-      gamma=r.gamma, lam=r.lam, whiten_advantages=r.whiten_advantages, clip_eps=r.clip_eps,
-      value_clip_eps=r.value_clip_eps or None, vf_coef=r.vf_coef, value_warmup_steps=r.get("value_warmup_steps", 0),
-      ppo_epochs=r.ppo_epochs, num_minibatches=r.num_minibatches, num_microbatches=r.get("num_microbatches", 1),
-      policy_lora=lora.config_from(config.lora), value_lora=value_lora, value_init=r.value_init,
-      sft_scale=sft_scale, reward_scale=rm_scale)
-
-
-def value_lora_cfg(config, rm_lora_cfg) -> lora.LoraConfig:
-  """The value LoRA's shape: the RM's (value_init "reward" copies it) or the policy's."""
-  return rm_lora_cfg if config.rl.value_init == "reward" else lora.config_from(config.lora)
-
-
-def _same_backbone(name: str, workdir, other_cfg, other_tok, model_cfg, tokenizer) -> None:
-  same = dataclasses.replace(other_cfg, dtype=model_cfg.dtype, remat=model_cfg.remat, attention=model_cfg.attention)
-  if same != model_cfg:
-    raise models.ConfigError(f"{workdir}: the {name} run was trained on another backbone than the reward model")
-  if other_tok.get_vocab() != tokenizer.get_vocab():
-    raise models.ConfigError(f"{workdir}: the {name} run used another tokenizer than the reward model")
-
-
-def _anchor_is_rm_start(config, rm_start) -> None:
-  sft_dir = config.get("sft_workdir") or ""
-  if sft_dir and not runs.same_path(sft_dir, rm_start):
-    raise models.ConfigError(f"{sft_dir}: the reward model {config.reward_workdir} starts from the SFT run "
-                             f"{rm_start}, so RL's anchor is that run; config field 'sft_workdir' must name it or "
-                             "be empty")
-  log.info("the reward model starts from the SFT run %s: the SFT model (merged) is the backbone and the anchor",
-           rm_start)
-
-
-def load_roles(config, mesh):
-  """(model_cfg, tokenizer, base, sft adapter or None, RM {"lora"|"backbone", "head"}, RM scale, SFT scale)."""
-  for name in ("reward_workdir", "sft_workdir"):
-    path = config.get(name) or ""
-    if name == "reward_workdir" and not path:
-      raise models.ConfigError("config: field 'reward_workdir': required (an RM run folder)")
-    if path:
-      runs.require_run_folder(path, name)
-  rm = reward.restore(config.reward_workdir, model_path=config.model.path or None, mesh=mesh)
-  model_cfg, tokenizer, base = rm.model_cfg, rm.tokenizer, rm.base
-  rm_params = {k: v for k, v in rm.trainable.items()}
-  if "backbone" in rm_params and config.mode == "lora":
-    raise models.ConfigError(f"{config.reward_workdir}: LoRA-mode RL needs a LoRA reward model (one backbone)")
-  if "backbone" in rm_params:  # A full RM's frozen part is only an unused LM head: load the base itself.
-    model_cfg, base, _ = runs.load_model(rm.config.model)
-  elif rm.config.get("init_from"):  # A LoRA RM on an SFT model: that SFT model is the one backbone and the anchor.
-    _anchor_is_rm_start(config, rm.config.init_from)
-    return model_cfg, tokenizer, base, None, rm_params, lora.scale(rm.rcfg.lora_cfg), 1.0, rm.rcfg.lora_cfg
-  sft_lora, sft_scale = None, 1.0
-  if config.get("sft_workdir"):
-    if not config.model.path:  # Refuse before restoring: another model's checkpoint would not even load.
-      a, b = runs.model_path(runs.read_config(config.sft_workdir).model), runs.model_path(rm.config.model)
-      if not runs.same_path(a, b):
-        raise models.ConfigError(f"{config.sft_workdir}: the SFT run was trained on another backbone ({a}) "
-                                 f"than the reward model ({b})")
-    pol = sft.restore(config.sft_workdir, model_path=config.model.path or None, mesh=mesh)
-    _same_backbone("SFT", config.sft_workdir, pol.model_cfg, pol.tokenizer, model_cfg, tokenizer)
-    if pol.scfg.mode == "lora":
-      sft_lora, sft_scale = pol.trainable["lora"], lora.scale(pol.scfg.lora_cfg)
-    elif config.mode == "lora":
-      raise models.ConfigError(f"{config.sft_workdir}: LoRA-mode RL needs a LoRA SFT run (one backbone)")
-    else:  # Full SFT under full RL: the SFT backbone is the model everything starts from.
-      base = {**base, **pol.trainable["backbone"]}
-  return model_cfg, tokenizer, base, sft_lora, rm_params, lora.scale(rm.rcfg.lora_cfg), sft_scale, rm.rcfg.lora_cfg
-
-
-def check_context(config, model_cfg) -> None:
-  """A prompt window plus the response must fit the model's context, or sampling runs past its positions."""
-  need, ctx = config.data.max_prompt_len + config.rl.max_new_tokens, model_cfg.max_position_embeddings
-  if ctx and need > ctx:
-    raise models.ConfigError(f"config: fields 'data.max_prompt_len' + 'rl.max_new_tokens' = {need} tokens exceed "
-                             f"the model's context ({ctx} tokens)")
-
-
-def check_batch(config, rlcfg, mesh) -> None:
-  """Prompts per step divide over data × fsdp; the rollout's rows (prompts × samples_per_prompt) over data × fsdp
-  × minibatches × microbatches. One line naming the field otherwise."""
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  b, k = config.data.batch_size, rlcfg.samples_per_prompt
-  if b % shards:
-    raise models.ConfigError(f"config: field 'data.batch_size': {b} prompts are not divisible by data x fsdp "
-                             f"({shards})")
-  cuts = shards * rlcfg.num_minibatches * rlcfg.num_microbatches
-  if (b * k) % cuts:
-    raise models.ConfigError(f"config: field 'data.batch_size': {b} prompts x rl.samples_per_prompt ({k}) = {b * k} "
-                             f"rollout rows are not divisible by data x fsdp ({shards}) x rl.num_minibatches "
-                             f"({rlcfg.num_minibatches}) x rl.num_microbatches ({rlcfg.num_microbatches})")
 
 
 def load_prompts(config, tokenizer):
@@ -171,21 +66,22 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
   """Trains (or resumes) the RL policy described by `config` in `workdir`; returns (final state, eval)."""
   sharding.initialize_distributed(config.multihost)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  model_cfg, tokenizer, base, sft_lora, rm_params, rm_scale, sft_scale, rm_lora_cfg = load_roles(config, mesh)
-  rlcfg = config_from(config, model_cfg, tokenizer, rm_scale, sft_scale, value_lora_cfg(config, rm_lora_cfg))
-  check_context(config, model_cfg)
-  check_batch(config, rlcfg, mesh)
+  r = setup.load_roles(config, mesh)
+  model_cfg, tokenizer, base = r.model_cfg, r.tokenizer, r.base
+  rlcfg = setup.config_from(config, r)
+  setup.check_context(config, model_cfg)
+  setup.check_batch(config, rlcfg, mesh)
   arrays, held_out, info = load_prompts(config, tokenizer)
   if len(arrays["input_ids"]) < config.data.batch_size:
     raise data.DataError(config.data.path, field="prompt", problem=(
         f"{len(arrays['input_ids'])} training prompts, fewer than one batch (data.batch_size="
         f"{config.data.batch_size}); lower data.batch_size or add prompts"))
   schedule, optim = optimizer.make(config.optim, config.steps, rlcfg.num_updates)
-  trainable = roles.init_trainable(jax.random.key(config.seed), model_cfg, rlcfg, base, sft_lora, rm_params)
-  frozen = roles.frozen_params(rlcfg, base, sft_lora, rm_params)
+  trainable = roles.init_trainable(jax.random.key(config.seed), model_cfg, rlcfg, base, r.sft_lora, r.reward)
+  frozen = roles.frozen_params(rlcfg, base, r.sft_lora, r.reward)
   state, state_sh = trainer.place(learner.new_state(trainable, optim, jax.random.key(config.seed + 1), rlcfg), mesh)
   frozen, frozen_sh = trainer.place(frozen, mesh)
-  del trainable, base
+  del trainable, base, r
   n_train = models.count_params(state["trainable"])
   log.info("RL (%s, %s): trainable params %s; frozen params %s", rlcfg.mode, rlcfg.algorithm, f"{n_train:,}",
            f"{models.count_params(frozen):,}")
@@ -213,8 +109,8 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
 
   def evaluate_fn(s, f):
     """eval_policy's figures on the first `eval_prompts` held-out prompts: reward before / after, KL, win rate."""
-    from perl_jax.rl import evaluate  # evaluate imports this module (load_roles)
-    policy = evaluate.TrainedPolicy(config, model_cfg, tokenizer, rlcfg, s["trainable"], f, int(s["step"]), mesh)
+    policy = runs.Trained(config, model_cfg, tokenizer, f, s["trainable"], int(s["step"]), mesh,
+                          runs.model_path(config.model), rlcfg)
     result = evaluate.evaluate(policy, held_out[:n_eval],
                                batch_size=config.get("eval_batch_size", 0) or config.data.batch_size)
     return {k: v for k, v in result.items() if isinstance(v, (int, float))}

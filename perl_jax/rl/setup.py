@@ -1,0 +1,138 @@
+"""What an RL run stands on, rebuilt from its config: the RM and SFT runs loaded onto one backbone (`load_roles`,
+a `Roles` record), the RLConfig they fix (`config_from`), the checks made before compiling, and the restore of a
+finished RL run (`restore`). Training, evaluation and export all go through here.
+
+RM / SFT folders that are missing, or trained on another backbone or tokenizer, are a ConfigError (the script
+prints one line and exits 2). LoRA mode keeps one base: the RM's; the SFT run contributes only its adapter
+(an RM trained from an SFT run, `init_from`, already stands on that SFT model: it is the base and the anchor).
+The base model is loaded once: the RM's restore loads it and the SFT run is restored onto it.
+"""
+import dataclasses
+import logging
+from typing import Any
+
+import jax
+import ml_collections
+
+from perl_jax import lora, models, policy, reward, runs
+from perl_jax.data import pipeline
+from perl_jax.rl import RLConfig, roles
+
+log = logging.getLogger("perl_jax")
+
+
+@dataclasses.dataclass(frozen=True)
+class Roles:
+  """The frozen inputs of the four roles, as read from the RM and SFT runs."""
+  model_cfg: models.ModelConfig
+  tokenizer: Any
+  base: dict  # The one backbone (LoRA mode), or the model the full-mode copies start from.
+  sft_lora: dict | None  # The SFT adapter stacked under the policy (LoRA SFT), else None.
+  sft_scale: float
+  reward: dict  # The RM's trained params: {"lora" | "backbone", "head"}.
+  reward_scale: float
+  reward_lora: lora.LoraConfig  # The RM adapter's shape (value_init "reward" copies it).
+
+
+def config_from(config: ml_collections.ConfigDict, r_: Roles) -> RLConfig:
+  """RLConfig from a run config plus what the loaded runs fix (adapter scales, EOS / pad ids); fields newer than
+  a run's config (an older run folder) take their RLConfig defaults."""
+  r, model_cfg, tokenizer = config.rl, r_.model_cfg, r_.tokenizer
+  return RLConfig(
+      mode=config.mode, algorithm=r.algorithm, objective=r.objective, kl_coef=r.kl_coef,
+      kl_estimator=r.kl_estimator, kl_target=r.kl_target or None, kl_horizon=r.kl_horizon,
+      max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+      eos_id=-1 if model_cfg.eos_token_id is None else model_cfg.eos_token_id, pad_id=pipeline.pad_id(tokenizer),
+      samples_per_prompt=r.get("samples_per_prompt", 1), unfinished_reward=r.get("unfinished_reward"),
+      gamma=r.gamma, lam=r.lam, whiten_advantages=r.whiten_advantages, clip_eps=r.clip_eps,
+      value_clip_eps=r.value_clip_eps or None, vf_coef=r.vf_coef, value_warmup_steps=r.get("value_warmup_steps", 0),
+      ppo_epochs=r.ppo_epochs, num_minibatches=r.num_minibatches, num_microbatches=r.get("num_microbatches", 1),
+      policy_lora=lora.config_from(config.lora), value_lora=value_lora_cfg(config, r_.reward_lora),
+      value_init=r.value_init, sft_scale=r_.sft_scale, reward_scale=r_.reward_scale)
+
+
+def value_lora_cfg(config, rm_lora_cfg) -> lora.LoraConfig:
+  """The value LoRA's shape: the RM's (value_init "reward" copies it) or the policy's."""
+  return rm_lora_cfg if config.rl.value_init == "reward" else lora.config_from(config.lora)
+
+
+def _anchor_is_rm_start(config, rm_start) -> None:
+  sft_dir = config.get("sft_workdir") or ""
+  if sft_dir and not runs.same_path(sft_dir, rm_start):
+    raise models.ConfigError(f"{sft_dir}: the reward model {config.reward_workdir} starts from the SFT run "
+                             f"{rm_start}, so RL's anchor is that run; config field 'sft_workdir' must name it or "
+                             "be empty")
+  log.info("the reward model starts from the SFT run %s: the SFT model (merged) is the backbone and the anchor",
+           rm_start)
+
+
+def load_roles(config, mesh) -> Roles:
+  """The RM run (config.reward_workdir) and the SFT run (config.sft_workdir, optional) as one Roles record."""
+  for name in ("reward_workdir", "sft_workdir"):
+    path = config.get(name) or ""
+    if name == "reward_workdir" and not path:
+      raise models.ConfigError("config: field 'reward_workdir': required (an RM run folder)")
+    if path:
+      runs.require_run_folder(path, name)
+  rm = reward.restore(config.reward_workdir, model_path=config.model.path or None, mesh=mesh)
+  model_cfg, tokenizer, base = rm.model_cfg, rm.tokenizer, rm.frozen
+  rm_params = dict(rm.trainable)
+  rm_scale, rm_lora = lora.scale(rm.stage.lora_cfg), rm.stage.lora_cfg
+  if "backbone" in rm_params and config.mode == "lora":
+    raise models.ConfigError(f"{config.reward_workdir}: LoRA-mode RL needs a LoRA reward model (one backbone)")
+  if "backbone" in rm_params and rm.config.get("init_from"):  # A full RM's own backbone is its trainable copy;
+    model_cfg, base, _ = runs.load_model(rm.config.model)      # the roles start from the plain base model.
+  elif rm.config.get("init_from"):  # A LoRA RM on an SFT model: that SFT model is the one backbone and the anchor.
+    _anchor_is_rm_start(config, rm.config.init_from)
+    return Roles(model_cfg, tokenizer, base, None, 1.0, rm_params, rm_scale, rm_lora)
+  sft_lora, sft_scale = None, 1.0
+  if config.get("sft_workdir"):
+    if not config.model.path:  # Refuse before restoring: another model's checkpoint would not even load.
+      a, b = runs.model_path(runs.read_config(config.sft_workdir).model), runs.model_path(rm.config.model)
+      if not runs.same_path(a, b):
+        raise models.ConfigError(f"{config.sft_workdir}: the SFT run was trained on another backbone ({a}) "
+                                 f"than the reward model ({b})")
+    pol = policy.restore(config.sft_workdir, model_path=config.model.path or None, mesh=mesh,
+                         loaded=(model_cfg, base, tokenizer))
+    if pol.stage.mode == "lora":
+      sft_lora, sft_scale = pol.trainable["lora"], lora.scale(pol.stage.lora_cfg)
+    elif config.mode == "lora":
+      raise models.ConfigError(f"{config.sft_workdir}: LoRA-mode RL needs a LoRA SFT run (one backbone)")
+    else:  # Full SFT under full RL: the SFT backbone is the model everything starts from.
+      base = {**base, **pol.trainable["backbone"]}
+  return Roles(model_cfg, tokenizer, base, sft_lora, sft_scale, rm_params, rm_scale, rm_lora)
+
+
+def check_context(config, model_cfg) -> None:
+  """A prompt window plus the response must fit the model's context, or sampling runs past its positions."""
+  need, ctx = config.data.max_prompt_len + config.rl.max_new_tokens, model_cfg.max_position_embeddings
+  if ctx and need > ctx:
+    raise models.ConfigError(f"config: fields 'data.max_prompt_len' + 'rl.max_new_tokens' = {need} tokens exceed "
+                             f"the model's context ({ctx} tokens)")
+
+
+def check_batch(config, rlcfg, mesh) -> None:
+  """Prompts per step divide over data × fsdp; the rollout's rows (prompts × samples_per_prompt) over data × fsdp
+  × minibatches × microbatches. One line naming the field otherwise."""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  b, k = config.data.batch_size, rlcfg.samples_per_prompt
+  if b % shards:
+    raise models.ConfigError(f"config: field 'data.batch_size': {b} prompts are not divisible by data x fsdp "
+                             f"({shards})")
+  cuts = shards * rlcfg.num_minibatches * rlcfg.num_microbatches
+  if (b * k) % cuts:
+    raise models.ConfigError(f"config: field 'data.batch_size': {b} prompts x rl.samples_per_prompt ({k}) = {b * k} "
+                             f"rollout rows are not divisible by data x fsdp ({shards}) x rl.num_minibatches "
+                             f"({rlcfg.num_minibatches}) x rl.num_microbatches ({rlcfg.num_microbatches})")
+
+
+def restore(workdir, *, step: int | None = None, mesh=None) -> runs.Trained:
+  """An RL run as a `runs.Trained` (stage: its RLConfig; frozen: the roles' frozen tree), its roles rebuilt from its
+  RM / SFT folders and its trained policy (and value) restored from checkpoint `step` (default latest)."""
+  def build(config, mesh):
+    r = load_roles(config, mesh)
+    rlcfg = config_from(config, r)
+    like = jax.eval_shape(lambda b: roles.init_trainable(jax.random.key(config.seed), r.model_cfg, rlcfg, b,
+                                                         r.sft_lora, r.reward), r.base)
+    return r.model_cfg, r.tokenizer, roles.frozen_params(rlcfg, r.base, r.sft_lora, r.reward), rlcfg, like
+  return runs.restore_stage(workdir, build=build, step=step, mesh=mesh)
