@@ -1,8 +1,6 @@
-"""Reward model = decoder backbone (+ LoRA) + scalar head on the last non-pad token: what an RM is (init, scores,
-loss), its data, its eval, its set-up over the shared loop (`train`) and its restore from a run folder.
-
-Trainable state is {"lora": ..., "head": ...} for PERL (backbone frozen, never differentiated) or
-{"backbone": ..., "head": ...} for full tuning; the frozen params (`frozen_params`) are a separate argument.
+"""The reward-model stage: its loss (Bradley-Terry on pairs, BCE on thumbs labels), data, eval, the LP-FT probe
+head, and its set-up over the shared loop (`train`). What an RM is (config, init, scores) and how a later stage
+restores one is `trained`.
 """
 import dataclasses
 import functools
@@ -15,89 +13,16 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from perl_jax import data, evaluation, heads, lora, losses, models, optimizer, policy, probe, runs, sharding, trainer
-from perl_jax.models import ModelConfig
+from perl_jax import data, evaluation, lora, losses, models, optimizer, probe, runs, sharding, trainer, trained
 
 log = logging.getLogger("perl_jax")
 MODEL_KEYS = ("input_ids", "attention_mask", "label")
 
 
-@dataclasses.dataclass(frozen=True)
-class RewardConfig:
-  """How the RM is built and trained: mode "lora" | "full", loss "bt" (pairwise) | "bce" (binary; positive
-  labels weighted by pos_weight)."""
-  mode: str = "lora"
-  loss: str = "bt"
-  lora_cfg: lora.LoraConfig = lora.LoraConfig()
-  pos_weight: float = 1.0
-
-
-def config_from(config: ml_collections.ConfigDict) -> RewardConfig:
-  """RewardConfig from a run config: Bradley-Terry for pairwise formats, BCE for binary ones."""
-  if config.get("head_init", "random") not in ("random", "probe"):
-    raise models.ConfigError(f"config: field 'head_init': must be 'random' or 'probe', got '{config.head_init}'")
-  kind = data.KINDS.get(config.data.format)
-  if kind is None:
-    raise models.ConfigError(f"config: field 'data.format': unknown format '{config.data.format}' "
-                             f"(one of {', '.join(sorted(data.KINDS))})")
-  return RewardConfig(mode=config.mode, loss="bt" if kind == "pairwise" else "bce",
-                      lora_cfg=lora.config_from(config.lora), pos_weight=float(config.get("pos_weight", 1.0)))
-
-
-def init_trainable(rng, rcfg: RewardConfig, model_cfg: ModelConfig, base_params) -> dict:
-  """The trained pytree: LoRA + head (PERL) or a float32 copy of the backbone + head (full)."""
-  k_lora, k_head = jax.random.split(rng)
-  head = heads.init_head(k_head, model_cfg.hidden_size)
-  if rcfg.mode == "lora":
-    return {"lora": lora.init(k_lora, base_params, rcfg.lora_cfg), "head": head}
-  if rcfg.mode == "full":
-    backbone = {k: v for k, v in base_params.items() if k != "lm_head"}
-    return {"backbone": jax.tree.map(lambda x: x.astype(jnp.float32), backbone), "head": head}
-  raise models.ConfigError(f"config: field 'mode': must be 'lora' or 'full', got '{rcfg.mode}'")
-
-
-def frozen_params(rcfg: RewardConfig, base_params) -> dict:
-  """What stays frozen beside the trainable pytree: the whole base (LoRA), or only an untied LM head the RM
-  never reads (full: kept for export, neither trained nor given optimizer state)."""
-  if rcfg.mode == "lora":
-    return base_params
-  return {k: v for k, v in base_params.items() if k == "lm_head"}
-
-
-def last_hidden(model_cfg: ModelConfig, rcfg: RewardConfig, trainable, base_params, ids_BxT, mask_BxT):
-  """h_last [B,D]: the final hidden state the head reads, at each row's last non-pad token."""
-  if rcfg.mode == "lora":
-    params, adapters = base_params, [(trainable["lora"], lora.scale(rcfg.lora_cfg))]
-  else:
-    params, adapters = {**base_params, **trainable["backbone"]}, []
-  hidden = models.forward(model_cfg, params, ids_BxT, mask_BxT, adapters=adapters, return_logits=False).hidden
-  return heads.last_token(hidden, mask_BxT)
-
-
-def scores(model_cfg: ModelConfig, rcfg: RewardConfig, trainable, base_params, ids_BxT, mask_BxT):
-  """Scalar rewards r_B (float32) read at each row's last non-pad token."""
-  return heads.head_apply(trainable["head"], last_hidden(model_cfg, rcfg, trainable, base_params, ids_BxT, mask_BxT))
-
-
-def batch_features(model_cfg, rcfg, trainable, base_params, batch) -> jax.Array:
-  """The head's inputs for a batch: [B,2,D] (chosen, rejected) for pairwise data, [B,D] for binary data."""
-  ids, mask = batch["input_ids"], batch["attention_mask"]
-  if ids.ndim == 3:
-    b, two, t = ids.shape
-    h = last_hidden(model_cfg, rcfg, trainable, base_params, ids.reshape(b * two, t), mask.reshape(b * two, t))
-    return h.reshape(b, two, -1)
-  return last_hidden(model_cfg, rcfg, trainable, base_params, ids, mask)
-
-
-def batch_scores(model_cfg, rcfg, trainable, base_params, batch) -> jax.Array:
-  """Rewards for a batch: [B,2] (chosen, rejected) for pairwise data, [B] for binary data."""
-  return heads.head_apply(trainable["head"], batch_features(model_cfg, rcfg, trainable, base_params, batch))
-
-
 def loss_fn(model_cfg, rcfg, trainable, base_params, batch, rng=None) -> tuple[jax.Array, dict]:
   """Bradley-Terry on pairs or BCE on thumbs labels, with the matching running metrics (rng unused)."""
   del rng
-  r = batch_scores(model_cfg, rcfg, trainable, base_params, batch)
+  r = trained.batch_scores(model_cfg, rcfg, trainable, base_params, batch)
   if rcfg.loss == "bt":
     loss = losses.bradley_terry_loss(r[:, 0], r[:, 1])
     return loss, {"loss": loss, "accuracy": losses.pairwise_accuracy(r[:, 0], r[:, 1]),
@@ -110,9 +35,9 @@ def loss_fn(model_cfg, rcfg, trainable, base_params, batch, rng=None) -> tuple[j
 
 
 def jit_scores(model_cfg, rcfg, trainable_shardings, base_shardings, batch_sharding, replicated, fn=None):
-  """Batch rewards (or fn(model_cfg, rcfg, trainable, base, batch), e.g. batch_features), jitted, gathered to
+  """Batch rewards (or fn(model_cfg, rcfg, trainable, base, batch), e.g. trained.batch_features), jitted, gathered to
   every host for host-side metrics."""
-  fn = fn or batch_scores
+  fn = fn or trained.batch_scores
   return jax.jit(lambda tr, base, batch: fn(model_cfg, rcfg, tr, base, batch),
                  in_shardings=(trainable_shardings, base_shardings, batch_sharding), out_shardings=replicated)
 
@@ -232,37 +157,19 @@ def probe_head(feature_fn, trainable, base, arrays, config, pos_weight: float, m
 # ---------------------------------------------------------------- training and restoring
 
 
-def load_backbone(config, mesh, check: bool = True):
-  """(model config, base params, tokenizer) the RM is built on: config.model, or with config.init_from (an SFT run
-  folder on that same model; `check` compares the two model paths) the SFT model: its adapter merged into the base,
-  or its tuned backbone. Training, restore, export and RL all rebuild the base through here, so they agree on it."""
-  model_cfg, base, tokenizer = runs.load_model(config.model)
-  src = config.get("init_from", "")
-  if not src:
-    return model_cfg, base, tokenizer
-  runs.require_run_folder(src, "init_from")
-  theirs, ours = runs.model_path(runs.read_config(src).model), runs.model_path(config.model)
-  if check and not runs.same_path(theirs, ours):
-    raise models.ConfigError(f"{src}: the SFT run (config field 'init_from') was trained on another backbone "
-                             f"({theirs}) than this reward model's ({ours})")
-  sft_run = policy.restore(src, model_path=ours, mesh=mesh, loaded=(model_cfg, base, tokenizer))
-  log.info("reward model starts from the SFT run %s (step %d, %s)", src, sft_run.step, sft_run.stage.mode)
-  return model_cfg, policy.merged(sft_run.stage, sft_run.trainable, sft_run.frozen, base), tokenizer
-
-
-def new_state(config, rcfg: RewardConfig, model_cfg, base_params, optim) -> dict:
+def new_state(config, rcfg: trained.RewardConfig, model_cfg, base_params, optim) -> dict:
   """The checkpointed train state seeded from config.seed; restore targets are this function's shapes, so
   checkpoints and their readers cannot drift apart."""
-  trainable = init_trainable(jax.random.key(config.seed), rcfg, model_cfg, base_params)
+  trainable = trained.init_reward(jax.random.key(config.seed), rcfg, model_cfg, base_params)
   return trainer.new_state(trainable, optim, jax.random.key(config.seed + 1))
 
 
 def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = None):
   """Trains (or resumes) the RM described by `config` in `workdir`; returns (final state, eval metrics)."""
   sharding.initialize_distributed(config.multihost)
-  rcfg = config_from(config)
+  rcfg = trained.reward_config(config)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  model_cfg, base, tokenizer = load_backbone(config, mesh)
+  model_cfg, base, tokenizer = trained.reward_backbone(config, mesh)
   train_arrays, eval_arrays, data_info = load_data(config, tokenizer)
   if rcfg.loss == "bce" and config.get("balance_classes", False):
     rcfg = dataclasses.replace(rcfg, pos_weight=balanced_pos_weight(train_arrays["label"]))
@@ -272,7 +179,7 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
   schedule, optim = optimizer.make(config.optim, config.steps)
   state = new_state(config, rcfg, model_cfg, base, optim)
   state, state_sh = trainer.place(state, mesh)
-  base, base_sh = trainer.place(frozen_params(rcfg, base), mesh)
+  base, base_sh = trainer.place(trained.reward_frozen(rcfg, base), mesh)
   if rcfg.mode == "lora":
     log.info("PERL reward model: %s", lora.summary(base, state["trainable"]))
   else:
@@ -283,7 +190,7 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
   score_fn = jit_scores(model_cfg, rcfg, state_sh["trainable"], base_sh, batch_sh, sharding.replicated(mesh))
   if config.get("head_init", "random") == "probe" and runs.latest_step(workdir) is None:  # A resumed run restores its fitted head.
     feature_fn = jit_scores(model_cfg, rcfg, state_sh["trainable"], base_sh, batch_sh, sharding.replicated(mesh),
-                            fn=batch_features)
+                            fn=trained.batch_features)
     head, data_info["head_probe"] = probe_head(feature_fn, state["trainable"], base, train_arrays, config,
                                                rcfg.pos_weight, mesh)
     state["trainable"]["head"] = jax.device_put(head, state_sh["trainable"]["head"])
@@ -293,18 +200,6 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
   return trainer.run(config, workdir, state=state, frozen=base, step_fn=step_fn,
                      batches=data.pipeline.train_iterator(train_arrays, config.data),
                      evaluate=evaluate_fn, schedule=schedule, perf=perf, info=data_info, stop_after=stop_after)
-
-
-def restore(workdir, *, step: int | None = None, model_path: str | None = None, mesh=None) -> runs.Trained:
-  """An RM run as a `runs.Trained` (stage: its RewardConfig; frozen: the whole backbone it stands on, see
-  load_backbone), checkpoint `step` (default latest). `model_path` replaces the run's base model path (e.g. when the
-  base moved since training)."""
-  def build(config, mesh):
-    rcfg = config_from(config)
-    model_cfg, base, tokenizer = load_backbone(config, mesh, check=model_path is None)
-    like = jax.eval_shape(lambda b: init_trainable(jax.random.key(0), rcfg, model_cfg, b), base)
-    return model_cfg, tokenizer, base, rcfg, like
-  return runs.restore_stage(workdir, build=build, step=step, model_path=model_path, mesh=mesh)
 
 
 def evaluate_examples(rm: runs.Trained, fmt: str, examples: list, batch_size: int | None = None,
@@ -324,5 +219,3 @@ def evaluate_examples(rm: runs.Trained, fmt: str, examples: list, batch_size: in
   return {**metrics, "num_examples": len(examples), "num_truncated": int(num_truncated)}
 
 
-def head_bias(rm: runs.Trained) -> float:
-  return float(np.asarray(rm.trainable["head"]["bias"]).reshape(-1)[0])

@@ -90,7 +90,7 @@ class Trained:
   step: int
   mesh: jax.sharding.Mesh
   model_path: str  # The base model's path (config.model.path, or the embedded default).
-  stage: Any = None  # The stage's settings record (policy.PolicyConfig, reward.RewardConfig, rl.RLConfig).
+  stage: Any = None  # The stage's settings record (trained.PolicyConfig, trained.RewardConfig, rl.RLConfig).
 
 
 def restore_stage(workdir, *, build: Callable | None = None, step: int | None = None, model_path: str | None = None,

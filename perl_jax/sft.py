@@ -1,5 +1,5 @@
 """Supervised fine-tuning: masked next-token loss on assistant tokens, its data and eval, and its set-up over the
-shared loop (`train`). What it tunes, and how a later stage restores it, is `policy` (a LoRA or a backbone copy).
+shared loop (`train`). What it tunes, and how a later stage restores it, is `trained` (a LoRA or a backbone copy).
 
 Batches: input_ids / attention_mask / loss_mask int32[B, T] (data.encode_sft) and valid int32[B].
 """
@@ -12,16 +12,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from perl_jax import data, lora, losses, models, optimizer, policy, runs, sharding, trainer
+from perl_jax import data, lora, losses, models, optimizer, runs, sharding, trainer, trained
 from perl_jax.models import ModelConfig
 
 log = logging.getLogger("perl_jax")
 MODEL_KEYS = ("input_ids", "attention_mask", "loss_mask", "valid")
 
 
-def logits(model_cfg: ModelConfig, scfg: policy.PolicyConfig, trainable, frozen, ids_BxT, mask_BxT):
+def logits(model_cfg: ModelConfig, scfg: trained.PolicyConfig, trainable, frozen, ids_BxT, mask_BxT):
   """Policy logits [B, T, V] (float32 from the model's unembedding)."""
-  params, adapters = policy.model_params(scfg, trainable, frozen)
+  params, adapters = trained.policy_params(scfg, trainable, frozen)
   return models.forward(model_cfg, params, ids_BxT, mask_BxT, adapters=adapters).logits
 
 
@@ -41,7 +41,7 @@ def masked_sums(logits_BxTxV, batch) -> dict:
   return {"nll_sum": -jnp.sum(w * logp), "correct": jnp.sum(w * hit), "num_tokens": jnp.sum(w)}
 
 
-def loss_fn(model_cfg: ModelConfig, scfg: policy.PolicyConfig, trainable, frozen, batch, rng=None) -> tuple[jax.Array, dict]:
+def loss_fn(model_cfg: ModelConfig, scfg: trained.PolicyConfig, trainable, frozen, batch, rng=None) -> tuple[jax.Array, dict]:
   """Token-weighted mean CE over the loss-mask tokens, loss = Σ w·(−log p) / max(Σ w, 1); metrics loss,
   accuracy (argmax == target on those tokens) and num_tokens. rng unused (no dropout)."""
   del rng
@@ -51,7 +51,7 @@ def loss_fn(model_cfg: ModelConfig, scfg: policy.PolicyConfig, trainable, frozen
   return loss, {"loss": loss, "accuracy": s["correct"] / n, "num_tokens": s["num_tokens"]}
 
 
-def make_loss_fn(model_cfg: ModelConfig, scfg: policy.PolicyConfig):
+def make_loss_fn(model_cfg: ModelConfig, scfg: trained.PolicyConfig):
   """loss_fn bound to the model: (trainable, frozen, batch, rng) -> (loss, metrics), trainer's convention."""
   return functools.partial(loss_fn, model_cfg, scfg)
 
@@ -108,23 +108,23 @@ def evaluate(sums_fn, trainable, frozen, arrays, batch_size: int, mesh) -> dict:
 # ---------------------------------------------------------------- training and restoring
 
 
-def new_state(config, scfg: policy.PolicyConfig, base_params, optim) -> dict:
+def new_state(config, scfg: trained.PolicyConfig, base_params, optim) -> dict:
   """The checkpointed train state seeded from config.seed (restore targets are this function's shapes)."""
-  trainable = policy.init_trainable(jax.random.key(config.seed), scfg, base_params)
+  trainable = trained.init_policy(jax.random.key(config.seed), scfg, base_params)
   return trainer.new_state(trainable, optim, jax.random.key(config.seed + 1))
 
 
 def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = None):
   """Trains (or resumes) the SFT policy described by `config` in `workdir`; returns (final state, eval metrics)."""
   sharding.initialize_distributed(config.multihost)
-  scfg = policy.config_from(config)
+  scfg = trained.policy_config(config)
   model_cfg, base, tokenizer = runs.load_model(config.model)
   train_arrays, eval_arrays, data_info = load_data(config, tokenizer)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   trainer.check_batch_sizes(config, mesh)
   schedule, optim = optimizer.make(config.optim, config.steps)
   state, state_sh = trainer.place(new_state(config, scfg, base, optim), mesh)
-  frozen, frozen_sh = trainer.place(policy.frozen_params(scfg, base), mesh)
+  frozen, frozen_sh = trainer.place(trained.policy_frozen(scfg, base), mesh)
   log.info("%s policy: %s", "PERL (LoRA)" if scfg.mode == "lora" else "full",
            lora.summary(base if scfg.mode == "lora" else {}, state["trainable"]))
   del base

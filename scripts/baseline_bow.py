@@ -17,7 +17,8 @@ import sys
 
 from absl import app, flags
 
-from perl_jax import baseline, data
+from perl_jax import data
+from perl_jax.analysis import bow_baseline
 from perl_jax.models.config import ConfigError
 
 _DATA = flags.DEFINE_string("data", None, "Data file (.jsonl or .jsonl.gz): the train part, or all of it.")
@@ -45,14 +46,14 @@ def main(_):
           file=sys.stderr)
     sys.exit(2)
   try:
-    baseline._sklearn()
+    bow_baseline._sklearn()
     examples = data.read_examples(_FORMAT.value, _DATA.value, skip_invalid=_SKIP_INVALID.value)
     if _MAX_LEN.value > 0:
       from perl_jax import models
       tok = models.load_tokenizer(_MODEL.value or models.default_model_path())
-      examples = baseline.as_seen(_FORMAT.value, examples, tok, _MAX_LEN.value)
+      examples = bow_baseline.as_seen(_FORMAT.value, examples, tok, _MAX_LEN.value)
     if _SPLIT_SEEDS.value > 0:
-      rows, summary = baseline.across_splits(_FORMAT.value, examples, _EVAL_FRACTION.value,
+      rows, summary = bow_baseline.across_splits(_FORMAT.value, examples, _EVAL_FRACTION.value,
                                              range(_SPLIT_SEEDS.value), _SPLIT_BY.value)
       for row in rows + [summary]:
         print(_json(row), flush=True)
@@ -60,16 +61,16 @@ def main(_):
     if _EVAL.value:
       train, held_out = examples, data.read_examples(_FORMAT.value, _EVAL.value, skip_invalid=_SKIP_INVALID.value)
       if _MAX_LEN.value > 0:
-        held_out = baseline.as_seen(_FORMAT.value, held_out, tok, _MAX_LEN.value)
+        held_out = bow_baseline.as_seen(_FORMAT.value, held_out, tok, _MAX_LEN.value)
     else:
       train, held_out = data.split_train_eval(examples, _EVAL_FRACTION.value, seed=_SEED.value)
     if _DEV_FRACTION.value:  # The same carve as reward.load_data's data.dev_fraction.
       train, held_out = data.split_train_eval(train, _DEV_FRACTION.value, seed=f"dev{_SEED.value}")
     if not train or not held_out:
       raise data.DataError(_DATA.value, problem="empty train or eval split")
-    row = baseline.run(_FORMAT.value, train, held_out)
-  except (baseline.MissingSklearn, data.DataError, ConfigError) as e:
-    print(e if isinstance(e, baseline.MissingSklearn) else f"error: {e}", file=sys.stderr)
+    row = bow_baseline.run(_FORMAT.value, train, held_out)
+  except (bow_baseline.MissingSklearn, data.DataError, ConfigError) as e:
+    print(e if isinstance(e, bow_baseline.MissingSklearn) else f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(_json(row))
 

@@ -11,7 +11,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from perl_jax import data, optimizer, reward, runs, sharding, trainer
+from perl_jax import data, optimizer, reward, runs, sharding, trained, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "RM config (path[:arg]).")
 _BATCHES = flags.DEFINE_integer("batches", 10, "Timed batches per arm.")
@@ -20,7 +20,7 @@ flags.mark_flags_as_required(["config"])
 
 def main(_):
   config = _CONFIG.value
-  rcfg = reward.config_from(config)
+  rcfg = trained.reward_config(config)
   cfg, base, tok = runs.load_model(config.model)
   arrays, _, _ = reward.load_data(config, tok)
   mesh = sharding.make_mesh(devices=jax.devices()[:1])

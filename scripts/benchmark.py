@@ -26,7 +26,7 @@ import tempfile
 from absl import app, flags
 
 FLAGS = flags.FlagValues()  # this script's own flags: tests load it by path and call main() repeatedly
-_PHASE = flags.DEFINE_enum("phase", "rm", ["rm", "rl"], "Training phase to benchmark.", flag_values=FLAGS)
+_PHASE = flags.DEFINE_enum("phase", "rm", ["rm", "rl"], "Training phase to rm_step.", flag_values=FLAGS)
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "Preset name or path to an HF folder / .gguf.", flag_values=FLAGS)
 _MODES = flags.DEFINE_string("modes", "full,lora", "Comma-separated modes: full, lora.", flag_values=FLAGS)
 _BATCH = flags.DEFINE_integer("batch", None, "Pairs per step (default: 8, 2 for tiny).", flag_values=FLAGS)
@@ -105,32 +105,33 @@ def _strip(argv, names):
 def run() -> list[dict]:
   """Measures every mode of --modes in this process; appends each row to --out."""
   import jax.numpy as jnp
-  from perl_jax import benchmark, lora, models
+  from perl_jax import lora, models
+  from perl_jax.bench import rm_step
   targets = {"attention": lora.ATTENTION, "attention_mlp": lora.ATTENTION_MLP}[_TARGETS.value]
   lora_cfg = lora.LoraConfig(rank=_RANK.value, alpha=_ALPHA.value, targets=targets)
   base = None
-  if _MODEL.value in benchmark.PRESETS:
-    name, cfg = _MODEL.value, benchmark.preset(_MODEL.value)
+  if _MODEL.value in rm_step.PRESETS:
+    name, cfg = _MODEL.value, rm_step.preset(_MODEL.value)
     total = models.count_params(models.param_shapes(cfg))
   else:
     name = os.path.basename(os.path.normpath(_MODEL.value))
     cfg, base = models.load_pretrained(_MODEL.value, param_dtype=jnp.float32)
     total = models.count_params(base)
-  pairs, seq, remat = benchmark.default_shape(name, total)
+  pairs, seq, remat = rm_step.default_shape(name, total)
   cfg = dataclasses.replace(cfg, remat=_REMAT.value or remat, attention=_ATTENTION.value or cfg.attention)
   rows = []
   for mode in _MODES.value.split(","):
     if _PHASE.value == "rl":
-      from perl_jax.rl import benchmark as rl_benchmark
+      from perl_jax.bench import rl_step
       tiny = name == "tiny"
-      row = rl_benchmark.measure(cfg, mode, name=name, batch=_BATCH.value or (2 if tiny else 8),
+      row = rl_step.measure(cfg, mode, name=name, batch=_BATCH.value or (2 if tiny else 8),
                                  prompt_len=_PROMPT_LEN.value or (16 if tiny else 256),
                                  new_tokens=_NEW_TOKENS.value or (8 if tiny else 256), dtype=_DTYPE.value,
                                  lora_cfg=lora_cfg, abstract=_ABSTRACT.value, steps=_STEPS.value,
                                  cpu_no_hoist=not _CPU_HOIST.value)
       row["remat"] = cfg.remat
     else:
-      row = benchmark.measure(cfg, mode, name=name, pairs=_BATCH.value or pairs, seq=_SEQ.value or seq,
+      row = rm_step.measure(cfg, mode, name=name, pairs=_BATCH.value or pairs, seq=_SEQ.value or seq,
                               dtype=_DTYPE.value, lora_cfg=lora_cfg, abstract=_ABSTRACT.value, steps=_STEPS.value,
                               base_params=base, cpu_no_hoist=not _CPU_HOIST.value)
     rows.append(row)
@@ -146,9 +147,10 @@ def main(argv=None) -> int:
   else:
     parse(argv)
   if _AGAINST.value:
-    from perl_jax import bench_torch, lora
+    from perl_jax import lora
+    from perl_jax.bench import torch_compare
     targets = {"attention": lora.ATTENTION, "attention_mlp": lora.ATTENTION_MLP}[_TARGETS.value]
-    return bench_torch.cli(model=_MODEL.value, pairs=_BATCH.value, seq=_SEQ.value, rank=_RANK.value,
+    return torch_compare.cli(model=_MODEL.value, pairs=_BATCH.value, seq=_SEQ.value, rank=_RANK.value,
                            alpha=_ALPHA.value, targets=targets, steps=_STEPS.value, out=_OUT.value,
                            attention=_ATTENTION.value, remat=_REMAT.value)
   modes = _MODES.value.split(",")
@@ -157,11 +159,11 @@ def main(argv=None) -> int:
   else:
     rows = run()
   if _PHASE.value == "rl":
-    from perl_jax.rl import benchmark as rl_benchmark
-    print(rl_benchmark.markdown(rows))
+    from perl_jax.bench import rl_step
+    print(rl_step.markdown(rows))
     return 0
-  from perl_jax import benchmark
-  print(benchmark.markdown(rows))
+  from perl_jax.bench import rm_step
+  print(rm_step.markdown(rows))
   print(f"\nmemory: compiled_peak = argument + output + temp - alias (memory_analysis); FLOPs: "
         f"{'; '.join(sorted({r['mode'] + ': ' + r['flop_formula'] for r in rows}))}")
   return 0

@@ -13,7 +13,7 @@ import json
 
 from absl import app, flags
 
-from perl_jax import cli, data, reward
+from perl_jax import cli, data, trained
 from perl_jax.rl import evaluate, setup
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "RL run folder (run.json, checkpoints/).")
@@ -45,7 +45,7 @@ def _evaluate():
     raise data.DataError(_DATA.value, problem=f"no prompts in split '{_SPLIT.value}'")
   judge = None
   if _JUDGE.value:
-    judge = reward.restore(_JUDGE.value, mesh=policy.mesh)
+    judge = trained.restore_reward(_JUDGE.value, mesh=policy.mesh)
     evaluate.check_judge(policy, judge, _JUDGE.value)
   if _SAMPLES.value < 1:
     raise data.DataError(_DATA.value, problem=f"--samples_per_prompt must be >= 1, got {_SAMPLES.value}")

@@ -10,7 +10,7 @@ import math
 
 from absl import app, flags
 
-from perl_jax import cli, data, reward, runs
+from perl_jax import cli, data, reward, runs, trained
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder written by train_reward (run.json, checkpoints/).")
 _DATA = flags.DEFINE_string("data", None, "Data file (.jsonl or .jsonl.gz).")
@@ -41,7 +41,7 @@ def _evaluate():
     dc = run.data
     train_ex, eval_ex = data.split_train_eval(examples, dc.eval_fraction, seed=dc.seed)
     examples = eval_ex if _SPLIT.value == "eval" else train_ex
-  rm = reward.restore(_WORKDIR.value, step=_STEP.value, model_path=_MODEL_PATH.value)
+  rm = trained.restore_reward(_WORKDIR.value, step=_STEP.value, model_path=_MODEL_PATH.value)
   return reward.evaluate_examples(rm, fmt, examples, _BATCH_SIZE.value, where=_DATA.value), rm, fmt
 
 

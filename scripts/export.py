@@ -12,7 +12,8 @@ import logging
 
 from absl import app, flags
 
-from perl_jax import cli, export, export_policy, reward, runs
+from perl_jax import cli, runs, trained
+from perl_jax.export import policy as export_policy, reward as export_reward
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder written by train_reward (run.json, checkpoints/).")
 _OUT = flags.DEFINE_string("out", None, "Output folder (created).")
@@ -30,13 +31,13 @@ def main(_):
 def _export():
   if "rl" in runs.read_config(_WORKDIR.value):
     return _export_policy()
-  rm = reward.restore(_WORKDIR.value, step=_STEP.value, model_path=_MODEL_PATH.value)
+  rm = trained.restore_reward(_WORKDIR.value, step=_STEP.value, model_path=_MODEL_PATH.value)
   if _FORMAT.value == "merged":
-    out = export.export_merged(rm, _OUT.value, _DTYPE.value)
+    out = export_reward.export_merged(rm, _OUT.value, _DTYPE.value)
   else:
-    out = export.export_peft(rm, _OUT.value)
+    out = export_reward.export_peft(rm, _OUT.value)
   logging.getLogger("perl_jax").info("step %d exported to %s (%s); head bias %.6g", rm.step, out, _FORMAT.value,
-                                     reward.head_bias(rm))
+                                     trained.head_bias(rm))
 
 
 def _export_policy():

@@ -10,8 +10,8 @@ import pathlib
 
 from absl import app, flags
 
-from perl_jax import benchmark
-from perl_jax.rl import benchmark as rl_benchmark
+from perl_jax.bench import rm_step
+from perl_jax.bench import rl_step
 
 _PREFIX = flags.DEFINE_string("prefix", "experiments/results/benchmark_rm", "Output path without suffix.")
 _NOTE = flags.DEFINE_multi_string("note", [], "A line of the commands block in the markdown (repeatable).")
@@ -20,7 +20,7 @@ _FINDING = flags.DEFINE_multi_string("finding", [], "A paragraph for the markdow
 NOTES = f"""Memory: compiled peak = argument + output + temp - alias bytes of
 `jax.jit(reward.train_step, donate state).lower(...).compile().memory_analysis()` (state, frozen base and batch
 are arguments; the donated state's outputs alias its inputs). On CPU it is compiled with
-{benchmark.CPU_COMPILER_OPTIONS} (see perl_jax/benchmark.py: XLA:CPU would otherwise hoist an f32 copy of every
+{rm_step.CPU_COMPILER_OPTIONS} (see perl_jax/bench/rm_step.py: XLA:CPU would otherwise hoist an f32 copy of every
 frozen bf16 kernel out of the layer loop, which GPU/TPU never do). "peak in use" is
 device.memory_stats()["peak_bytes_in_use"] (accelerators only).
 
@@ -30,8 +30,8 @@ Batch: `pairs` preference pairs = 2 x pairs sequences of T tokens (Bradley-Terry
 FLOPs: full 6*N_mm*tokens + 12*L*T^2*heads*head_dim*seqs; LoRA 4*N_mm*tokens + 6*N_lora*tokens + same attention
 term (no weight gradients for the frozen base); remat=full adds one forward. Speedup ceiling = ratio of these
 hardware counts. Targets: LoRA/full compiled peak <= 0.35 at >= 1B params, <= 0.5 at 135M. Paper (PERL, RM):
-LoRA uses {benchmark.PAPER['rm']['memory'][0]:.0%}-{benchmark.PAPER['rm']['memory'][1]:.0%} of full memory \
-and is {benchmark.PAPER['rm']['speedup'][0]}-{benchmark.PAPER['rm']['speedup'][1]}x faster."""
+LoRA uses {rm_step.PAPER['rm']['memory'][0]:.0%}-{rm_step.PAPER['rm']['memory'][1]:.0%} of full memory \
+and is {rm_step.PAPER['rm']['speedup'][0]}-{rm_step.PAPER['rm']['speedup'][1]}x faster."""
 
 
 def _plot_series(ax, comps: list[dict], field: str) -> None:
@@ -54,7 +54,7 @@ def rl_points(rl_rows: list[dict]) -> list[tuple]:
   size = {r["model"]: r["backbone_params"] for r in rl_rows}
   return [(size[c["model"]], c["memory_ratio"], c["model"],
            f"RL update {c['dtype']} {c['batch']}x({c['prompt_len']}+{c['new_tokens']})")
-          for c in rl_benchmark.compare(rl_rows)]
+          for c in rl_step.compare(rl_rows)]
 
 
 def plot(rows: list[dict], path: str, rl_rows: list[dict] = ()) -> None:
@@ -64,13 +64,13 @@ def plot(rows: list[dict], path: str, rl_rows: list[dict] = ()) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  comps = benchmark.compare(rows)
+  comps = rm_step.compare(rows)
   timed = any(c["speedup"] for c in comps)
   fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(13, 5.2) if timed else (7.5, 5.2), squeeze=False)
   ax_m = axes[0, 0]
   panels = [(ax_m, "memory_ratio", "memory")] + ([(axes[0, 1], "speedup", "speedup")] if timed else [])
   for ax, field, paper_key in panels:
-    band = benchmark.PAPER["rm"][paper_key]
+    band = rm_step.PAPER["rm"][paper_key]
     ax.axhspan(*band, color="tab:green", alpha=0.15, label=f"paper RM range {band[0]}-{band[1]}")
     _plot_series(ax, comps, field)
     ax.set_xscale("log")
@@ -78,7 +78,7 @@ def plot(rows: list[dict], path: str, rl_rows: list[dict] = ()) -> None:
     ax.grid(alpha=0.3)
   points = rl_points(list(rl_rows))
   if points:
-    band = benchmark.PAPER["rl"]["memory"]
+    band = rm_step.PAPER["rl"]["memory"]
     ax_m.axhspan(*band, color="tab:orange", alpha=0.15, label=f"paper RL range {band[0]}-{band[1]}")
     for label in dict.fromkeys(p[3] for p in points):
       pts = sorted(p for p in points if p[3] == label)
@@ -111,15 +111,15 @@ def main(argv):
   rl_rows = [r for r in every if r.get("phase") == "rl"]
   prefix = pathlib.Path(_PREFIX.value)
   prefix.parent.mkdir(parents=True, exist_ok=True)
-  comps = benchmark.compare(rows)
+  comps = rm_step.compare(rows)
   prefix.with_suffix(".json").write_text(json.dumps(
-      {"rows": rows, "comparisons": comps, "rl_rows": rl_rows, "rl_comparisons": rl_benchmark.compare(rl_rows)},
+      {"rows": rows, "comparisons": comps, "rl_rows": rl_rows, "rl_comparisons": rl_step.compare(rl_rows)},
       indent=1))
   extra = "\n".join(f"    {n}" for n in _NOTE.value)
   title = "PERL benchmark: full vs LoRA, RM step and RL update" if rl_rows else "PERL reward-model benchmark: full vs LoRA"
-  md = f"# {title}\n\n{benchmark.markdown(rows)}\n\n{NOTES}\n"
+  md = f"# {title}\n\n{rm_step.markdown(rows)}\n\n{NOTES}\n"
   if rl_rows:
-    md += f"\n## RL update step (every role resident)\n\n{rl_benchmark.markdown(rl_rows)}\n"
+    md += f"\n## RL update step (every role resident)\n\n{rl_step.markdown(rl_rows)}\n"
   if _FINDING.value:
     md += "\n## Findings\n\n" + "\n\n".join(_FINDING.value) + "\n"
   if extra:

@@ -8,9 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from perl_jax import baseline, data, evaluation
+from perl_jax import data, evaluation
+from perl_jax.analysis import bow_baseline
 from tests.conftest import ROOT
-from tests.helpers import head_lines, load_script
+from tests.helpers import head_lines
 
 TM4 = ROOT / "experiments/data/taskmaster4/reward.jsonl.gz"
 HH = ROOT / "experiments/data/hh-rlhf-harmless/pairs.jsonl.gz"
@@ -35,7 +36,7 @@ def test_baseline_cli_prints_eval_reward_keys(tmp_path, fmt, src, n, keys):
   train_ex = data.read_examples(fmt, train, skip_invalid=True)
   eval_ex = data.read_examples(fmt, held, skip_invalid=True)
   assert row["num_examples"] == len(eval_ex)
-  model = baseline.fit(data.KINDS[fmt], train_ex, baseline.Settings(**row["settings"]))
+  model = bow_baseline.fit(data.KINDS[fmt], train_ex, bow_baseline.Settings(**row["settings"]))
   scores = model.scores(eval_ex)
   if fmt == "taskmaster4":
     labels = np.array([e["label"] for e in eval_ex]) > 0.5
@@ -52,8 +53,8 @@ def test_baseline_cli_prints_eval_reward_keys(tmp_path, fmt, src, n, keys):
 
 def test_baseline_folds_stay_inside_train():
   ex = data.read_examples("taskmaster4", TM4)[:300]
-  fold = baseline.folds(ex)
-  assert set(fold) == set(range(baseline.FOLDS))
+  fold = bow_baseline.folds(ex)
+  assert set(fold) == set(range(bow_baseline.FOLDS))
   by_key = {}
   for e, f in zip(ex, fold):
     by_key.setdefault(data.pipeline.first_user_turn(e), set()).add(f)
@@ -67,7 +68,7 @@ def test_baseline_without_sklearn_is_one_line(tmp_path):
   env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
   result = _cli("--data", TM4, "--format", "taskmaster4", env=env)
   assert result.returncode == 2
-  assert result.stderr.strip().splitlines() == [baseline.SKLEARN_ERROR]
+  assert result.stderr.strip().splitlines() == [bow_baseline.SKLEARN_ERROR]
 
 
 def _leaky_dialogs(n_dialogs=60, turns=5, seed=0):
@@ -89,16 +90,16 @@ def test_baseline_split_by_example_leaks_dialogs_and_by_group_does_not():
   pytest.importorskip("sklearn")
   ex = _leaky_dialogs()
   for by in ("group", "example"):
-    train, held = baseline.split(ex, 0.2, seed=3, by=by)
+    train, held = bow_baseline.split(ex, 0.2, seed=3, by=by)
     assert len(train) + len(held) == len(ex) and held
     shared = {data.pipeline.first_user_turn(e) for e in train} & {data.pipeline.first_user_turn(e) for e in held}
     assert (len(shared) == 0) == (by == "group"), by
-  rows, summary = baseline.across_splits("taskmaster4", ex, 0.2, range(3), by="example")
+  rows, summary = bow_baseline.across_splits("taskmaster4", ex, 0.2, range(3), by="example")
   assert [r["split_seed"] for r in rows] == [0, 1, 2] and summary["split_seeds"] == [0, 1, 2]
   assert summary["roc_auc_mean"] == pytest.approx(np.mean([r["roc_auc"] for r in rows]))
   assert summary["roc_auc_std"] == pytest.approx(np.std([r["roc_auc"] for r in rows]))
   assert summary["roc_auc_mean"] > 0.95  # The dialog word was seen in training: the leak scores near 1.
-  _, grouped = baseline.across_splits("taskmaster4", ex, 0.2, range(3), by="group")
+  _, grouped = bow_baseline.across_splits("taskmaster4", ex, 0.2, range(3), by="group")
   assert grouped["roc_auc_mean"] < 0.65  # Unseen dialogs: the common words carry nothing, so about chance.
 
 
@@ -106,7 +107,7 @@ def test_baseline_as_seen_keeps_what_the_rm_reads():
   from perl_jax import models
   tok = models.load_tokenizer(models.default_model_path())
   tm4 = data.read_examples("taskmaster4", TM4)[:30]
-  whole, cut = (baseline.as_seen("taskmaster4", tm4, tok, n) for n in (4096, 128))
+  whole, cut = (bow_baseline.as_seen("taskmaster4", tm4, tok, n) for n in (4096, 128))
   for e, w, c in zip(tm4, whole, cut):
     assert w["response"].removesuffix(tok.eos_token) == e["response"]  # Untruncated: the reply, then eos.
     assert all(m["content"] in w["prompt_seen"] for m in e["prompt"])
@@ -116,7 +117,7 @@ def test_baseline_as_seen_keeps_what_the_rm_reads():
     assert c["prompt"] == e["prompt"]  # Splits key on the original turns.
   assert sum(len(c["prompt_seen"]) < len(w["prompt_seen"]) for w, c in zip(whole, cut)) > 10
   hh = data.read_examples("hh_rlhf", HH, skip_invalid=True)[:20]
-  for e, w in zip(hh, baseline.as_seen("hh_rlhf", hh, tok, 4096)):
+  for e, w in zip(hh, bow_baseline.as_seen("hh_rlhf", hh, tok, 4096)):
     assert (w["chosen"].removesuffix(tok.eos_token), w["rejected"].removesuffix(tok.eos_token)) == (
         e["chosen"], e["rejected"])
 
@@ -127,7 +128,7 @@ def test_probe_features_across_splits_pairs_each_row_with_its_example(tmp_path, 
   pytest.importorskip("sklearn")
   from experiments.rm import smollm2
   from perl_jax import models
-  probe = load_script("probe_features")
+  from perl_jax.analysis import feature_probe as probe
   rng = np.random.default_rng(0)
   monkeypatch.setattr(probe, "features", lambda cfg, base, arrays: np.stack(
       [arrays["label"][:, None] + 0.01 * rng.normal(size=(len(arrays["label"]), 2))] * 2, axis=1))
@@ -138,8 +139,8 @@ def test_probe_features_across_splits_pairs_each_row_with_its_example(tmp_path, 
   assert [r["split_seed"] for r in rows] == [0, 1]
   ex = data.read_examples("taskmaster4", config.data.path)
   for r in rows:
-    train, held = baseline.split(ex, config.data.eval_fraction, r["split_seed"])
+    train, held = bow_baseline.split(ex, config.data.eval_fraction, r["split_seed"])
     assert r["eval_examples"] == len(held) and r["probe_roc_auc"] == 1.0
-    bow = baseline.run("taskmaster4", train, held)
+    bow = bow_baseline.run("taskmaster4", train, held)
     assert r["bow_roc_auc"] == pytest.approx(bow["roc_auc"])
   assert summary["probe_minus_bow_mean"] == pytest.approx(np.mean([1.0 - r["bow_roc_auc"] for r in rows]))

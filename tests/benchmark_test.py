@@ -7,32 +7,33 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perl_jax import benchmark, lora, models, trainer
+from perl_jax import lora, models, trainer
+from perl_jax.bench import rm_step
 from tests.helpers import load_script
 
 
-@pytest.mark.parametrize("name", sorted(benchmark.KNOWN_TOTALS))
+@pytest.mark.parametrize("name", sorted(rm_step.KNOWN_TOTALS))
 def test_preset_totals_match_published_sizes(name):
-  total = models.count_params(models.param_shapes(benchmark.preset(name)))
-  assert total == benchmark.KNOWN_TOTALS[name]
+  total = models.count_params(models.param_shapes(rm_step.preset(name)))
+  assert total == rm_step.KNOWN_TOTALS[name]
 
 
 def test_smollm2_and_llama2_7b_sizes():
-  assert models.count_params(models.param_shapes(benchmark.preset("smollm2-135m"))) == 134_515_008
-  assert models.count_params(models.param_shapes(benchmark.preset("7b"))) == 6_738_415_616
+  assert models.count_params(models.param_shapes(rm_step.preset("smollm2-135m"))) == 134_515_008
+  assert models.count_params(models.param_shapes(rm_step.preset("7b"))) == 6_738_415_616
 
 
 @pytest.mark.parametrize("targets", [lora.ATTENTION, lora.ATTENTION_MLP])
 def test_lora_trainable_count_is_closed_form_plus_head(targets):
-  cfg, lcfg = benchmark.preset("smollm2-135m"), lora.LoraConfig(rank=4, targets=targets)
-  _, _, state, base = benchmark.build(cfg, "lora", "bfloat16", lcfg, abstract=True)
+  cfg, lcfg = rm_step.preset("smollm2-135m"), lora.LoraConfig(rank=4, targets=targets)
+  _, _, state, base = rm_step.build(cfg, "lora", "bfloat16", lcfg, abstract=True)
   assert models.count_params(state["trainable"]) == lora.closed_form_count(cfg, lcfg) + cfg.hidden_size + 1
   assert jax.tree.leaves(base)[0].dtype == jnp.bfloat16
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["trainable"]))
 
 
 def test_full_mode_trains_fp32_copy_and_has_no_base():
-  _, _, state, base = benchmark.build(benchmark.preset("tiny"), "full", "bfloat16", lora.LoraConfig(), abstract=True)
+  _, _, state, base = rm_step.build(rm_step.preset("tiny"), "full", "bfloat16", lora.LoraConfig(), abstract=True)
   assert base == {}
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["trainable"]))
   assert isinstance(jax.tree.leaves(state)[0], jax.ShapeDtypeStruct)
@@ -52,7 +53,7 @@ def test_memory_formula_is_argument_plus_output_plus_temp_minus_alias():
 
 @pytest.fixture(scope="module")
 def tiny_rows():
-  return [benchmark.measure(benchmark.preset("tiny"), mode, name="tiny", pairs=2, seq=32, abstract=True)
+  return [rm_step.measure(rm_step.preset("tiny"), mode, name="tiny", pairs=2, seq=32, abstract=True)
           for mode in ("full", "lora")]
 
 
@@ -61,22 +62,22 @@ def test_abstract_full_needs_more_memory_than_lora(tiny_rows):
   assert full["compiled_peak_bytes"] > lora_row["compiled_peak_bytes"] > 0
   assert full["step_s"] is None and full["peak_bytes_in_use"] is None
   assert full["sequences"] == 4 and full["tokens_per_step"] == 4 * 32
-  (c,) = benchmark.compare(tiny_rows)
+  (c,) = rm_step.compare(tiny_rows)
   assert 0 < c["memory_ratio"] < 1
-  table = benchmark.markdown(tiny_rows)
+  table = rm_step.markdown(tiny_rows)
   assert "speedup ceiling" in table and "| tiny | lora |" in table
 
 
 def test_flop_formula_and_speedup_ceiling():
-  cfg = benchmark.preset("7b")
+  cfg = rm_step.preset("7b")
   n_lora = 8_388_608
-  full, lo = (benchmark.step_flops(cfg, m, n_lora, sequences=2, seq=8, remat="none") for m in ("full", "lora"))
+  full, lo = (rm_step.step_flops(cfg, m, n_lora, sequences=2, seq=8, remat="none") for m in ("full", "lora"))
   assert full["model_flops"] / lo["model_flops"] == pytest.approx(1.5, rel=0.01)
-  full, lo = (benchmark.step_flops(cfg, m, n_lora, sequences=2, seq=8, remat="full") for m in ("full", "lora"))
+  full, lo = (rm_step.step_flops(cfg, m, n_lora, sequences=2, seq=8, remat="full") for m in ("full", "lora"))
   assert full["hardware_flops"] / lo["hardware_flops"] == pytest.approx(4 / 3, rel=0.01)
   assert "4*N_mm*tokens" in lo["flop_formula"] and "6*N_mm*tokens" in full["flop_formula"]
-  assert benchmark.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
-  assert benchmark.peak_flops("cpu") is None
+  assert rm_step.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+  assert rm_step.peak_flops("cpu") is None
 
 
 def _cli():
@@ -137,15 +138,16 @@ def test_phase_functions_give_torch_scores_and_head_gradient():
   """--against torch also times forward only and forward+backward; both sides compute the same thing there too."""
   pytest.importorskip("torch")
   pytest.importorskip("peft")
-  from perl_jax import bench_torch, lora, models
-  cfg = benchmark.preset("tiny")
+  from perl_jax import lora, models
+  from perl_jax.bench import torch_compare
+  cfg = rm_step.preset("tiny")
   base = models.init_params(cfg, jax.random.key(0))
   lora_cfg = lora.LoraConfig(rank=4, alpha=8)
-  ours = benchmark.prepare(cfg, "lora", name="tiny", pairs=2, seq=16, dtype="float32", lora_cfg=lora_cfg,
+  ours = rm_step.prepare(cfg, "lora", name="tiny", pairs=2, seq=16, dtype="float32", lora_cfg=lora_cfg,
                            base_params=base)
-  model = bench_torch.torch_model(cfg, jax.device_get(base), lora_cfg,
+  model = torch_compare.torch_model(cfg, jax.device_get(base), lora_cfg,
                                   jax.device_get(ours.state["trainable"]["head"]["kernel"]))
-  mine, theirs = bench_torch.our_phase_fns(ours), bench_torch.torch_phase_fns(
+  mine, theirs = torch_compare.our_phase_fns(ours), torch_compare.torch_phase_fns(
       model, ours.host_batch["input_ids"])
   np.testing.assert_allclose(np.asarray(mine["fwd"]()), theirs["fwd"]().numpy()[:, 0], rtol=1e-4, atol=1e-5)
   grads = mine["fwd_bwd"]()
@@ -175,14 +177,15 @@ def test_torch_worker_error_is_raised_in_the_parent():
   RuntimeError in the parent, with the worker's exception."""
   pytest.importorskip("torch")
   pytest.importorskip("peft")
-  from perl_jax import bench_torch, lora, models
-  cfg = benchmark.preset("tiny")
+  from perl_jax import lora, models
+  from perl_jax.bench import torch_compare
+  cfg = rm_step.preset("tiny")
   wrong = jax.device_get(models.init_params(cfg, jax.random.key(0)))
   del wrong["final_norm"]
   head = np.zeros((cfg.hidden_size, 1), np.float32)
   msg = r"^torch worker: ValueError: weights do not fit the HF model: missing \['model.norm.weight'\]"
   with pytest.raises(RuntimeError, match=msg):
-    bench_torch.TorchWorker(cfg, wrong, lora.LoraConfig(rank=2, alpha=4), head, np.ones((1, 2, 8), np.int64), 1)
+    torch_compare.TorchWorker(cfg, wrong, lora.LoraConfig(rank=2, alpha=4), head, np.ones((1, 2, 8), np.int64), 1)
 
 
 def test_isolated_modes_keep_finished_rows_when_a_later_mode_dies(tmp_path, monkeypatch):

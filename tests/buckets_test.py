@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from perl_jax import data, lora, models, reward
+from perl_jax import data, lora, models, reward, trained
 from perl_jax.data import pipeline
 from tests.helpers import tiny_config
 
@@ -79,8 +79,8 @@ def test_default_buckets():
 def test_cut_batch_scores_and_loss_equal_full_padding(loss):
   cfg = tiny_config()
   base = models.init_params(cfg, jax.random.key(0))
-  rcfg = reward.RewardConfig(mode="lora", loss=loss, lora_cfg=lora.LoraConfig(rank=2))
-  tr = reward.init_trainable(jax.random.key(1), rcfg, cfg, base)
+  rcfg = trained.RewardConfig(mode="lora", loss=loss, lora_cfg=lora.LoraConfig(rank=2))
+  tr = trained.init_reward(jax.random.key(1), rcfg, cfg, base)
   tr["lora"] = jax.tree.map(lambda x: x + 0.05, tr["lora"])
   arrays, lengths = _arrays(8, max_len=64, seed=1)
   arrays["attention_mask"][:, 30:] = 0  # Every row ends by token 30: the cut to 32 drops only pads.
@@ -93,5 +93,5 @@ def test_cut_batch_scores_and_loss_equal_full_padding(loss):
   f = functools.partial(reward.loss_fn, cfg, rcfg, tr, base)
   (l_full, m_full), (l_cut, m_cut) = f(full), f(cut)
   np.testing.assert_allclose(float(l_cut), float(l_full), rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(reward.batch_scores(cfg, rcfg, tr, base, cut)),
-                             np.asarray(reward.batch_scores(cfg, rcfg, tr, base, full)), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(trained.batch_scores(cfg, rcfg, tr, base, cut)),
+                             np.asarray(trained.batch_scores(cfg, rcfg, tr, base, full)), atol=1e-5)

@@ -15,7 +15,8 @@ import jax
 import numpy as np
 import pytest
 
-from perl_jax import data, evaluation, export, lora, models, reward
+from perl_jax import data, evaluation, lora, models, reward, trained
+from perl_jax.export import reward as export_reward
 from tests.conftest import ROOT
 
 WORDS = ("coffee tea latte espresso large small iced hot oat milk sugar please thanks order pickup time name "
@@ -77,7 +78,7 @@ def run(tmp_path_factory):
   config.update(steps=2, log_every=1, eval_every=2, checkpoint_every=2)
   workdir = root / "run"
   reward.train(config, str(workdir))
-  rm = reward.restore(workdir)
+  rm = trained.restore_reward(workdir)
   host = types.SimpleNamespace(trainable=jax.device_get(rm.trainable), base=jax.device_get(rm.frozen))
   return types.SimpleNamespace(root=root, base=base, files=files, config=config, workdir=workdir, rm=rm, host=host)
 
@@ -89,7 +90,7 @@ def _encoded(run, fmt, path, with_truncated=False):
 
 def _our_scores(run, ids, mask):
   rm = run.rm
-  return np.asarray(reward.scores(rm.model_cfg, rm.stage, run.host.trainable, run.host.base, ids, mask))
+  return np.asarray(trained.scores(rm.model_cfg, rm.stage, run.host.trainable, run.host.base, ids, mask))
 
 
 def _hf_scores(model, ids, mask, pad_id):
@@ -107,19 +108,19 @@ def _cli(*args):
 
 def test_restore_gives_trained_state(run):
   assert run.rm.step == 2
-  assert export.head_bias(run.rm) != 0.0
+  assert export_reward.head_bias(run.rm) != 0.0
   assert all(np.abs(b).max() > 0 for b in jax.tree.leaves(run.host.trainable["lora"]))
 
 
 def test_merged_export_matches_transformers(run):
   from transformers import AutoModelForSequenceClassification
   out = run.root / "merged"
-  result = _cli("scripts/export.py", "--workdir", str(run.workdir), "--out", str(out), "--format", "merged")
+  result = _cli("scripts/export_reward.py", "--workdir", str(run.workdir), "--out", str(out), "--format", "merged")
   assert result.returncode == 0, result.stderr
   config = json.loads((out / "config.json").read_text())
   pad = config["pad_token_id"]
   assert config["architectures"] == ["LlamaForSequenceClassification"]
-  assert pad not in (2, None) and config["perl_reward_bias"] == pytest.approx(export.head_bias(run.rm))
+  assert pad not in (2, None) and config["perl_reward_bias"] == pytest.approx(export_reward.head_bias(run.rm))
   model = AutoModelForSequenceClassification.from_pretrained(out).eval()
   assert model.config.num_labels == 1
   arrays = _encoded(run, "taskmaster4", run.files.eval)
@@ -133,7 +134,7 @@ def test_merged_export_matches_transformers(run):
 
 def test_merged_export_loads_in_perl_jax(run):
   out = run.root / "merged_inproc"
-  export.export_merged(run.rm, out)
+  export_reward.export_merged(run.rm, out)
   cfg, params = models.load_pretrained(out)
   rm = run.rm
   arrays = _encoded(run, "taskmaster4", run.files.eval)
@@ -149,11 +150,11 @@ def test_merged_export_loads_in_perl_jax(run):
 def test_peft_export_matches_peft(run):
   from peft import PeftModel
   from transformers import AutoModelForSequenceClassification
-  out = export.export_peft(run.rm, run.root / "peft")
+  out = export_reward.export_peft(run.rm, run.root / "peft")
   adapter = json.loads((out / "adapter_config.json").read_text())
   assert adapter["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
   assert (adapter["r"], adapter["lora_alpha"], adapter["task_type"]) == (4, 8, "SEQ_CLS")
-  side = json.loads((out / export.SIDE_FILE).read_text())
+  side = json.loads((out / export_reward.SIDE_FILE).read_text())
   base = AutoModelForSequenceClassification.from_pretrained(run.base, num_labels=1, pad_token_id=side["pad_token_id"])
   model = PeftModel.from_pretrained(base, out).eval()
   arrays = _encoded(run, "taskmaster4", run.files.eval)
@@ -165,7 +166,7 @@ def test_peft_export_matches_peft(run):
 def test_peft_export_refuses_full_mode(run):
   rm = dataclasses.replace(run.rm, stage=dataclasses.replace(run.rm.stage, mode="full"))
   with pytest.raises(models.ConfigError, match="merged"):
-    export.export_peft(rm, run.root / "peft_full")
+    export_reward.export_peft(rm, run.root / "peft_full")
 
 
 def _expected_binary(run):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perl_jax import heads, probe, reward
+from perl_jax import heads, probe, trained
 
 sklearn = pytest.importorskip("sklearn")
 from sklearn import linear_model, preprocessing  # noqa: E402
@@ -71,10 +71,10 @@ def test_unknown_head_init_is_a_config_error_naming_the_field():
   sys.path.insert(0, str(ROOT))
   from experiments.rm import smollm2
   c = smollm2.get_config("tm4_lora")
-  assert reward.config_from(c).loss == "bce"
+  assert trained.reward_config(c).loss == "bce"
   c.head_init = "pca"
   with pytest.raises(models.ConfigError, match="field 'head_init'.*'pca'"):
-    reward.config_from(c)
+    trained.reward_config(c)
 
 
 def test_cached_bf16_features_read_back_as_their_float32_values(tmp_path):

@@ -6,16 +6,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perl_jax import heads, lora, losses, models, optimizer, reward, trainer
-from tests.helpers import load_script, tiny_config
+from perl_jax import heads, lora, losses, models, optimizer, reward, trained, trainer
+from tests.helpers import tiny_config
 
 
 @pytest.fixture(scope="module")
 def rm():
   cfg = tiny_config()
   base = models.init_params(cfg, jax.random.key(0))
-  rcfg = reward.RewardConfig(mode="lora", loss="bt", lora_cfg=lora.LoraConfig(rank=2))
-  tr = reward.init_trainable(jax.random.key(1), rcfg, cfg, base)
+  rcfg = trained.RewardConfig(mode="lora", loss="bt", lora_cfg=lora.LoraConfig(rank=2))
+  tr = trained.init_reward(jax.random.key(1), rcfg, cfg, base)
   tr["lora"] = jax.tree.map(lambda x: x + 0.05, tr["lora"])
   return cfg, base, rcfg, tr
 
@@ -44,7 +44,7 @@ def test_scores_read_last_real_token_under_left_and_right_padding(rm):
     expected.append(float(hidden[0, -1] @ tr["head"]["kernel"][:, 0] + tr["head"]["bias"][0]))
   for side in ("left", "right"):
     ids, mask = _pad(seqs, 8, side)
-    got = reward.scores(cfg, rcfg, tr, base, ids, mask)
+    got = trained.scores(cfg, rcfg, tr, base, ids, mask)
     np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5, err_msg=side)
 
 
@@ -53,14 +53,14 @@ def test_bradley_terry_and_bce_losses_by_hand(rm):
   ids_c, mask_c = _pad([[5, 9, 17], [7, 8, 30]], 5, "right")
   ids_r, mask_r = _pad([[5, 9, 40, 41], [7, 8]], 5, "right")
   batch = {"input_ids": jnp.stack([ids_c, ids_r], 1), "attention_mask": jnp.stack([mask_c, mask_r], 1)}
-  r_c = np.asarray(reward.scores(cfg, rcfg, tr, base, ids_c, mask_c))
-  r_r = np.asarray(reward.scores(cfg, rcfg, tr, base, ids_r, mask_r))
+  r_c = np.asarray(trained.scores(cfg, rcfg, tr, base, ids_c, mask_c))
+  r_r = np.asarray(trained.scores(cfg, rcfg, tr, base, ids_r, mask_r))
   loss, m = reward.loss_fn(cfg, rcfg, tr, base, batch)
   by_hand = np.mean([np.log(1 + np.exp(-(c - r))) for c, r in zip(r_c, r_r)])
   np.testing.assert_allclose(float(loss), by_hand, rtol=1e-5)
   np.testing.assert_allclose(float(m["accuracy"]), np.mean(r_c > r_r))
 
-  bce = reward.RewardConfig(mode="lora", loss="bce", lora_cfg=rcfg.lora_cfg)
+  bce = trained.RewardConfig(mode="lora", loss="bce", lora_cfg=rcfg.lora_cfg)
   label = jnp.array([1.0, 0.0])
   loss, _ = reward.loss_fn(cfg, bce, tr, base, {"input_ids": ids_c, "attention_mask": mask_c, "label": label})
   p = 1 / (1 + np.exp(-r_c))
@@ -73,8 +73,8 @@ def test_lora_step_changes_only_adapters_and_head_full_step_changes_backbone(rm)
   batch = {"input_ids": ids.reshape(2, 2, 6), "attention_mask": mask.reshape(2, 2, 6)}
   opt = optimizer.make_optimizer(optimizer.make_schedule(1e-2, 10, 1))
   for mode in ("lora", "full"):
-    r = reward.RewardConfig(mode=mode, loss="bt", lora_cfg=rcfg.lora_cfg)
-    trainable = reward.init_trainable(jax.random.key(1), r, cfg, base)
+    r = trained.RewardConfig(mode=mode, loss="bt", lora_cfg=rcfg.lora_cfg)
+    trainable = trained.init_reward(jax.random.key(1), r, cfg, base)
     state = trainer.new_state(trainable, opt, jnp.zeros(2, jnp.uint32))
     step_base = base if mode == "lora" else {}
     new, metrics = jax.jit(lambda s, b, x: trainer.train_step(functools.partial(reward.loss_fn, cfg, r), opt, s, b, x))(state, step_base, batch)
@@ -116,7 +116,7 @@ def test_head_lr_mult_scales_only_the_head_update():
 def test_probe_features_rows_match_the_rm_heads_own_reading(rm):
   """scripts/probe_features.py: its last-token feature of each row (computed longest-first in 64-token buckets)
   is the hidden state the RM head reads for that row, and the response mean averages only response tokens."""
-  probe = load_script("probe_features")
+  from perl_jax.analysis import feature_probe as probe
   cfg, base, _, _ = rm
   rng = np.random.default_rng(0)
   lengths = [5, 70, 12, 90, 33]

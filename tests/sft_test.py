@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perl_jax import lora, losses, models, policy, sft
+from perl_jax import lora, losses, models, sft, trained
 from tests.helpers import make_tiny_hf_folder, tiny_config
 
 LCFG = lora.LoraConfig(rank=4, alpha=8.0)
@@ -54,13 +54,13 @@ def test_token_logprobs_equal_numpy_log_softmax_at_temperature():
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_loss_equals_numpy_masked_cross_entropy(tiny, mode):
   cfg, base = tiny
-  scfg = policy.PolicyConfig(mode=mode, lora_cfg=LCFG)
+  scfg = trained.PolicyConfig(mode=mode, lora_cfg=LCFG)
   batch = _batch(0)
   if mode == "lora":
     trainable, frozen = {"lora": _random_lora(base)}, base
     adapters = [(trainable["lora"], lora.scale(LCFG))]
   else:
-    trainable, frozen, adapters = policy.init_trainable(None, scfg, base), policy.frozen_params(scfg, base), []
+    trainable, frozen, adapters = trained.init_policy(None, scfg, base), trained.policy_frozen(scfg, base), []
   logits = np.asarray(models.forward(cfg, base, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]),
                                      adapters=adapters).logits)
   nll, hits, n = 0.0, 0, 0
@@ -88,15 +88,15 @@ def test_loss_equals_transformers_llama_loss(tmp_path):
   with torch.no_grad():
     want = hf(input_ids=torch.tensor(batch["input_ids"], dtype=torch.long),
               attention_mask=torch.tensor(batch["attention_mask"]), labels=torch.tensor(labels, dtype=torch.long)).loss.item()
-  scfg = policy.PolicyConfig(mode="lora", lora_cfg=LCFG)
-  trainable = policy.init_trainable(jax.random.key(0), scfg, base)  # B = 0: the policy is the base
+  scfg = trained.PolicyConfig(mode="lora", lora_cfg=LCFG)
+  trainable = trained.init_policy(jax.random.key(0), scfg, base)  # B = 0: the policy is the base
   loss, _ = sft.loss_fn(cfg, scfg, trainable, base, jax.tree.map(jnp.asarray, batch))
   np.testing.assert_allclose(float(loss), want, rtol=1e-5)
 
 
 def test_gradient_is_taken_wrt_lora_only(tiny):
   cfg, base = tiny
-  scfg = policy.PolicyConfig(mode="lora", lora_cfg=LCFG)
+  scfg = trained.PolicyConfig(mode="lora", lora_cfg=LCFG)
   trainable = {"lora": _random_lora(base)}
   batch = jax.tree.map(jnp.asarray, _batch(2))
   grads = jax.grad(lambda tr: sft.loss_fn(cfg, scfg, tr, base, batch)[0])(trainable)

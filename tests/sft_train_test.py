@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from perl_jax import checkpoint, data, policy, runs, sft
+from perl_jax import checkpoint, data, runs, sft, trained
 from tests.conftest import ROOT
 from tests.helpers import head_lines, make_tiny_hf_folder
 
@@ -48,16 +48,16 @@ def _eval(cfg, trainable, frozen, eval_arrays, model_cfg, scfg):
 def test_training_lowers_held_out_loss_and_restores(tiny, tmp_path, arg):
   cfg = _config(tiny, arg, steps=8, eval_every=8)
   state, ev = sft.train(cfg, tmp_path / "run")
-  run = policy.restore(tmp_path / "run")
+  run = trained.restore_policy(tmp_path / "run")
   assert run.step == 8
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                run.trainable, state["trainable"])
-  scfg = policy.config_from(cfg)
+  scfg = trained.policy_config(cfg)
   model_cfg, base, tok = runs.load_model(cfg.model)
   _, eval_arrays, info = sft.load_data(cfg, tok)
   assert info["eval_examples"] > 0 and info["train_examples"] + info["eval_examples"] == 32
-  start = policy.init_trainable(jax.random.key(cfg.seed), scfg, base)
-  before = _eval(cfg, start, policy.frozen_params(scfg, base), eval_arrays, model_cfg, scfg)
+  start = trained.init_policy(jax.random.key(cfg.seed), scfg, base)
+  before = _eval(cfg, start, trained.policy_frozen(scfg, base), eval_arrays, model_cfg, scfg)
   after = _eval(cfg, run.trainable, run.frozen, eval_arrays, model_cfg, scfg)
   assert after["loss"] < before["loss"] - 0.1, (before, after)
   assert after["num_tokens"] == before["num_tokens"] == int(eval_arrays["loss_mask"][:, 1:].sum())

@@ -9,7 +9,7 @@ import sys
 import jax
 import pytest
 
-from perl_jax import data, heads, policy, reward, sft
+from perl_jax import data, heads, reward, sft, trained
 from perl_jax.rl import setup
 from perl_jax.rl import train as rl_train
 from tests.conftest import ROOT
@@ -120,13 +120,13 @@ def test_prompts_longer_than_the_window_or_context_are_one_line_errors(runs, tmp
 
 def test_eval_policy_anchor_equality_and_judge(runs, tmp_path):
   """lr 0 keeps π = π_SFT: the same samples, so reward_after == reward_before, KL 0 and win rate ½ exactly; the
-  run's own RM as judge gives the RM's figures through the independent reward.scores path."""
+  run's own RM as judge gives the RM's figures through the independent trained.scores path."""
   from perl_jax.rl import evaluate
   rl_train.train(_rl_config(runs, steps=1, checkpoint_every=1, optim=dict(lr=0.0, warmup_steps=1, weight_decay=0.0,
                                                                           clip_norm=1.0)), tmp_path / "rl0")
   policy = setup.restore(tmp_path / "rl0")
   prompts = evaluate.held_out_prompts(policy, "taskmaster4", runs / "tm4.jsonl", "all")[:6]
-  judge = reward.restore(runs / "rm", mesh=policy.mesh)
+  judge = trained.restore_reward(runs / "rm", mesh=policy.mesh)
   r = evaluate.evaluate(policy, prompts, batch_size=4, judge=judge, samples_per_prompt=2)
   assert r["num_prompts"] == 6 and r["step"] == 1 and r["samples_per_prompt"] == 2
   assert r["reward_after"] == r["reward_before"] and abs(r["kl"]) < 1e-5 and r["win_rate"] == 0.5
@@ -152,7 +152,7 @@ def test_policy_export_merged_and_peft_match_transformers(runs, tmp_path):
   import transformers
   from peft import PeftModel
   from perl_jax import models
-  from perl_jax.export_policy import adapter_sets
+  from perl_jax.export.policy import adapter_sets
   c = _rl_config(runs, steps=2, optim=dict(lr=0.05, warmup_steps=1, weight_decay=0.0, clip_norm=1.0))
   c.rl.value_warmup_steps = 0                                 # the policy moves from step 1
   rl_train.train(c, tmp_path / "rl")
@@ -163,7 +163,7 @@ def test_policy_export_merged_and_peft_match_transformers(runs, tmp_path):
                                    adapters=adapter_sets(policy)).logits)
   env = {**os.environ, "PYTHONPATH": str(ROOT)}
   for fmt in ("merged", "peft"):
-    r = subprocess.run([sys.executable, "scripts/export.py", "--workdir", str(tmp_path / "rl"), "--out",
+    r = subprocess.run([sys.executable, "scripts/export_reward.py", "--workdir", str(tmp_path / "rl"), "--out",
                         str(tmp_path / fmt), "--format", fmt], cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
   merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
@@ -179,14 +179,15 @@ def test_rm_started_from_the_sft_run_stands_on_it_in_training_restore_and_rl(run
   """config.init_from: the RM trains on base ⊕ SFT adapter (merged). Its restored scores equal the unmerged stack
   base + [SFT adapter, RM adapter] + head; RL then uses that SFT model as its one backbone and anchor."""
   import numpy as np
-  from perl_jax import export, lora, models
+  from perl_jax import lora, models
+  from perl_jax.export import reward as export_reward
   c = rm_configs.get_config("tm4_lora")
   c.model.path, c.data.path, c.init_from = str(runs / "model"), str(runs / "tm4.jsonl"), str(runs / "sft")
   c.data.update(max_len=64, batch_size=8, eval_batch_size=8, eval_fraction=0.25, min_prompt_tokens=16)
   c.update(steps=2, log_every=1, eval_every=2, checkpoint_every=2, optim=dict(
       lr=0.05, warmup_steps=1, weight_decay=0.0, clip_norm=1.0, head_lr_mult=1.0))
   reward.train(c, tmp_path / "rm")
-  rm, pol = reward.restore(tmp_path / "rm"), policy.restore(runs / "sft")
+  rm, pol = trained.restore_reward(tmp_path / "rm"), trained.restore_policy(runs / "sft")
   sft_lora, rm_lora = pol.trainable["lora"], rm.trainable["lora"]
   assert all(float(np.abs(np.asarray(x)).max()) > 0 for x in jax.tree.leaves((sft_lora, rm_lora)))  # both moved
   ids = np.random.default_rng(0).integers(3, 1000, size=(3, 10)).astype(np.int32)
@@ -194,9 +195,9 @@ def test_rm_started_from_the_sft_run_stands_on_it_in_training_restore_and_rl(run
   stack = [(sft_lora, lora.scale(pol.stage.lora_cfg)), (rm_lora, lora.scale(rm.stage.lora_cfg))]
   hidden = models.forward(rm.model_cfg, pol.frozen, ids, mask, adapters=stack, return_logits=False).hidden
   expected = heads.head_apply(rm.trainable["head"], hidden[:, -1])
-  got = reward.scores(rm.model_cfg, rm.stage, rm.trainable, rm.frozen, ids, mask)
+  got = trained.scores(rm.model_cfg, rm.stage, rm.trainable, rm.frozen, ids, mask)
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
-  without_sft = reward.scores(rm.model_cfg, rm.stage, rm.trainable, pol.frozen, ids, mask)
+  without_sft = trained.scores(rm.model_cfg, rm.stage, rm.trainable, pol.frozen, ids, mask)
   assert float(np.abs(np.asarray(without_sft) - np.asarray(expected)).max()) > 1e-4   # 10× the tolerance above
 
   rl = _rl_config(runs, steps=1, checkpoint_every=1)
@@ -214,7 +215,7 @@ def test_rm_started_from_the_sft_run_stands_on_it_in_training_restore_and_rl(run
   with pytest.raises(models.ConfigError, match="starts from the SFT run"):
     setup.load_roles(rl, rm.mesh)
   with pytest.raises(models.ConfigError, match="--format merged"):
-    export.export_peft(rm, tmp_path / "peft")
+    export_reward.export_peft(rm, tmp_path / "peft")
   c.init_from = str(tmp_path / "nope")
   with pytest.raises(models.ConfigError, match="nope: not a run folder .* 'init_from'"):
     reward.train(c, tmp_path / "rm2")

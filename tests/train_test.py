@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from perl_jax import checkpoint, data, models, reward
+from perl_jax import checkpoint, data, models, reward, trained
 from tests.conftest import ROOT
 from tests.helpers import head_lines, make_tiny_hf_folder, run_two_hosts
 
@@ -168,18 +168,18 @@ def test_probe_head_init_is_the_probe_of_the_runs_own_frozen_features(tiny, tmp_
 
   model_cfg, base, tokenizer = runs.load_model(cfg.model)
   train_arrays, _, _ = reward.load_data(cfg, tokenizer)
-  rcfg = reward.config_from(cfg)
+  rcfg = trained.reward_config(cfg)
   init = reward.new_state(cfg, rcfg, model_cfg, base, optax.sgd(0.0))["trainable"]
-  frozen = reward.frozen_params(rcfg, base)
+  frozen = trained.reward_frozen(rcfg, base)
   rows = []
   for i in range(12):
     ids, mask = train_arrays["input_ids"][i], train_arrays["attention_mask"][i]
     n = int(mask.reshape(-1, mask.shape[-1]).sum(-1).max())  # Right padding: drop the all-pad tail.
     batch = {"input_ids": ids[None, ..., :n], "attention_mask": mask[None, ..., :n]}
-    rows.append(np.asarray(reward.batch_features(model_cfg, rcfg, init, frozen, batch))[0])
+    rows.append(np.asarray(trained.batch_features(model_cfg, rcfg, init, frozen, batch))[0])
   want, _ = probe.fit_head(np.stack(rows), train_arrays["label"][:12] if "label" in train_arrays else None,
                            seed=cfg.seed)
-  got = reward.restore(tmp_path / "run", step=1).trainable["head"]
+  got = trained.restore_reward(tmp_path / "run", step=1).trainable["head"]
   np.testing.assert_allclose(np.asarray(got["kernel"]), want["kernel"], rtol=2e-3, atol=2e-4)
   np.testing.assert_allclose(np.asarray(got["bias"]), want["bias"], rtol=2e-3, atol=2e-4)
 
@@ -199,7 +199,7 @@ def test_probe_cache_is_shared_by_lora_ranks_and_seeds_and_equals_a_fresh_probe(
                                               eval_every=0), **over})
     cfg.optim.lr = 0.0
     reward.train(cfg, tmp_path / run, stop_after=1)
-    return reward.restore(tmp_path / run, step=1).trainable["head"]
+    return trained.restore_reward(tmp_path / run, step=1).trainable["head"]
 
   head("r4", probe_cache=str(cache))
   assert len(list(cache.glob("*.npz"))) == 1

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perl_jax import data, evaluation, models, reward, runs
+from perl_jax import data, evaluation, models, runs, trained
 from perl_jax.rl import RLConfig, roles, rollout
 
 
@@ -31,7 +31,7 @@ def win_rate(r_policy_N, r_anchor_N) -> float:
 
 def _judge_fn(judge: runs.Trained):
   """r_B of a second RM (same backbone) on prompt + response sequences (its params passed, not closed over)."""
-  fn = jax.jit(lambda tr, base, ids, mask: reward.scores(judge.model_cfg, judge.stage, tr, base, ids, mask))
+  fn = jax.jit(lambda tr, base, ids, mask: trained.scores(judge.model_cfg, judge.stage, tr, base, ids, mask))
   return lambda ids, mask: fn(judge.trainable, judge.frozen, ids, mask)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from perl_jax import lora, models, policy, reward, runs
+from perl_jax import lora, models, runs, trained
 from perl_jax.data import pipeline
 from perl_jax.rl import RLConfig, roles
 
@@ -74,7 +74,7 @@ def load_roles(config, mesh) -> Roles:
       raise models.ConfigError("config: field 'reward_workdir': required (an RM run folder)")
     if path:
       runs.require_run_folder(path, name)
-  rm = reward.restore(config.reward_workdir, model_path=config.model.path or None, mesh=mesh)
+  rm = trained.restore_reward(config.reward_workdir, model_path=config.model.path or None, mesh=mesh)
   model_cfg, tokenizer, base = rm.model_cfg, rm.tokenizer, rm.frozen
   rm_params = dict(rm.trainable)
   rm_scale, rm_lora = lora.scale(rm.stage.lora_cfg), rm.stage.lora_cfg
@@ -92,7 +92,7 @@ def load_roles(config, mesh) -> Roles:
       if not runs.same_path(a, b):
         raise models.ConfigError(f"{config.sft_workdir}: the SFT run was trained on another backbone ({a}) "
                                  f"than the reward model ({b})")
-    pol = policy.restore(config.sft_workdir, model_path=config.model.path or None, mesh=mesh,
+    pol = trained.restore_policy(config.sft_workdir, model_path=config.model.path or None, mesh=mesh,
                          loaded=(model_cfg, base, tokenizer))
     if pol.stage.mode == "lora":
       sft_lora, sft_scale = pol.trainable["lora"], lora.scale(pol.stage.lora_cfg)

@@ -24,7 +24,8 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from perl_jax import benchmark, lora, models, reward, trainer
+from perl_jax import lora, models, reward, trained, trainer
+from perl_jax.bench import rm_step
 from perl_jax.models import ModelConfig
 from perl_jax.models import loading
 
@@ -122,12 +123,12 @@ def torch_phase_fns(model, ids_Px2xT) -> dict:
   return {"fwd": fwd, "fwd_bwd": fwd_bwd}
 
 
-def our_phase_fns(ours: "benchmark.Prepared") -> dict:
+def our_phase_fns(ours: "rm_step.Prepared") -> dict:
   """Ours, compiled like the step: {"fwd": scores, "fwd_bwd": the loss's gradient w.r.t. the trainable params}."""
   cfg, rcfg, batch = ours.model_cfg, ours.rcfg, ours.batch
   ids_BxT, mask_BxT = (batch[k].reshape(-1, batch[k].shape[-1]) for k in ("input_ids", "attention_mask"))
   opts = trainer.default_compiler_options()
-  fwd = jax.jit(lambda tr, base: reward.scores(cfg, rcfg, tr, base, ids_BxT, mask_BxT))
+  fwd = jax.jit(lambda tr, base: trained.scores(cfg, rcfg, tr, base, ids_BxT, mask_BxT))
   grad = jax.jit(jax.grad(lambda tr, base: reward.loss_fn(cfg, rcfg, tr, base, batch)[0]))
   args = (ours.state["trainable"], ours.base)
   fwd, grad = (f.lower(*args).compile(compiler_options=opts) for f in (fwd, grad))
@@ -227,7 +228,7 @@ def against_torch(cfg: ModelConfig, *, name: str, pairs: int, seq: int, lora_cfg
   threads = threads or len(os.sched_getaffinity(0))
   if base_params is None:
     base_params = models.init_params(cfg, jax.random.key(0))
-  ours = benchmark.prepare(cfg, "lora", name=name, pairs=pairs, seq=seq, dtype="float32", lora_cfg=lora_cfg,
+  ours = rm_step.prepare(cfg, "lora", name=name, pairs=pairs, seq=seq, dtype="float32", lora_cfg=lora_cfg,
                            base_params=base_params)
   head = jax.device_get(ours.state["trainable"]["head"]["kernel"])
   with TorchWorker(cfg, jax.device_get(base_params), lora_cfg, head, ours.host_batch["input_ids"],
@@ -271,8 +272,8 @@ def ratio_line(row: dict) -> str:
 
 def resolve_model(model: str):
   """(name, ModelConfig, base params or None) for a preset name or a model path (fp32)."""
-  if model in benchmark.PRESETS:
-    return model, benchmark.preset(model), None
+  if model in rm_step.PRESETS:
+    return model, rm_step.preset(model), None
   cfg, base = models.load_pretrained(model, param_dtype=np.float32)
   return os.path.basename(os.path.normpath(model)), cfg, base
 
@@ -289,7 +290,7 @@ def cli(*, model: str, pairs: int | None, seq: int | None, rank: int, alpha: flo
     return 2
   name, cfg, base = resolve_model(model)
   cfg = dataclasses.replace(cfg, attention=attention or cfg.attention, remat=remat or cfg.remat)
-  d_pairs, d_seq, _ = benchmark.default_shape(name, models.count_params(models.param_shapes(cfg)))
+  d_pairs, d_seq, _ = rm_step.default_shape(name, models.count_params(models.param_shapes(cfg)))
   row = against_torch(cfg, name=name, pairs=pairs or d_pairs, seq=seq or d_seq, steps=steps, base_params=base,
                       lora_cfg=lora.LoraConfig(rank=rank, alpha=alpha, targets=targets))
   if out:

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from perl_jax import export, lora, models, runs
+from perl_jax import lora, models, runs
+from perl_jax.export import reward as export_reward
 from perl_jax.rl import roles
 from perl_jax.models import loading
 
@@ -63,7 +64,7 @@ def export_merged(policy, out, model_path: str, dtype: str = "float32") -> pathl
   tensors = loading.hf_state_dict(policy.model_cfg, merged_params(policy), jnp.dtype(dtype))
   if policy.model_cfg.tie_embeddings:
     tensors.pop("lm_head.weight", None)
-  export._save_safetensors(tensors, out / "model.safetensors")
+  export_reward.save_safetensors(tensors, out / "model.safetensors")
   hf = models.to_hf_dict(policy.model_cfg)
   base_config = pathlib.Path(model_path) / "config.json"
   if base_config.is_file():
@@ -85,5 +86,5 @@ def export_peft(policy, out, model_path: str) -> pathlib.Path:
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   tree, rank = combined_adapter(adapter_sets(policy))
-  export.write_adapter(out, export.lora_tensors(policy.model_cfg, tree), "CAUSAL_LM", model_path, rank, rank)
+  export_reward.write_adapter(out, export_reward.lora_tensors(policy.model_cfg, tree), "CAUSAL_LM", model_path, rank, rank)
   return out

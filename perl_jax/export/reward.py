@@ -18,7 +18,7 @@ from flax import traverse_util
 
 from perl_jax import data, lora, models, runs
 from perl_jax.models import loading
-from perl_jax.reward import head_bias
+from perl_jax.trained import head_bias
 
 log = logging.getLogger("perl_jax")
 
@@ -45,7 +45,7 @@ def _pad_for_export(tokenizer) -> int:
   return pad
 
 
-def _save_safetensors(tensors: dict, path: pathlib.Path):
+def save_safetensors(tensors: dict, path: pathlib.Path):
   from safetensors.flax import save_file
   save_file({k: jnp.asarray(v) for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
 
@@ -64,7 +64,7 @@ def export_merged(rm: runs.Trained, out, dtype: str = "float32") -> pathlib.Path
   if rm.model_cfg.tie_embeddings:
     tensors.pop("lm_head.weight", None)
   tensors["score.weight"] = jnp.asarray(rm.trainable["head"]["kernel"], dtype).T
-  _save_safetensors(tensors, out / "model.safetensors")
+  save_safetensors(tensors, out / "model.safetensors")
 
   pad = _pad_for_export(rm.tokenizer)
   hf = models.to_hf_dict(rm.model_cfg)
@@ -110,7 +110,7 @@ def write_adapter(out: pathlib.Path, tensors: dict, task: str, base_path: str, r
                  target_modules=modules, lora_dropout=0.0, bias="none", fan_in_fan_out=False, use_rslora=False,
                  use_dora=False, modules_to_save=modules_to_save, inference_mode=True)
   (out / "adapter_config.json").write_text(json.dumps(adapter, indent=1))
-  _save_safetensors(tensors, out / "adapter_model.safetensors")
+  save_safetensors(tensors, out / "adapter_model.safetensors")
 
 
 def export_peft(rm: runs.Trained, out) -> pathlib.Path:

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from perl_jax import benchmark, checkpoint, heads, lora, models, optimizer, sharding, trainer
+from perl_jax import checkpoint, heads, lora, models, optimizer, sharding, trainer
+from perl_jax.bench import rm_step
 from perl_jax.rl import RLConfig, learner, roles, rollout
 from perl_jax.rl.step import RLStep
 
@@ -38,7 +39,7 @@ def measure(cfg, mode: str, *, name: str, batch: int, prompt_len: int, new_token
             lora_cfg: lora.LoraConfig = lora.LoraConfig(), abstract: bool = False, steps: int = 3,
             cpu_no_hoist: bool = True) -> dict:
   """Compiles (and unless abstract, times rollout + update of) one RL step; returns one JSON-able row."""
-  pol = benchmark.policy(dtype)
+  pol = rm_step.policy(dtype)
   cfg = dataclasses.replace(cfg, dtype=pol.compute)
   rlcfg = RLConfig(mode=mode, max_new_tokens=new_tokens, temperature=0.7, policy_lora=lora_cfg,
                    value_lora=lora_cfg, sft_scale=lora.scale(lora_cfg), reward_scale=lora.scale(lora_cfg),
@@ -54,7 +55,7 @@ def measure(cfg, mode: str, *, name: str, batch: int, prompt_len: int, new_token
   state_sh, frozen_sh = sharding.shardings(state, mesh), sharding.shardings(frozen, mesh)
   _, optim = optimizer.make(_OPTIM, 1000)
   update = learner.jit_update(cfg, rlcfg, optim, state_sh, frozen_sh, mesh)
-  options = benchmark.CPU_COMPILER_OPTIONS if cpu_no_hoist and jax.default_backend() == "cpu" else None
+  options = rm_step.CPU_COMPILER_OPTIONS if cpu_no_hoist and jax.default_backend() == "cpu" else None
   compiled, perf = trainer.compile_step(update, checkpoint.abstract_like(state), checkpoint.abstract_like(frozen),
                                         rollout.batch_struct(batch, prompt_len, new_tokens), compiler_options=options)
   n_train, n_frozen = models.count_params(state["trainable"]), models.count_params(frozen)

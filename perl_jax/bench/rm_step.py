@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from perl_jax import checkpoint, lora, models, optimizer, reward, sharding, trainer
+from perl_jax import checkpoint, lora, models, optimizer, reward, sharding, trained, trainer
 from perl_jax.models import ModelConfig, Rope
 
 _LLAMA3_ROPE = Rope(theta=500000.0, kind="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -146,7 +146,7 @@ def build(cfg: ModelConfig, mode: str, dtype: str, lora_cfg: lora.LoraConfig, ab
 
   Full mode trains a copy of the backbone (all but an unread untied LM head); LoRA keeps the base separate."""
   pol = policy(dtype)
-  rcfg = reward.RewardConfig(mode=mode, loss="bt", lora_cfg=lora_cfg)
+  rcfg = trained.RewardConfig(mode=mode, loss="bt", lora_cfg=lora_cfg)
   optim = optimizer.make_optimizer(optimizer.make_schedule(1e-5, 1000, 10))
   base_dtype = pol.base if mode == "lora" else pol.trained
   if base_params is None:
@@ -155,9 +155,9 @@ def build(cfg: ModelConfig, mode: str, dtype: str, lora_cfg: lora.LoraConfig, ab
   else:
     base = jax.tree.map(lambda x: x.astype(base_dtype), base_params)
   make_state = lambda b: trainer.new_state(
-      reward.init_trainable(jax.random.key(seed + 1), rcfg, cfg, b), optim, jax.random.key(seed + 2))
+      trained.init_reward(jax.random.key(seed + 1), rcfg, cfg, b), optim, jax.random.key(seed + 2))
   state = jax.eval_shape(make_state, base) if abstract else make_state(base)
-  return rcfg, optim, state, reward.frozen_params(rcfg, base)
+  return rcfg, optim, state, trained.reward_frozen(rcfg, base)
 
 
 @dataclasses.dataclass
@@ -171,7 +171,7 @@ class Prepared:
   host_batch: dict
   row: dict
   model_cfg: ModelConfig
-  rcfg: reward.RewardConfig
+  rcfg: trained.RewardConfig
   metrics: Any = None
 
   def step(self):
