@@ -3,7 +3,7 @@
   python scripts/eval_policy.py --workdir runs/rl_tm4_lora --data experiments/data/taskmaster4/dialogs.jsonl.gz \
       [--format taskmaster4_dialogs|taskmaster4|hh_rlhf] [--split eval|train|all] [--max_prompts 128]
       [--samples_per_prompt 1] [--judge_workdir OTHER_RM]
-JSON (README, "RL" section, lists every key): reward_before (the SFT anchor) / reward_after (the policy) under the
+JSON (docs/rl.md lists every key): reward_before (the SFT anchor) / reward_after (the policy) under the
 run's RM, reward_diff with its 95% paired-bootstrap interval [reward_diff_lo, reward_diff_hi], win_rate (policy
 over anchor on the same prompt, ties ½) with its 95% Wilson interval, kl (Σ_t log π − log π_ref per response,
 policy samples) with its interval, finished fractions and response lengths; with --judge_workdir the same under a

@@ -1,5 +1,5 @@
 """How the Taskmaster-4 LoRA RM recipe was chosen: a few levers at one CPU budget, scored on a DEV split carved
-from the training part (data.dev_fraction), never on the held-out split the README reports.
+from the training part (data.dev_fraction), never on the held-out split experiments/results/rm_quality reports.
 
   python scripts/ablate.py --sweep experiments/sweeps/rm_recipe_dev.py --workdir runs/rm_recipe_dev
   python scripts/report.py --workdir runs/rm_recipe_dev --out experiments/results/rm_recipe_dev
@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
        {"optim.lr": 5e-4, "head_init": "probe"},  # LP-FT: the head starts as a probe of the frozen features.
        {"optim.lr": 1e-4, "head_init": "probe"},  # ... fine-tuned gently (LP-FT's advice: a small lr).
        {"optim.lr": 5e-4, "head_init": "probe", "lora.targets": "attention_mlp"},  # What the MLP adds.
-       # The RM starts from an SFT model (train it first: the README's command for runs/sft_tm4_dev).
+       # The RM starts from an SFT model (train it first: experiments/results/rm_quality's command for runs/sft_tm4_dev).
        {"optim.lr": 5e-4, "head_init": "probe", "init_from": "runs/sft_tm4_dev"}],
   ]
   c.fixed = [{  # The same budget and dev split for every point.
