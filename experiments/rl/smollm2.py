@@ -21,17 +21,19 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
   algorithm = "reinforce" if algorithm == "paper" else algorithm
   group = algorithm in ("rloo", "grpo")
   c = ml_collections.ConfigDict()
-  c.seed = 0
+  c.seed = 0  # Seeds the trainable init and the run's RNG (sampling).
   c.mode = mode  # "lora": policy / value LoRA on the one frozen backbone; "full": trainable backbone copies.
   c.reward_workdir = ""  # An RM run folder (required).
   c.sft_workdir = ""  # An SFT run folder; empty = the base model is the policy's anchor.
   # remat "auto": "dots" on CPU (update 0.92x the time, step 0.76x the compiled peak of "none" at 8 x (192 + 48)).
   c.model = dict(path="", param_dtype="float32", dtype="float32", remat="auto", attention="auto")
+  # Prompts: eval_fraction of conversations held out (split seed `seed`); batch_size prompts per RL step; prompts
+  # left-padded to max_prompt_len; max_train_prompts > 0 keeps the first N training prompts.
   c.data = dict(eval_fraction=0.1, seed=0, batch_size=8, max_prompt_len=192, max_train_prompts=0,
                 truncate_prompts=True,  # A longer prompt keeps its last max_prompt_len tokens; False: an error.
                 **DATA[dataset])
   c.lora = dict(rank=4, alpha=8.0, targets="attention")  # The policy LoRA (paper: attention, small ranks).
-  c.rl = dict(
+  c.rl = dict(  # The RL algorithm (rl.RLConfig), field by field:
       algorithm=algorithm, objective="perl",  # "perl": (1−β)·r − β·KL; "standard": r − β·KL.
       kl_coef=0.05, kl_estimator="k1",
       kl_target=0.0, kl_horizon=20,  # kl_target 0 = fixed β; else β moves ≤ 0.2/kl_horizon per RL step toward it.
@@ -47,15 +49,16 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
       value_warmup_steps=0 if group else 2,  # First RL steps train only the value role (none under RLOO / GRPO).
       ppo_epochs=2 if algorithm == "ppo" else 1, num_minibatches=2 if algorithm == "ppo" else 1,
       num_microbatches=1)  # Gradient accumulation per update: rows / num_microbatches at a time (memory).
+  # AdamW; lr warms up linearly over warmup_steps RL steps, then cosine; global-norm clipping.
   c.optim = dict(lr=1e-4 if mode == "lora" else 5e-6, warmup_steps=5, weight_decay=0.0, clip_norm=1.0)
-  c.steps = 100
-  c.log_every = 5
+  c.steps = 100  # RL steps (one rollout batch each).
+  c.log_every = 5  # Metrics, progress line and sample texts every N steps.
   c.eval_every = 0  # Held-out eval cadence (0 = only at the last step).
   c.eval_prompts = 32  # Held-out prompts the eval samples (policy vs SFT anchor under the RM); 0 = no eval.
   c.eval_batch_size = 0  # Prompts per eval sampling batch; 0 = data.batch_size.
-  c.checkpoint_every = 25
-  c.keep_checkpoints = 2
-  c.num_sample_texts = 3
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
-  c.multihost = False
+  c.checkpoint_every = 25  # Checkpoint cadence (and always at the last step).
+  c.keep_checkpoints = 2  # Newest checkpoints kept.
+  c.num_sample_texts = 3  # Prompt / response / reward lines written to samples.jsonl at each log step.
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)  # Device mesh axes; -1 = all remaining devices.
+  c.multihost = False  # True: jax.distributed.initialize() first (one process per host).
   return c

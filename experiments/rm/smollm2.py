@@ -18,9 +18,11 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
   dataset, mode = arg.split("_")
   c = ml_collections.ConfigDict()
   c.seed = 0  # Init (LoRA A, a random head) and the run's RNG; the split and batch order are data.seed/shuffle_seed.
-  c.mode = mode
+  c.mode = mode  # "lora": PERL, backbone frozen; "full": a float32 backbone copy is trained.
   # remat "auto": "dots" on CPU (0.87x the step time, 0.66x the compiled peak of "none" there), "none" elsewhere.
   c.model = dict(path="", param_dtype="float32", dtype="float32", remat="auto", attention="auto")
+  # eval_path: a separate held-out file ("" = split data.path, eval_fraction of it, split seed `seed`); global batch
+  # sizes; min_prompt_tokens of prompt kept when a long example is cut to max_len; max_*_examples 0 = all.
   c.data = dict(eval_path="", eval_fraction=0.1, seed=0, batch_size=16, eval_batch_size=32,
                 min_prompt_tokens=64, max_train_examples=0, max_eval_examples=0,
                 bucket_by_length=True,  # Batches of similar lengths cut to 64-token buckets (fewer pad tokens).
@@ -29,6 +31,7 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
                 **DATA[dataset])
   c.init_from = ""  # An SFT run folder (same model): the RM starts from that SFT model, adapter merged; "" = the base.
   c.lora = dict(rank=4, alpha=8.0, targets="attention")  # Paper: attention projections, ranks 1-16.
+  # AdamW: linear warm-up over warmup_steps, then cosine; global-norm clipping.
   c.optim = dict(lr=5e-4 if mode == "lora" else 2e-5, warmup_steps=10, weight_decay=0.0, clip_norm=1.0,
                  head_lr_mult=1.0)  # The scalar head's lr = lr × head_lr_mult.
   c.pos_weight = 1.0  # BCE (binary data): weight of positive labels.
@@ -38,10 +41,10 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
   c.probe_cache = ""  # Folder memoising the probe's frozen features across runs (sweeps); "" = off.
   c.balance_classes = False  # BCE: pos_weight = n_neg / n_pos of the training split (overrides pos_weight).
   c.steps = 120  # The 2-core CPU budget (<= 60 min a run); an accelerator run: steps=2000, max_len=1024.
-  c.log_every = 5
+  c.log_every = 5  # Train metrics and progress line cadence (steps).
   c.eval_every = 40  # Learning curves: held-out eval at steps 40, 80, 120.
-  c.checkpoint_every = 40
-  c.keep_checkpoints = 2
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
-  c.multihost = False
+  c.checkpoint_every = 40  # Orbax checkpoint cadence (and at the last step).
+  c.keep_checkpoints = 2  # Newest checkpoints kept.
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)  # Device mesh axes; -1 = all remaining devices.
+  c.multihost = False  # True: jax.distributed.initialize() first (one process per host).
   return c

@@ -27,7 +27,7 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
   # Empty path = the embedded SmolLM2-135M-Instruct GGUF; param/compute dtypes; remat "none" | "full" | "dots" |
   # "auto" ("dots" on CPU: 0.97x the step time, 0.72x the compiled peak of "none" at 8 x 256 there; "none" elsewhere).
   c.model = dict(path="", param_dtype="float32", dtype="float32", remat="auto", attention="auto")
-  c.data = dict(
+  c.data = dict(  # The SFT dialogs:
       eval_path="",  # A separate held-out file; empty = split data.path by conversation.
       eval_fraction=0.1,  # Held-out share of conversations (seeded hash of the conversation id).
       seed=0,  # Split and shuffling seed.
@@ -37,12 +37,13 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
       bucket_by_length=False,  # Batches of similar lengths cut to 64-token buckets (fewer pad tokens).
       **DATA[dataset])  # format, path, max_len (tokens per dialog; longer ones keep their start), skip_invalid.
   c.lora = dict(rank=4, alpha=8.0, targets="attention")  # As the RMs: attention q/k/v/o, rank 4, α/r = 2.
+  # AdamW: linear warm-up over warmup_steps, then cosine; global-norm clipping.
   c.optim = dict(lr=5e-4 if mode == "lora" else 2e-5, warmup_steps=20, weight_decay=0.0, clip_norm=1.0)
   c.steps = 300  # Optimizer steps (a step = one global batch).
   c.log_every = 5  # Train metrics cadence (steps).
   c.eval_every = 100  # Held-out eval cadence (and at the last step).
   c.checkpoint_every = 50  # Orbax checkpoint cadence (and at the last step).
-  c.keep_checkpoints = 2
+  c.keep_checkpoints = 2  # Newest checkpoints kept.
   c.mesh = dict(data=-1, fsdp=1, tensor=1)  # -1 = all remaining devices.
   c.multihost = False  # jax.distributed.initialize() first (one process per host).
   return c

@@ -12,13 +12,13 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.script = "scripts/benchmark.py"  # A flags-only script: overrides become --KEY=VALUE.
-  c.args = "flags"
+  c.args = "flags"  # benchmark.py takes flags, not a config: overrides become --KEY=VALUE.
   c.out_flag = "out"  # Each point's rows go to --out=POINT/rows.jsonl ...
   c.done = "rows.jsonl"  # ... whose presence marks it done.
   c.config = ""  # Unused with args "flags".
-  c.axes = [
+  c.axes = [  # The grid: the product of these axes.
       [{"phase": "rm"}, {"phase": "rl"}],  # The RM train step, or the RL update step with every role resident.
       [{"model": m} for m in ("smollm2-135m", "1b", "2b", "7b")],  # Presets (random weights, real shapes).
   ]
-  c.fixed = [{"abstract": True, "modes": "full,lora"}]
+  c.fixed = [{"abstract": True, "modes": "full,lora"}]  # Every point: compile only, both modes.
   return c

@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   for mode, lr in (("lora", LORA_LR), ("full", FULL_LR)):
     for algo, batch in (("paper", 16), ("rloo", 4), ("ppo", 16)):
       arms.append({"config": f"{RL}:tm4_{mode}_{algo}", "data.batch_size": batch, "optim.lr": lr})
-  c.axes = [
+  c.axes = [  # The grid: the product of these axes.
       arms,  # Arm: mode × estimator, with the prompts per step that make 16 samples and the mode's learning rate.
       [{"seed": 0}],  # Seeds; add more for error bars.
   ]

@@ -13,7 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.script = "scripts/train_reward.py"  # Each point is an ordinary train_reward run.
   c.config = f"{RM}:tm4_lora"  # Base config; the data axis swaps it.
-  c.axes = [
+  c.axes = [  # The grid: the product of these axes.
       [{"config": f"{RM}:tm4_lora"}, {"config": f"{RM}:hh_lora"}],  # Data set.
       [*({"lora.rank": r, "lora.alpha": 2.0 * r} for r in (1, 4, 8, 16)),
        {"mode": "full", "optim.lr": 2e-5}],  # Arm: LoRA rank, or full tuning at its own learning rate.

@@ -13,7 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.script = "scripts/train_reward.py"  # Each point is an ordinary train_reward run.
   c.config = f"{RM}:tm4_lora"  # Base config: PERL's LoRA RM (rank 4, attention q/k/v/o).
-  c.axes = [
+  c.axes = [  # The grid: the product of these axes.
       [{"optim.lr": 5e-4},  # The shipped default before this search.
        {"optim.lr": 2e-3},  # A 4× higher adapter learning rate.
        {"optim.lr": 2e-3, "balance_classes": True},  # ... and class-balanced BCE (86% of labels are positive).
