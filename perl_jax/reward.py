@@ -63,14 +63,8 @@ def load_data(config, tokenizer):
   data.dev_fraction > 0 the eval set is instead a dev split carved from the training part (for choosing recipes
   without looking at the held-out split); the held-out examples are then not read at all."""
   dc = config.data
-  skipped: list = []
-  examples = data.read_examples(dc.format, dc.path, skip_invalid=dc.skip_invalid, skipped=skipped)
-  if skipped:
-    log.warning("%s: skipped %d invalid lines (data.skip_invalid=True)", dc.path, len(skipped))
-  if dc.eval_path:
-    train_ex, eval_ex = examples, data.read_examples(dc.format, dc.eval_path, skip_invalid=dc.skip_invalid)
-  else:
-    train_ex, eval_ex = data.split_train_eval(examples, dc.eval_fraction, seed=dc.seed)
+  train_ex, eval_ex = data.pipeline.read_train_eval(functools.partial(data.read_examples, dc.format),
+                                                    data.split_train_eval, dc)
   if dc.get("dev_fraction", 0.0):
     train_ex, eval_ex = data.split_train_eval(train_ex, dc.dev_fraction, seed=f"dev{dc.seed}")
   if dc.max_train_examples:
@@ -91,8 +85,7 @@ def score_all(score_fn, trainable, base, arrays, batch_size: int, mesh,
   """score_fn over every example once, longest first in length buckets (the same outputs as full padding, fewer
   pad tokens): (outputs, their labels or None), in that bucketed order, identical on every host. With
   `progress`, logs "progress: done/total examples, ETA" about once a minute."""
-  it = data.BatchIterator(arrays, batch_size, shuffle=False, num_epochs=1, drop_remainder=False,
-                          buckets=data.pipeline.default_buckets(arrays["input_ids"].shape[-1]), group_by_length=True)
+  it = data.pipeline.eval_iterator(arrays, batch_size)
   gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)) if jax.process_count() > 1 else x
   outs, labels = [], []
   total, t0, t_log = len(arrays["input_ids"]), time.perf_counter(), time.perf_counter()

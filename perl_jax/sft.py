@@ -63,14 +63,8 @@ def load_data(config, tokenizer):
   """Train/eval arrays: dialogs of data.path split by conversation (data.eval_fraction, data.seed), or
   data.eval_path when given."""
   dc = config.data
-  skipped: list = []
-  dialogs = data.read_dialogs(dc.format, dc.path, skip_invalid=dc.skip_invalid, skipped=skipped)
-  if skipped:
-    log.warning("%s: skipped %d invalid lines (data.skip_invalid=True)", dc.path, len(skipped))
-  if dc.eval_path:
-    train_d, eval_d = dialogs, data.read_dialogs(dc.format, dc.eval_path, skip_invalid=dc.skip_invalid)
-  else:
-    train_d, eval_d = data.split_by_group(dialogs, dc.eval_fraction, seed=dc.seed)
+  train_d, eval_d = data.pipeline.read_train_eval(functools.partial(data.read_dialogs, dc.format),
+                                                  data.split_by_group, dc)
   train_d = train_d[: dc.max_train_examples or None]
   eval_d = eval_d[: dc.max_eval_examples or None]
   try:
@@ -93,8 +87,7 @@ def jit_sums(model_cfg, scfg, trainable_shardings, frozen_shardings, batch_shard
 def evaluate(sums_fn, trainable, frozen, arrays, batch_size: int, mesh) -> dict:
   """Held-out loss = Σ nll / Σ tokens over every eval dialog once (length-bucketed, filler rows weigh 0),
   accuracy = Σ correct / Σ tokens, perplexity = exp(loss)."""
-  it = data.BatchIterator(arrays, batch_size, shuffle=False, num_epochs=1, drop_remainder=False,
-                          buckets=data.pipeline.default_buckets(arrays["input_ids"].shape[-1]), group_by_length=True)
+  it = data.pipeline.eval_iterator(arrays, batch_size)
   total = {"nll_sum": 0.0, "correct": 0.0, "num_tokens": 0.0}
   for batch in it:
     s = sums_fn(trainable, frozen, sharding.global_batch({k: batch[k] for k in MODEL_KEYS}, mesh))

@@ -29,9 +29,7 @@ def features(model_cfg, base, arrays, batch_size: int = 16):
   flat = {k: v.reshape(-1, v.shape[-1]) for k, v in arrays.items() if k in ("input_ids", "attention_mask",
                                                                            "response_mask")}
   n = len(flat["input_ids"])
-  it = data.BatchIterator({**flat, "row": np.arange(n)}, batch_size, shuffle=False, num_epochs=1,
-                          drop_remainder=False, buckets=data.pipeline.default_buckets(flat["input_ids"].shape[-1]),
-                          group_by_length=True, process_index=0, process_count=1)
+  it = data.pipeline.eval_iterator({**flat, "row": np.arange(n)}, batch_size, process_index=0, process_count=1)
   out = np.zeros((n, 2, model_cfg.hidden_size), np.float32)
   t0, done = time.time(), 0
   for batch in it:

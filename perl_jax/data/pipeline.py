@@ -11,6 +11,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+log = logging.getLogger("perl_jax")
+
 
 def has_chat_template(tokenizer) -> bool:
   return bool(getattr(tokenizer, "chat_template", None))
@@ -281,6 +283,26 @@ def order_seed(dc) -> int:
   """The batch-order seed: data.shuffle_seed, or data.seed (which also fixes the held-out split) when it is < 0,
   so seeds of an ablation can vary the order while every point keeps the same held-out split."""
   return dc.seed if dc.get("shuffle_seed", -1) < 0 else dc.shuffle_seed
+
+
+def eval_iterator(arrays: dict, batch_size: int, **kwargs) -> "BatchIterator":
+  """Every example once, in order of length within `default_buckets` of the arrays' width (longest first; a
+  partial last batch padded with filler rows, valid = 0): the iterator every eval and scoring pass uses."""
+  return BatchIterator(arrays, batch_size, shuffle=False, num_epochs=1, drop_remainder=False,
+                       buckets=default_buckets(arrays["input_ids"].shape[-1]), group_by_length=True, **kwargs)
+
+
+def read_train_eval(read: Callable, split: Callable, dc) -> tuple[list, list]:
+  """(train, eval) records of a data config: read(path, skip_invalid=, skipped=) of data.path, split by
+  split(records, data.eval_fraction, seed=data.seed), or data.eval_path read whole as the eval part. Lines
+  skipped under data.skip_invalid are counted in a warning."""
+  skipped: list = []
+  records = read(dc.path, skip_invalid=dc.skip_invalid, skipped=skipped)
+  if skipped:
+    log.warning("%s: skipped %d invalid lines (data.skip_invalid=True)", dc.path, len(skipped))
+  if dc.eval_path:
+    return records, read(dc.eval_path, skip_invalid=dc.skip_invalid)
+  return split(records, dc.eval_fraction, seed=dc.seed)
 
 
 def train_iterator(arrays: dict, dc) -> "BatchIterator":
