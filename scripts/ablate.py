@@ -13,8 +13,7 @@ import sys
 
 from absl import app, flags
 
-from perl_jax import sweeps
-from perl_jax.models import ConfigError
+from perl_jax import cli, sweeps
 
 _SWEEP = flags.DEFINE_string("sweep", None, "Sweep file (experiments/sweeps/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep folder: one sub-folder per point, sweep.json.")
@@ -26,14 +25,7 @@ flags.mark_flags_as_required(["sweep", "workdir"])
 
 
 def main(_):
-  try:
-    sweep = sweeps.load(_SWEEP.value)
-    points = sweeps.expand(sweep, sweeps.parse_sets(_SET.value))
-    sweeps.validate(points, sweep)
-    chosen = sweeps.select(points, _ONLY.value, _SHARD.value)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  sweep, points, chosen = cli.run_or_exit(_points, info=False)
   workdir = pathlib.Path(_WORKDIR.value)
   if _DRY_RUN.value:
     for p in chosen:
@@ -58,6 +50,14 @@ def main(_):
   if failed:
     print(f"error: {len(failed)} point(s) failed: {', '.join(failed)}", file=sys.stderr)
     sys.exit(1)
+
+
+def _points():
+  """(sweep, every point, the points to run); a ConfigError names the sweep field."""
+  sweep = sweeps.load(_SWEEP.value)
+  points = sweeps.expand(sweep, sweeps.parse_sets(_SET.value))
+  sweeps.validate(points, sweep)
+  return sweep, points, sweeps.select(points, _ONLY.value, _SHARD.value)
 
 
 if __name__ == "__main__":

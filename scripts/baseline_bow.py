@@ -13,13 +13,12 @@ Needs scikit-learn (requirements-test.txt).
 """
 import json
 import math
-import sys
 
 from absl import app, flags
 
-from perl_jax import data
+from perl_jax import cli, data
 from perl_jax.analysis import bow_baseline
-from perl_jax.models.config import ConfigError
+from perl_jax.errors import ConfigError
 
 _DATA = flags.DEFINE_string("data", None, "Data file (.jsonl or .jsonl.gz): the train part, or all of it.")
 _FORMAT = flags.DEFINE_enum("format", None, sorted(data.READERS), "Data format (a reader).")
@@ -41,37 +40,35 @@ flags.mark_flags_as_required(["data", "format"])
 
 
 def main(_):
+  cli.run_or_exit(_run, info=False)
+
+
+def _run():
   if _SPLIT_SEEDS.value > 0 and (_EVAL.value or _DEV_FRACTION.value):
-    print("error: --split_seeds makes its own held-out splits of --data: drop --eval and --dev_fraction",
-          file=sys.stderr)
-    sys.exit(2)
-  try:
-    bow_baseline._sklearn()
-    examples = data.read_examples(_FORMAT.value, _DATA.value, skip_invalid=_SKIP_INVALID.value)
+    raise ConfigError("--split_seeds makes its own held-out splits of --data: drop --eval and --dev_fraction")
+  bow_baseline._sklearn()
+  examples = data.read_examples(_FORMAT.value, _DATA.value, skip_invalid=_SKIP_INVALID.value)
+  if _MAX_LEN.value > 0:
+    from perl_jax import models
+    tok = models.load_tokenizer(_MODEL.value or models.default_model_path())
+    examples = bow_baseline.as_seen(_FORMAT.value, examples, tok, _MAX_LEN.value)
+  if _SPLIT_SEEDS.value > 0:
+    rows, summary = bow_baseline.across_splits(_FORMAT.value, examples, _EVAL_FRACTION.value,
+                                               range(_SPLIT_SEEDS.value), _SPLIT_BY.value)
+    for row in rows + [summary]:
+      print(_json(row), flush=True)
+    return
+  if _EVAL.value:
+    train, held_out = examples, data.read_examples(_FORMAT.value, _EVAL.value, skip_invalid=_SKIP_INVALID.value)
     if _MAX_LEN.value > 0:
-      from perl_jax import models
-      tok = models.load_tokenizer(_MODEL.value or models.default_model_path())
-      examples = bow_baseline.as_seen(_FORMAT.value, examples, tok, _MAX_LEN.value)
-    if _SPLIT_SEEDS.value > 0:
-      rows, summary = bow_baseline.across_splits(_FORMAT.value, examples, _EVAL_FRACTION.value,
-                                             range(_SPLIT_SEEDS.value), _SPLIT_BY.value)
-      for row in rows + [summary]:
-        print(_json(row), flush=True)
-      return
-    if _EVAL.value:
-      train, held_out = examples, data.read_examples(_FORMAT.value, _EVAL.value, skip_invalid=_SKIP_INVALID.value)
-      if _MAX_LEN.value > 0:
-        held_out = bow_baseline.as_seen(_FORMAT.value, held_out, tok, _MAX_LEN.value)
-    else:
-      train, held_out = data.split_train_eval(examples, _EVAL_FRACTION.value, seed=_SEED.value)
-    if _DEV_FRACTION.value:  # The same carve as reward.load_data's data.dev_fraction.
-      train, held_out = data.split_train_eval(train, _DEV_FRACTION.value, seed=f"dev{_SEED.value}")
-    if not train or not held_out:
-      raise data.DataError(_DATA.value, problem="empty train or eval split")
-    row = bow_baseline.run(_FORMAT.value, train, held_out)
-  except (bow_baseline.MissingSklearn, data.DataError, ConfigError) as e:
-    print(e if isinstance(e, bow_baseline.MissingSklearn) else f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+      held_out = bow_baseline.as_seen(_FORMAT.value, held_out, tok, _MAX_LEN.value)
+  else:
+    train, held_out = data.split_train_eval(examples, _EVAL_FRACTION.value, seed=_SEED.value)
+  if _DEV_FRACTION.value:  # The same carve as reward.load_data's data.dev_fraction.
+    train, held_out = data.split_train_eval(train, _DEV_FRACTION.value, seed=f"dev{_SEED.value}")
+  if not train or not held_out:
+    raise data.DataError(_DATA.value, problem="empty train or eval split")
+  row = bow_baseline.run(_FORMAT.value, train, held_out)
   print(_json(row))
 
 

@@ -68,7 +68,7 @@ def test_baseline_without_sklearn_is_one_line(tmp_path):
   env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
   result = _cli("--data", TM4, "--format", "taskmaster4", env=env)
   assert result.returncode == 2
-  assert result.stderr.strip().splitlines() == [bow_baseline.SKLEARN_ERROR]
+  assert result.stderr.strip().splitlines() == [f"error: {bow_baseline.SKLEARN_ERROR}"]
 
 
 def _leaky_dialogs(n_dialogs=60, turns=5, seed=0):

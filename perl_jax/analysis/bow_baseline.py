@@ -16,13 +16,14 @@ import json
 import numpy as np
 
 from perl_jax import data, evaluation
+from perl_jax.errors import ConfigError
 
-SKLEARN_ERROR = "error: the bag-of-words baseline needs scikit-learn: pip install -r requirements-test.txt"
+SKLEARN_ERROR = "the bag-of-words baseline needs scikit-learn: pip install -r requirements-test.txt"
 FOLDS, FOLD_SEED = 5, 1
 
 
-class MissingSklearn(ImportError):
-  """scikit-learn is not installed."""
+class MissingSklearn(ConfigError):
+  """scikit-learn is not installed (an extra): a one-line error, as cli.run_or_exit prints it."""
 
 
 def _sklearn():

@@ -15,7 +15,7 @@ targets look like the responses the reward model scores. A call without a reques
 from typing import Iterator
 
 from perl_jax.data import pipeline, readers
-from perl_jax.data.readers import DataError, _FieldError, _get, _loads, _read
+from perl_jax.data.readers import DataError, FieldError, get_field, loads_field, read_records
 
 _SPEAKERS = ("user", "assistant")
 
@@ -30,53 +30,53 @@ def _api_turns(annotations: list, name: str) -> list[dict]:
   for j, a in enumerate(annotations):
     where = f"{name}.annotations[{j}]"
     if not isinstance(a, dict):
-      raise _FieldError(where, f"expected an object, got {type(a).__name__}")
-    kind, value = _get(a, "name", str, f"{where}.name"), _get(a, "value", str, f"{where}.value")
+      raise FieldError(where, f"expected an object, got {type(a).__name__}")
+    kind, value = get_field(a, "name", str, f"{where}.name"), get_field(a, "value", str, f"{where}.value")
     last = turns[-1] if turns else {}
     if kind == "api_call":
       turns.append({"role": "agent", "api": {value: {}}})
     elif kind == "request" and last.get("role") == "agent":
-      last["api"] = {fn: _loads(value, f"{where}.value", dict) for fn in last["api"]}
+      last["api"] = {fn: loads_field(value, f"{where}.value", dict) for fn in last["api"]}
     elif kind == "api_response" and last.get("role") == "agent" and value in last["api"]:
       turns.append({"role": "api", "response": {value: None}})
     elif kind == "response" and last.get("role") == "api" and None in last["response"].values():
-      last["response"] = {fn: _loads(value, f"{where}.value", dict) for fn in last["response"]}
+      last["response"] = {fn: loads_field(value, f"{where}.value", dict) for fn in last["response"]}
     else:
-      raise _FieldError(f"{where}.name", f"unexpected {kind!r} here (expected api_call, request, "
+      raise FieldError(f"{where}.name", f"unexpected {kind!r} here (expected api_call, request, "
                                          "api_response (same function), response, in that order)")
   if turns and (turns[-1]["role"] != "api" or None in turns[-1]["response"].values()):
-    raise _FieldError(f"{name}.annotations", "API call without a complete api_response/response")
+    raise FieldError(f"{name}.annotations", "API call without a complete api_response/response")
   return turns
 
 
 def parse_tm4_utterance(u, name: str) -> list[dict]:
   """One TM-4 utterance -> messages: its text (user / assistant), then its API calls and results."""
   if not isinstance(u, dict):
-    raise _FieldError(name, f"expected an utterance object, got {type(u).__name__}")
-  speaker = _get(u, "speaker", str, f"{name}.speaker")
+    raise FieldError(name, f"expected an utterance object, got {type(u).__name__}")
+  speaker = get_field(u, "speaker", str, f"{name}.speaker")
   if speaker not in _SPEAKERS:
-    raise _FieldError(f"{name}.speaker", f"must be 'user' or 'assistant', got {speaker!r}")
-  text = _get(u, "text", str, f"{name}.text").strip()
+    raise FieldError(f"{name}.speaker", f"must be 'user' or 'assistant', got {speaker!r}")
+  text = get_field(u, "text", str, f"{name}.text").strip()
   if not text:
-    raise _FieldError(f"{name}.text", "empty")
-  calls = _api_turns(_get(u, "annotations", list, f"{name}.annotations"), name)
+    raise FieldError(f"{name}.text", "empty")
+  calls = _api_turns(get_field(u, "annotations", list, f"{name}.annotations"), name)
   return [{"role": speaker, "content": text}] + [
       readers.render_tm4_turn(t, f"{name}.annotations") for t in calls]
 
 
 def parse_tm4_dialog(record: dict) -> dict:
   """A dialogs.jsonl line -> {"messages", "group": conversation_id}."""
-  group = _get(record, "conversation_id")
-  utterances = _get(record, "utterances", list)
+  group = get_field(record, "conversation_id")
+  utterances = get_field(record, "utterances", list)
   if not utterances:
-    raise _FieldError("utterances", "empty")
+    raise FieldError("utterances", "empty")
   messages = [m for i, u in enumerate(utterances) for m in parse_tm4_utterance(u, f"utterances[{i}]")]
   return {"messages": messages, "group": group}
 
 
 def read_tm4_dialogs(path, *, skip_invalid: bool = False, skipped: list | None = None) -> Iterator[dict]:
   """Taskmaster-4 dialog lines {"conversation_id", "utterances", ...} -> dialogs."""
-  return _read(path, parse_tm4_dialog, skip_invalid, skipped)
+  return read_records(path, parse_tm4_dialog, skip_invalid, skipped)
 
 
 # ---------------------------------------------------------------- HH-RLHF chosen dialogs
@@ -91,7 +91,7 @@ def parse_hh_dialog(record: dict) -> dict:
 
 
 def read_hh_dialogs(path, *, skip_invalid: bool = False, skipped: list | None = None) -> Iterator[dict]:
-  return _read(path, parse_hh_dialog, skip_invalid, skipped)
+  return read_records(path, parse_hh_dialog, skip_invalid, skipped)
 
 
 DIALOG_READERS = {"taskmaster4_dialogs": read_tm4_dialogs, "hh_rlhf": read_hh_dialogs}
@@ -118,7 +118,7 @@ def dialog_prompts(dialog: dict) -> list[dict]:
 
 
 def _tm4_reward_prompt(record: dict) -> dict:
-  return {"prompt": readers.parse_tm4_record(record)["prompt"], "group": _get(record, "conversation_id")}
+  return {"prompt": readers.parse_tm4_record(record)["prompt"], "group": get_field(record, "conversation_id")}
 
 
 def _hh_prompt(record: dict) -> dict:
@@ -130,9 +130,9 @@ def _prompts(fmt: str, path, **kwargs) -> Iterator[dict]:
   if fmt == "taskmaster4_dialogs":
     return (p for d in read_tm4_dialogs(path, **kwargs) for p in dialog_prompts(d))
   if fmt == "taskmaster4":
-    return _read(path, _tm4_reward_prompt, kwargs.get("skip_invalid", False), kwargs.get("skipped"))
+    return read_records(path, _tm4_reward_prompt, kwargs.get("skip_invalid", False), kwargs.get("skipped"))
   if fmt == "hh_rlhf":
-    return _read(path, _hh_prompt, kwargs.get("skip_invalid", False), kwargs.get("skipped"))
+    return read_records(path, _hh_prompt, kwargs.get("skip_invalid", False), kwargs.get("skipped"))
   raise DataError(path, field="format", problem=f"unknown prompt format {fmt!r} "
                   "(one of ['hh_rlhf', 'taskmaster4', 'taskmaster4_dialogs'])")
 

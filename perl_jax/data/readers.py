@@ -22,7 +22,7 @@ _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 _TM4_ROLES = {"agent": "assistant", "user": "user", "api": "user"}
 
 
-class _FieldError(Exception):
+class FieldError(Exception):
   """Raised inside a record parser; the reader adds file and line."""
 
   def __init__(self, field, problem):
@@ -49,23 +49,23 @@ def iter_lines(path) -> Iterator[tuple[int, str]]:
     raise DataError(path, None, None, f"not a gzip file ({e})") from None
 
 
-def _loads(text: str, field: str | None, kind: type) -> Any:
+def loads_field(text: str, field: str | None, kind: type) -> Any:
   """json.loads with the reader's error: malformed JSON or a value of the wrong type, naming the field."""
   try:
     value = json.loads(text)
   except json.JSONDecodeError as e:
-    raise _FieldError(field, f"malformed JSON: {e.msg} at column {e.colno}") from None
+    raise FieldError(field, f"malformed JSON: {e.msg} at column {e.colno}") from None
   if not isinstance(value, kind):
     name = {dict: "object", list: "list"}.get(kind, kind.__name__)
-    raise _FieldError(field, f"expected a JSON {name}, got {type(value).__name__}")
+    raise FieldError(field, f"expected a JSON {name}, got {type(value).__name__}")
   return value
 
 
 def _parse_line(line: str) -> dict:
-  return _loads(line, None, dict)
+  return loads_field(line, None, dict)
 
 
-def _read(path, parse: Callable[[dict], dict], skip_invalid: bool, skipped: list | None) -> Iterator[dict]:
+def read_records(path, parse: Callable[[dict], dict], skip_invalid: bool, skipped: list | None) -> Iterator[dict]:
   """Checks the file exists now, then lazily parses each line with `parse`.
 
   With skip_invalid, bad records (not bad files) are logged, listed in `skipped`, and left out.
@@ -77,7 +77,7 @@ def _read(path, parse: Callable[[dict], dict], skip_invalid: bool, skipped: list
     for line_no, line in iter_lines(path):
       try:
         example = parse(_parse_line(line))
-      except _FieldError as e:
+      except FieldError as e:
         error = DataError(path, line_no, e.field, e.problem)
         if not skip_invalid:
           raise error from None
@@ -90,34 +90,34 @@ def _read(path, parse: Callable[[dict], dict], skip_invalid: bool, skipped: list
   return generate()
 
 
-def _get(record: dict, field: str, kind=str, name: str | None = None) -> Any:
+def get_field(record: dict, field: str, kind=str, name: str | None = None) -> Any:
   name = name or field
   if field not in record:
-    raise _FieldError(name, "missing")
+    raise FieldError(name, "missing")
   value = record[field]
   if kind is float and isinstance(value, int) and not isinstance(value, bool):
     value = float(value)
   if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-    raise _FieldError(name, f"expected {kind.__name__}, got {type(value).__name__}")
+    raise FieldError(name, f"expected {kind.__name__}, got {type(value).__name__}")
   return value
 
 
 def _nonempty(text: str, name: str) -> str:
   text = text.strip()
   if not text:
-    raise _FieldError(name, "empty response")
+    raise FieldError(name, "empty response")
   return text
 
 
 def _check_pair(example: dict) -> dict:
   if example["chosen"] == example["rejected"]:
-    raise _FieldError("rejected", "identical to 'chosen'")
+    raise FieldError("rejected", "identical to 'chosen'")
   return example
 
 
 def _binary_choice(value, name: str) -> int:
   if isinstance(value, bool) or value not in (0, 1):
-    raise _FieldError(name, f"must be 0 or 1, got {value!r}")
+    raise FieldError(name, f"must be 0 or 1, got {value!r}")
   return int(value)
 
 
@@ -135,10 +135,10 @@ def split_hh_dialog(chosen: str, rejected: str) -> tuple[list[dict], str, str]:
   while cut >= 0 and not rejected.startswith(HH_ASSISTANT, cut):
     cut = chosen.rfind(HH_ASSISTANT, 0, cut)
   if cut < 0:
-    raise _FieldError("chosen", "no shared prefix ending in '\\n\\nAssistant:'")
+    raise FieldError("chosen", "no shared prefix ending in '\\n\\nAssistant:'")
   prompt = parse_hh_turns(chosen[:cut])
   if not any(m["role"] == "user" for m in prompt):
-    raise _FieldError("chosen", "no Human turn before the final Assistant turn")
+    raise FieldError("chosen", "no Human turn before the final Assistant turn")
   start = cut + len(HH_ASSISTANT)
   return prompt, _nonempty(chosen[start:], "chosen"), _nonempty(rejected[start:], "rejected")
 
@@ -153,13 +153,13 @@ def parse_hh_turns(text: str) -> list[dict]:
 
 
 def parse_hh_record(record: dict) -> dict:
-  prompt, chosen, rejected = split_hh_dialog(_get(record, "chosen"), _get(record, "rejected"))
+  prompt, chosen, rejected = split_hh_dialog(get_field(record, "chosen"), get_field(record, "rejected"))
   return _check_pair({"prompt": prompt, "chosen": chosen, "rejected": rejected})
 
 
 def read_hh_rlhf(path, *, skip_invalid: bool = False, skipped: list | None = None) -> Iterator[dict]:
   """Anthropic HH-RLHF lines {"chosen", "rejected"} -> pairwise examples."""
-  return _read(path, parse_hh_record, skip_invalid, skipped)
+  return read_records(path, parse_hh_record, skip_invalid, skipped)
 
 
 # ---------------------------------------------------------------- Taskmaster-4 (binary)
@@ -168,16 +168,16 @@ def read_hh_rlhf(path, *, skip_invalid: bool = False, skipped: list | None = Non
 def render_tm4_turn(turn: Any, name: str) -> dict:
   """One TM-4 turn -> chat message; API calls (agent) and API results (user role) become text."""
   if not isinstance(turn, dict):
-    raise _FieldError(name, f"expected a turn object, got {type(turn).__name__}")
+    raise FieldError(name, f"expected a turn object, got {type(turn).__name__}")
   role = turn.get("role")
   if role not in _TM4_ROLES:
-    raise _FieldError(name, f"unknown role {role!r}")
+    raise FieldError(name, f"unknown role {role!r}")
   if role == "api":
-    content = _render_calls("API response", _get(turn, "response", dict, f"{name}.response"))
+    content = _render_calls("API response", get_field(turn, "response", dict, f"{name}.response"))
   elif "api" in turn:
-    content = _render_calls("API call", _get(turn, "api", dict, f"{name}.api"))
+    content = _render_calls("API call", get_field(turn, "api", dict, f"{name}.api"))
   else:
-    content = _get(turn, "text", str, f"{name}.text")
+    content = get_field(turn, "text", str, f"{name}.text")
   return {"role": _TM4_ROLES[role], "content": content}
 
 
@@ -186,7 +186,7 @@ def _render_calls(kind: str, calls: dict) -> str:
 
 
 def _json_field(record: dict, field: str, kind) -> Any:
-  return _loads(_get(record, field), field, kind)
+  return loads_field(get_field(record, field), field, kind)
 
 
 def parse_tm4_record(record: dict) -> dict:
@@ -194,17 +194,17 @@ def parse_tm4_record(record: dict) -> dict:
   prompt = [render_tm4_turn(turn, f"context[{i}]") for i, turn in enumerate(context)]
   generation = _json_field(record, "generation", dict)
   if generation.get("role") != "agent":
-    raise _FieldError("generation", f"role must be 'agent', got {generation.get('role')!r}")
+    raise FieldError("generation", f"role must be 'agent', got {generation.get('role')!r}")
   response = render_tm4_turn(generation, "generation")["content"]
-  reward = _get(record, "reward", float)
+  reward = get_field(record, "reward", float)
   if reward not in (0.0, 1.0):
-    raise _FieldError("reward", f"must be 0.0 or 1.0, got {reward!r}")
+    raise FieldError("reward", f"must be 0.0 or 1.0, got {reward!r}")
   return {"prompt": prompt, "response": _nonempty(response, "generation"), "label": reward}
 
 
 def read_taskmaster4(path, *, skip_invalid: bool = False, skipped: list | None = None) -> Iterator[dict]:
   """PERL's Taskmaster-4 reward lines {"context", "generation", "reward"} -> binary examples."""
-  return _read(path, parse_tm4_record, skip_invalid, skipped)
+  return read_records(path, parse_tm4_record, skip_invalid, skipped)
 
 
 # ---------------------------------------------------------------- TL;DR comparisons (pairwise)
@@ -213,9 +213,9 @@ def read_taskmaster4(path, *, skip_invalid: bool = False, skipped: list | None =
 def tldr_prompt(info: dict) -> str:
   """The Stiennon et al. (2020) prompt: SUBREDDIT / TITLE / POST lines, then 'TL;DR:'."""
   if "post" in info or "article" not in info:
-    body = "POST: " + _get(info, "post", str, "info.post")
+    body = "POST: " + get_field(info, "post", str, "info.post")
   else:
-    body = "ARTICLE: " + _get(info, "article", str, "info.article")
+    body = "ARTICLE: " + get_field(info, "article", str, "info.article")
   lines = []
   if info.get("subreddit"):
     lines.append(f"SUBREDDIT: r/{info['subreddit']}")
@@ -225,42 +225,42 @@ def tldr_prompt(info: dict) -> str:
 
 
 def parse_tldr_record(record: dict) -> dict:
-  info = _get(record, "info", dict)
-  summaries = _get(record, "summaries", list)
+  info = get_field(record, "info", dict)
+  summaries = get_field(record, "summaries", list)
   if len(summaries) != 2:
-    raise _FieldError("summaries", f"expected 2 summaries, got {len(summaries)}")
+    raise FieldError("summaries", f"expected 2 summaries, got {len(summaries)}")
   texts = []
   for i, summary in enumerate(summaries):
     if not isinstance(summary, dict):
-      raise _FieldError(f"summaries[{i}]", f"expected an object, got {type(summary).__name__}")
-    texts.append(_nonempty(_get(summary, "text", str, f"summaries[{i}].text"), f"summaries[{i}].text"))
-  choice = _binary_choice(_get(record, "choice", int), "choice")
+      raise FieldError(f"summaries[{i}]", f"expected an object, got {type(summary).__name__}")
+    texts.append(_nonempty(get_field(summary, "text", str, f"summaries[{i}].text"), f"summaries[{i}].text"))
+  choice = _binary_choice(get_field(record, "choice", int), "choice")
   prompt = [{"role": "user", "content": tldr_prompt(info)}]
   return _check_pair({"prompt": prompt, "chosen": texts[choice], "rejected": texts[1 - choice]})
 
 
 def read_tldr(path, *, skip_invalid: bool = False, skipped: list | None = None) -> Iterator[dict]:
   """OpenAI summarize-from-feedback comparison lines -> pairwise examples."""
-  return _read(path, parse_tldr_record, skip_invalid, skipped)
+  return read_records(path, parse_tldr_record, skip_invalid, skipped)
 
 
 # ---------------------------------------------------------------- Stanford SHP (pairwise)
 
 
 def parse_shp_record(record: dict) -> dict:
-  history = _get(record, "history").strip()
+  history = get_field(record, "history").strip()
   if not history:
-    raise _FieldError("history", "empty")
-  ref_a = _nonempty(_get(record, "human_ref_A"), "human_ref_A")
-  ref_b = _nonempty(_get(record, "human_ref_B"), "human_ref_B")
-  a_wins = _binary_choice(_get(record, "labels", int), "labels")
+    raise FieldError("history", "empty")
+  ref_a = _nonempty(get_field(record, "human_ref_A"), "human_ref_A")
+  ref_b = _nonempty(get_field(record, "human_ref_B"), "human_ref_B")
+  a_wins = _binary_choice(get_field(record, "labels", int), "labels")
   chosen, rejected = (ref_a, ref_b) if a_wins else (ref_b, ref_a)
   return _check_pair({"prompt": [{"role": "user", "content": history}], "chosen": chosen, "rejected": rejected})
 
 
 def read_shp(path, *, skip_invalid: bool = False, skipped: list | None = None) -> Iterator[dict]:
   """Stanford SHP lines {"history", "human_ref_A", "human_ref_B", "labels"} -> pairwise examples."""
-  return _read(path, parse_shp_record, skip_invalid, skipped)
+  return read_records(path, parse_shp_record, skip_invalid, skipped)
 
 
 READERS = {"hh_rlhf": read_hh_rlhf, "taskmaster4": read_taskmaster4, "tldr": read_tldr, "shp": read_shp}
