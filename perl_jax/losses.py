@@ -1,7 +1,7 @@
 """Reward-model and RL losses for PERL (Sidahmed et al. 2024, arXiv 2403.10704).
 
 Pure jnp and jit-able; masks are 0/1 float or bool arrays and every mean is over
-valid tokens/examples. Host-side eval metrics live in `perl_jax.evaluation`.
+valid tokens/examples. Host-side eval metrics live in `perl_jax.stats`.
 """
 import jax
 import jax.numpy as jnp

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from perl_jax import data, evaluation, lora, losses, models, optimizer, probe, runs, sharding, trainer, trained
+from perl_jax import data, lora, losses, models, optimizer, probe, runs, sharding, stats, trained, trainer
 
 log = logging.getLogger("perl_jax")
 MODEL_KEYS = ("input_ids", "attention_mask", "label")
@@ -109,8 +109,8 @@ def evaluate(score_fn, trainable, base, arrays, batch_size: int, mesh, kind: str
   do not depend on the order."""
   r, labels = score_all(score_fn, trainable, base, arrays, batch_size, mesh)
   if kind == "pairwise":
-    return evaluation.pairwise_metrics(r[:, 0], r[:, 1])
-  return evaluation.binary_metrics(r, labels)
+    return stats.pairwise_metrics(r[:, 0], r[:, 1])
+  return stats.binary_metrics(r, labels)
 
 
 def probe_key(config, trainable, base, arrays) -> str:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from perl_jax import data, lora, losses, models, optimizer, runs, sharding, trainer, trained
+from perl_jax import data, lora, losses, models, optimizer, runs, sharding, trained, trainer
 from perl_jax.models import ModelConfig
 
 log = logging.getLogger("perl_jax")

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from perl_jax import checkpoint, metrics, runs, sharding
+from perl_jax import checkpoint, metric_writers, runs, sharding
 from perl_jax import models
 from perl_jax.errors import ConfigError, TrainingError  # noqa: F401 (trainer.TrainingError)
 
@@ -234,8 +234,8 @@ def run(config, workdir, *, state: dict, frozen, step_fn: Callable, batches, eva
     runs.write(workdir, config, info)
   total = config.steps
   start = int(state["step"])
-  writer = metrics.MetricsWriter(workdir, resume_step=start)
-  progress = metrics.Progress(total, start_step=start, time_fn=time.perf_counter)
+  writer = metric_writers.MetricsWriter(workdir, resume_step=start)
+  progress = metric_writers.Progress(total, start_step=start, time_fn=time.perf_counter)
   eval_metrics, step_times, tokens, pending = {}, [], 0, None
   last_log = (start, time.perf_counter())
 

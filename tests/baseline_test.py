@@ -1,5 +1,5 @@
 """scripts/baseline_bow.py: TF-IDF + logistic regression on a slice of the shipped data, eval_reward's keys, and
-metrics equal to perl_jax.evaluation on its scores (ROC-AUC checked independently with scikit-learn)."""
+metrics equal to perl_jax.stats on its scores (ROC-AUC checked independently with scikit-learn)."""
 import json
 import os
 import subprocess
@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from perl_jax import data, evaluation
+from perl_jax import data, stats
 from perl_jax.analysis import bow_baseline
 from tests.conftest import ROOT
 from tests.helpers import head_lines
@@ -40,12 +40,12 @@ def test_baseline_cli_prints_eval_reward_keys(tmp_path, fmt, src, n, keys):
   scores = model.scores(eval_ex)
   if fmt == "taskmaster4":
     labels = np.array([e["label"] for e in eval_ex]) > 0.5
-    expected = evaluation.binary_metrics(scores, labels)
+    expected = stats.binary_metrics(scores, labels)
     from sklearn.metrics import roc_auc_score
     assert row["roc_auc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-9)
     assert row["accuracy"] == pytest.approx(np.mean((scores > 0) == labels))
   else:
-    expected = evaluation.pairwise_metrics(scores[:, 0], scores[:, 1])
+    expected = stats.pairwise_metrics(scores[:, 0], scores[:, 1])
     assert row["accuracy"] == pytest.approx(np.mean(scores[:, 0] > scores[:, 1]))
   for key, value in expected.items():
     assert row[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key

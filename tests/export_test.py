@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from perl_jax import data, evaluation, lora, models, reward, trained
+from perl_jax import data, lora, models, reward, stats, trained
 from perl_jax.export import reward as export_reward
 from tests.conftest import ROOT
 
@@ -172,7 +172,7 @@ def test_peft_export_refuses_full_mode(run):
 def _expected_binary(run):
   arrays, num_truncated = _encoded(run, "taskmaster4", run.files.eval, with_truncated=True)
   r, y = _our_scores(run, arrays["input_ids"], arrays["attention_mask"]), arrays["label"]
-  return {**evaluation.binary_metrics(r, y), "loss": float(np.mean(np.logaddexp(0, r) - y * r)), "num_examples": 12,
+  return {**stats.binary_metrics(r, y), "loss": float(np.mean(np.logaddexp(0, r) - y * r)), "num_examples": 12,
           "num_truncated": num_truncated}
 
 
@@ -180,7 +180,7 @@ def _expected_pairwise(run):
   arrays, num_truncated = _encoded(run, "hh_rlhf", run.files.hh, with_truncated=True)
   n, two, t = arrays["input_ids"].shape
   r = _our_scores(run, arrays["input_ids"].reshape(-1, t), arrays["attention_mask"].reshape(-1, t)).reshape(n, 2)
-  return {**evaluation.pairwise_metrics(r[:, 0], r[:, 1]), "num_examples": 10, "num_truncated": num_truncated}
+  return {**stats.pairwise_metrics(r[:, 0], r[:, 1]), "num_examples": 10, "num_truncated": num_truncated}
 
 
 @pytest.mark.parametrize("fmt,extra", [("binary", ()), ("pairwise", ("--format", "hh_rlhf", "--batch_size", "16"))])

@@ -5,7 +5,7 @@ Pairwise data: the model sees the difference of the two responses' features, f(c
 (and its negation labelled 0, no intercept), so the score of one response is w·f(response) and the pair's margin
 is w·(f(chosen) - f(rejected)). Settings (text, n-grams, C) are picked by grouped K-fold cross-validation inside
 the train part (folds by a seeded hash of the first user turn, as data.split_train_eval groups), never on the
-held-out split. Metrics are perl_jax.evaluation's, on the baseline's logit scores, so a row has the
+held-out split. Metrics are perl_jax.stats's, on the baseline's logit scores, so a row has the
 keys of scripts/eval_reward.py.
 """
 import dataclasses
@@ -15,7 +15,7 @@ import json
 
 import numpy as np
 
-from perl_jax import data, evaluation
+from perl_jax import data, stats
 from perl_jax.errors import ConfigError
 
 SKLEARN_ERROR = "the bag-of-words baseline needs scikit-learn: pip install -r requirements-test.txt"
@@ -97,10 +97,10 @@ def fit(kind: str, examples, settings: Settings, seed: int = 0) -> Model:
 
 
 def metrics(kind: str, scores: np.ndarray, examples) -> dict:
-  """perl_jax.evaluation's metrics of logit scores (binary [N] with labels, pairwise [N,2])."""
+  """perl_jax.stats's metrics of logit scores (binary [N] with labels, pairwise [N,2])."""
   if kind == "binary":
-    return evaluation.binary_metrics(scores, np.array([e["label"] > 0.5 for e in examples]))
-  return evaluation.pairwise_metrics(scores[:, 0], scores[:, 1])
+    return stats.binary_metrics(scores, np.array([e["label"] > 0.5 for e in examples]))
+  return stats.pairwise_metrics(scores[:, 0], scores[:, 1])
 
 
 def folds(examples, k: int = FOLDS, seed: int = FOLD_SEED) -> np.ndarray:

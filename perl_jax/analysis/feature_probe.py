@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perl_jax import data, evaluation, heads, models, probe, reward
+from perl_jax import data, heads, models, probe, reward, stats
 from perl_jax.analysis import bow_baseline
 
 
@@ -55,8 +55,8 @@ def probe_metrics(f_tr, y_tr, f_ev, y_ev, pairwise: bool) -> dict:
                                           fit_intercept=fit_intercept, scoring="roc_auc")
   clf.fit(scaler.transform(x), y)
   score = lambda f: clf.decision_function(scaler.transform(f))
-  m = (evaluation.pairwise_metrics(score(f_ev[:, 0]), score(f_ev[:, 1])) if pairwise
-       else evaluation.binary_metrics(score(f_ev), y_ev))
+  m = (stats.pairwise_metrics(score(f_ev[:, 0]), score(f_ev[:, 1])) if pairwise
+       else stats.binary_metrics(score(f_ev), y_ev))
   return {"C": float(clf.C_[0]), **{k: v for k, v in m.items() if isinstance(v, float)}}
 
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perl_jax import data, evaluation, models, runs, trained
+from perl_jax import data, models, runs, stats, trained
 from perl_jax.rl import RLConfig, roles, rollout
 
 
@@ -26,7 +26,7 @@ def anchor_trainable(rlcfg: RLConfig, trainable: dict, frozen: dict) -> dict:
 
 def win_rate(r_policy_N, r_anchor_N) -> float:
   """P(r_policy > r_anchor) + ½·P(tie) over paired prompts."""
-  return evaluation.win_rate_stats(r_policy_N, r_anchor_N)["win_rate"]
+  return stats.win_rate_stats(r_policy_N, r_anchor_N)["win_rate"]
 
 
 def _judge_fn(judge: runs.Trained):
@@ -78,8 +78,8 @@ def _eval_fns(policy: runs.Trained, n: int):
 def _stats(prefix: str, after_NxK, before_NxK) -> dict:
   """{prefix}reward_before / _after, the paired difference with its 95% bootstrap interval, the win rate with
   its 95% Wilson interval (n = prompts)."""
-  diff, lo, hi = evaluation.paired_bootstrap_ci(after_NxK - before_NxK)
-  w = evaluation.win_rate_stats(after_NxK, before_NxK)
+  diff, lo, hi = stats.paired_bootstrap_ci(after_NxK - before_NxK)
+  w = stats.win_rate_stats(after_NxK, before_NxK)
   return {f"{prefix}reward_before": float(before_NxK.mean()), f"{prefix}reward_after": float(after_NxK.mean()),
           f"{prefix}reward_diff": diff, f"{prefix}reward_diff_lo": lo, f"{prefix}reward_diff_hi": hi,
           f"{prefix}win_rate": w["win_rate"], f"{prefix}win_rate_lo": w["win_rate_lo"],
@@ -121,7 +121,7 @@ def evaluate(policy: runs.Trained, prompts: list, *, batch_size: int = 8, seed: 
         seq_ids, seq_mask = roles.sequence(b["prompt_BxP"], b["prompt_mask_BxP"], b["tokens_BxN"], b["mask_BxN"])
         out[f"j_{name}"].append(np.asarray(judge_fn(seq_ids, seq_mask))[valid])
   cat = {k: np.concatenate(v).astype(np.float64).reshape(-1, n) if v else None for k, v in out.items()}
-  kl, kl_lo, kl_hi = evaluation.paired_bootstrap_ci(cat["kl"])
+  kl, kl_lo, kl_hi = stats.paired_bootstrap_ci(cat["kl"])
   result = {"num_prompts": len(prompts), "samples_per_prompt": n, "num_truncated": int(n_trunc),
             "step": policy.step, **_stats("", cat["r_pol"], cat["r_anc"]), "kl": kl, "kl_lo": kl_lo, "kl_hi": kl_hi,
             "finished_fraction_after": float(cat["fin_pol"].mean()),

@@ -1,4 +1,4 @@
-"""Tests for perl_jax.metrics: JSONL/TensorBoard round trips and Progress arithmetic."""
+"""Tests for perl_jax.metric_writers: JSONL/TensorBoard round trips and Progress arithmetic."""
 import io
 import json
 import struct
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from perl_jax import metrics
+from perl_jax import metric_writers
 from tests.helpers import load_script
 
 
@@ -35,7 +35,7 @@ def _scalars(tb_dir):
 
 
 def test_jsonl_round_trip_and_value_types(tmp_path):
-  w = metrics.MetricsWriter(tmp_path, process_index=0)
+  w = metric_writers.MetricsWriter(tmp_path, process_index=0)
   w.write(1, {"loss": 0.5, "acc": np.float32(0.25)})
   w.write(np.int64(2), {"loss": jnp.array(0.125), "lr": jnp.array([3e-4])})
   lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
@@ -47,23 +47,23 @@ def test_jsonl_round_trip_and_value_types(tmp_path):
 
 
 def test_jsonl_flushed_before_close(tmp_path):
-  w = metrics.MetricsWriter(tmp_path, process_index=0)
+  w = metric_writers.MetricsWriter(tmp_path, process_index=0)
   w.write(7, {"x": 1.0})
   assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 7, "x": 1.0}
   w.close()
 
 
 def test_reopen_appends(tmp_path):
-  with metrics.MetricsWriter(tmp_path, process_index=0) as w:
+  with metric_writers.MetricsWriter(tmp_path, process_index=0) as w:
     w.write(1, {"loss": 1.0})
-  with metrics.MetricsWriter(tmp_path, process_index=0) as w:
+  with metric_writers.MetricsWriter(tmp_path, process_index=0) as w:
     w.write(2, {"loss": 2.0})
   lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(l)["step"] for l in lines] == [1, 2]
 
 
 def test_tensorboard_scalars_read_back(tmp_path):
-  w = metrics.MetricsWriter(tmp_path, process_index=0)
+  w = metric_writers.MetricsWriter(tmp_path, process_index=0)
   w.write(3, {"loss": 0.75, "reward/mean": np.float64(-1.5)})
   w.write(4, {"loss": 0.5})
   w.close()
@@ -75,14 +75,14 @@ def test_tensorboard_scalars_read_back(tmp_path):
 
 
 def test_non_zero_process_is_noop(tmp_path):
-  w = metrics.MetricsWriter(tmp_path / "run", process_index=1)
+  w = metric_writers.MetricsWriter(tmp_path / "run", process_index=1)
   w.write(1, {"loss": 1.0})
   w.close()
   assert not (tmp_path / "run").exists()
 
 
 def test_default_process_index_writes(tmp_path):
-  with metrics.MetricsWriter(tmp_path) as w:
+  with metric_writers.MetricsWriter(tmp_path) as w:
     w.write(0, {"a": 1})
   assert (tmp_path / "metrics.jsonl").exists()
 
@@ -93,7 +93,7 @@ def test_default_process_index_writes(tmp_path):
     (float("inf"), "?"),
 ])
 def test_format_duration(seconds, text):
-  assert metrics.format_duration(seconds) == text
+  assert metric_writers.format_duration(seconds) == text
 
 
 class FakeClock:
@@ -107,7 +107,7 @@ class FakeClock:
 
 def test_progress_throughput_and_eta():
   clock, stream = FakeClock(), io.StringIO()
-  p = metrics.Progress(1000, time_fn=clock, stream=stream, process_index=0)
+  p = metric_writers.Progress(1000, time_fn=clock, stream=stream, process_index=0)
   clock.t += 20.0
   line = p.update(100, loss=0.64213, tokens=106_420)
   # 106420 tok / 20 s = 5321 tok/s; 900 steps left × 0.2 s/step = 180 s.
@@ -124,7 +124,7 @@ def test_progress_throughput_and_eta():
 
 def test_progress_resume_and_degenerate_calls():
   clock, stream = FakeClock(), io.StringIO()
-  p = metrics.Progress(100, start_step=50, time_fn=clock, stream=stream, process_index=0)
+  p = metric_writers.Progress(100, start_step=50, time_fn=clock, stream=stream, process_index=0)
   assert p.update(50, loss=1.0, tokens=10) == "step 50/100 | loss 1.0000"
   clock.t += 10.0
   # ETA from steps done since resume: 40 left × 10 s / 10 steps.
@@ -133,7 +133,7 @@ def test_progress_resume_and_degenerate_calls():
 
 def test_progress_other_process_returns_but_does_not_print(capsys):
   clock = FakeClock()
-  p = metrics.Progress(10, time_fn=clock, process_index=3)
+  p = metric_writers.Progress(10, time_fn=clock, process_index=3)
   clock.t += 1.0
   assert p.update(5, loss=0.1) == "step 5/10 | loss 0.1000 | ETA 1s"
   assert capsys.readouterr().err == ""
@@ -141,7 +141,7 @@ def test_progress_other_process_returns_but_does_not_print(capsys):
 
 def test_progress_prints_to_stderr(capsys):
   clock = FakeClock()
-  p = metrics.Progress(4, time_fn=clock, process_index=0)
+  p = metric_writers.Progress(4, time_fn=clock, process_index=0)
   clock.t += 3.0
   p.update(2, loss=1.0)
   captured = capsys.readouterr()
@@ -173,10 +173,10 @@ def test_plot_curves_wall_clock_is_summed_step_time_and_png_written(tmp_path):
 
 
 def test_resume_step_drops_later_records_and_keeps_earlier_ones(tmp_path):
-  with metrics.MetricsWriter(tmp_path, process_index=0) as w:
+  with metric_writers.MetricsWriter(tmp_path, process_index=0) as w:
     for step in (1, 2, 3, 4):
       w.write(step, {"loss": float(step)})
-  with metrics.MetricsWriter(tmp_path, process_index=0, resume_step=2) as w:
+  with metric_writers.MetricsWriter(tmp_path, process_index=0, resume_step=2) as w:
     w.write(3, {"loss": 30.0})
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert lines == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 30.0}]
@@ -185,7 +185,7 @@ def test_resume_step_drops_later_records_and_keeps_earlier_ones(tmp_path):
 
 def test_resume_drops_a_line_torn_by_a_kill(tmp_path):
   (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 2.0}\n{"step": 3, "lo')
-  with metrics.MetricsWriter(tmp_path, process_index=0, resume_step=2) as w:
+  with metric_writers.MetricsWriter(tmp_path, process_index=0, resume_step=2) as w:
     w.write(3, {"loss": 3.0})
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [l["step"] for l in lines] == [1, 2, 3] and lines[-1]["loss"] == 3.0
