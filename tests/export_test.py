@@ -115,7 +115,7 @@ def test_restore_gives_trained_state(run):
 def test_merged_export_matches_transformers(run):
   from transformers import AutoModelForSequenceClassification
   out = run.root / "merged"
-  result = _cli("scripts/export_reward.py", "--workdir", str(run.workdir), "--out", str(out), "--format", "merged")
+  result = _cli("scripts/export.py", "--workdir", str(run.workdir), "--out", str(out), "--format", "merged")
   assert result.returncode == 0, result.stderr
   config = json.loads((out / "config.json").read_text())
   pad = config["pad_token_id"]

@@ -163,7 +163,7 @@ def test_policy_export_merged_and_peft_match_transformers(runs, tmp_path):
                                    adapters=adapter_sets(policy)).logits)
   env = {**os.environ, "PYTHONPATH": str(ROOT)}
   for fmt in ("merged", "peft"):
-    r = subprocess.run([sys.executable, "scripts/export_reward.py", "--workdir", str(tmp_path / "rl"), "--out",
+    r = subprocess.run([sys.executable, "scripts/export.py", "--workdir", str(tmp_path / "rl"), "--out",
                         str(tmp_path / fmt), "--format", fmt], cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
   merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
