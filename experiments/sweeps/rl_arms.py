@@ -3,7 +3,7 @@ one RM from one SFT anchor.
 
   python scripts/ablate.py --sweep experiments/sweeps/rl_arms.py --workdir runs/rl_arms \
       --set reward_workdir=runs/demo/rm --set sft_workdir=runs/demo/sft
-  python scripts/report.py --workdir runs/rl_arms --out experiments/results/rl_arms
+  python scripts/report.py --workdir runs/rl_arms --out experiments/results/rl_arms/one_shape
 Every arm draws 16 samples a step (REINFORCE / PPO: 16 prompts × 1; RLOO: 4 prompts × 4) of at most 64 new tokens
 after a 96-token prompt, for 10 RL steps, and ends with the held-out eval of eval_policy (128 prompts, reward
 before / after under the RM with its 95% paired-bootstrap interval, KL to the anchor, win rate with its Wilson
