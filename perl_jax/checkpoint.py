@@ -127,12 +127,7 @@ class Checkpointer:
     tree = getattr(meta, "tree", meta)[key]
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
     if like is not None:
-      saved = {k: v.shape for k, v in ocp.tree.to_flat_dict(abstract).items()}
-      wanted = {k: _stored_shape(v) for k, v in ocp.tree.to_flat_dict(like).items()}
-      problems = _target_problems(saved, wanted)
-      if problems:
-        raise ValueError(f"Checkpoint step {step} in {self.workdir} does not match the restore target ({key}):\n  "
-                         + "\n  ".join(problems))
+      self._raise_on_mismatch(step, abstract, like, f" ({key})")
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
                           shardings_fn(abstract))
     restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape,
@@ -163,13 +158,17 @@ class Checkpointer:
     """Compares target paths/shapes with the saved metadata before reading any data, so mismatches fail fast
     with the offending paths named."""
     meta = self._mgr.item_metadata(step)[_STATE]
-    if meta is None:
-      return
-    saved = {k: getattr(v, "shape", None) for k, v in ocp.tree.to_flat_dict(meta.tree).items()}
+    if meta is not None:
+      self._raise_on_mismatch(step, meta.tree, target)
+
+  def _raise_on_mismatch(self, step: int, saved_tree: Any, target: Any, what: str = "") -> None:
+    """A ValueError listing every missing / extra path and shape mismatch between a checkpoint's (sub)tree and a
+    restore target."""
+    saved = {k: getattr(v, "shape", None) for k, v in ocp.tree.to_flat_dict(saved_tree).items()}
     wanted = {k: _stored_shape(v) for k, v in ocp.tree.to_flat_dict(target).items()}
     problems = _target_problems(saved, wanted)
     if problems:
-      raise ValueError(f"Checkpoint step {step} in {self.workdir} does not match the restore target:\n  "
+      raise ValueError(f"Checkpoint step {step} in {self.workdir} does not match the restore target{what}:\n  "
                        + "\n  ".join(problems))
 
   def latest_step(self) -> int | None:

@@ -93,21 +93,17 @@ class Trained:
   stage: Any = None  # The stage's settings record (trained.PolicyConfig, trained.RewardConfig, rl.RLConfig).
 
 
-def restore_stage(workdir, *, build: Callable | None = None, step: int | None = None, model_path: str | None = None,
+def restore_stage(workdir, build: Callable, *, step: int | None = None, model_path: str | None = None,
                   mesh=None) -> Trained:
   """The run in WORKDIR with the trained params of checkpoint `step` (default latest); `model_path` replaces its
-  base model's path. build(config, mesh) -> (model_cfg, tokenizer, frozen, stage, like) rebuilds what the params
-  stand on, `like` being their expected shapes (checked before any data is read); by default the run's base model,
-  loaded once, with stage None and no shape check. Only the trained params are read, never the optimizer state."""
+  base model's path. build(config, mesh) -> (model_cfg, tokenizer, frozen, stage, like) is the stage's: it
+  rebuilds what the params stand on, `like` being their expected shapes (checked before any data is read). Only
+  the trained params are read, never the optimizer state."""
   config = read_config(workdir)
   if model_path is not None:
     config.model.path = model_path
   mesh = mesh or sharding.make_mesh(-1, config.mesh.fsdp, config.mesh.tensor)
-  if build is None:
-    model_cfg, frozen, tokenizer = load_model(config.model)
-    stage, like = None, None
-  else:
-    model_cfg, tokenizer, frozen, stage, like = build(config, mesh)
+  model_cfg, tokenizer, frozen, stage, like = build(config, mesh)
   restored_step, trainable = restore_trainable(workdir, mesh, step=step, like=like)
   return Trained(config, model_cfg, tokenizer, sharding.shard(frozen, mesh), trainable, restored_step, mesh,
                  _model_path_of(config.model), stage)

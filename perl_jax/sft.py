@@ -41,7 +41,8 @@ def masked_sums(logits_BxTxV, batch) -> dict:
   return {"nll_sum": -jnp.sum(w * logp), "correct": jnp.sum(w * hit), "num_tokens": jnp.sum(w)}
 
 
-def loss_fn(model_cfg: ModelConfig, scfg: trained.PolicyConfig, trainable, frozen, batch, rng=None) -> tuple[jax.Array, dict]:
+def loss_fn(model_cfg: ModelConfig, scfg: trained.PolicyConfig, trainable, frozen, batch,
+            rng=None) -> tuple[jax.Array, dict]:
   """Token-weighted mean CE over the loss-mask tokens, loss = Σ w·(−log p) / max(Σ w, 1); metrics loss,
   accuracy (argmax == target on those tokens) and num_tokens. rng unused (no dropout)."""
   del rng

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU figures (experiments/results/benchmarks/README.md, "On one H200"; experiments/results/gpu_h200/), one command per stage.
+# The GPU figures (experiments/results/benchmarks/README.md, "On one H200"; experiments/results/gpu_h200/), one
+# command per stage.
 #
 #   bash scripts/gpu_runs.sh bench   OUTDIR             # RM and RL steps: LoRA vs full, attention kernels
 #   bash scripts/gpu_runs.sh recipes OUTDIR MODEL.gguf  # the shipped RM recipes at max_len 512, 4 runs at once

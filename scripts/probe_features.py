@@ -12,8 +12,8 @@ must create it; a probe well above chance says the head and optimisation are the
 
 --split_seeds N: one forward over every example of data.path, then, on the held-out split of each seed 0..N-1
 (grouped by dialog, as the RM configs split), the last-token probe and the bag-of-words baseline
-(perl_jax.analysis.bow_baseline, settings by CV) are fit on its train part and scored on it: one JSON row per seed, then the
-means, stds and the mean paired difference.
+(perl_jax.analysis.bow_baseline, settings by CV) are fit on its train part and scored on it: one JSON row per
+seed, then the means, stds and the mean paired difference.
 """
 import json
 
@@ -39,7 +39,8 @@ def main(_):
             "eval_examples": info["eval_examples"], "max_len": config.data.max_len}
   pairwise = train["input_ids"].ndim == 3
   for i, name in enumerate(("last_token", "response_mean")):
-    result[name] = feature_probe.probe_metrics(f_tr[..., i, :], train.get("label"), f_ev[..., i, :], held.get("label"), pairwise)
+    result[name] = feature_probe.probe_metrics(f_tr[..., i, :], train.get("label"), f_ev[..., i, :],
+                                               held.get("label"), pairwise)
   print(json.dumps(result))
 
 

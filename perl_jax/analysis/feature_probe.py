@@ -75,7 +75,8 @@ def across_splits(config, model_cfg, base, tokenizer, n_seeds: int):
   row_of = {id(e): i for i, e in enumerate(examples)}  # split_train_eval returns the same objects.
   label = arrays.get("label")
   for seed in range(n_seeds):
-    train, held = (np.array([row_of[id(e)] for e in part]) for part in bow_baseline.split(examples, dc.eval_fraction, seed))
+    parts = bow_baseline.split(examples, dc.eval_fraction, seed)
+    train, held = (np.array([row_of[id(e)] for e in part]) for part in parts)
     fit = probe_metrics(feats[train], None if pairwise else label[train], feats[held],
                         None if pairwise else label[held], pairwise)
     bow = bow_baseline.run(dc.format, [examples[i] for i in train], [examples[i] for i in held])

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from perl_jax import lora, models, runs
+from perl_jax import models, runs
 from perl_jax.export import reward as export_reward
 from perl_jax.rl import roles
 from perl_jax.models import loading
@@ -29,13 +29,11 @@ def adapter_sets(policy) -> list:
 
 
 def merged_params(policy) -> dict:
-  """The policy as one params tree (float32)."""
-  if policy.stage.mode == "full":
-    return jax.tree.map(lambda x: np.asarray(x, np.float32), policy.trainable["policy"])
-  params = jax.tree.map(lambda x: np.asarray(x, np.float32), policy.frozen["base"])
-  for tree, scale in adapter_sets(policy):
-    params = lora.merge(params, tree, scale)
-  return params
+  """The policy as one params tree in float32: roles.merged_policy, with LoRA adapters merged into a float32 copy of
+  the backbone (not into its stored dtype)."""
+  f32 = lambda tree: jax.tree.map(lambda x: np.asarray(x, np.float32), tree)
+  frozen = {**policy.frozen, "base": f32(policy.frozen["base"])} if policy.stage.mode == "lora" else policy.frozen
+  return f32(roles.merged_policy(policy.stage, policy.trainable, frozen))
 
 
 def combined_adapter(sets) -> tuple[dict, int]:
@@ -86,5 +84,6 @@ def export_peft(policy, out, model_path: str) -> pathlib.Path:
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   tree, rank = combined_adapter(adapter_sets(policy))
-  export_reward.write_adapter(out, export_reward.lora_tensors(policy.model_cfg, tree), "CAUSAL_LM", model_path, rank, rank)
+  tensors = export_reward.lora_tensors(policy.model_cfg, tree)
+  export_reward.write_adapter(out, tensors, "CAUSAL_LM", model_path, rank, rank)
   return out

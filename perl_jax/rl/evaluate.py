@@ -1,8 +1,9 @@
-"""A trained RL policy (`setup.restore`, a `runs.Trained`) on held-out prompts: RM reward of the policy and of its SFT anchor with the paired
-difference and its 95% bootstrap interval, the win rate of the policy over the anchor with its 95% Wilson
-interval, KL to the anchor, finished fractions and lengths (and the same under an optional second "judge" RM the
-policy never trained against, to show over-optimisation). n samples per prompt pair sample j of the policy with
-sample j of the anchor (same RNG); intervals resample prompts, keeping a prompt's samples together.
+"""A trained RL policy (`setup.restore`, a `runs.Trained`) on held-out prompts: RM reward of the policy and of
+its SFT anchor with the paired difference and its 95% bootstrap interval, the win rate of the policy over the
+anchor with its 95% Wilson interval, KL to the anchor, finished fractions and lengths (and the same under an
+optional second "judge" RM the policy never trained against, to show over-optimisation). n samples per prompt
+pair sample j of the policy with sample j of the anchor (same RNG); intervals resample prompts, keeping a prompt's
+samples together.
 
 The anchor is the policy's own stack without the policy LoRA (LoRA mode: the policy LoRA zeroed, which is
 exactly the reference role) or the frozen reference copy (full mode); both sample with the run's settings.

@@ -4,7 +4,8 @@ LoRA mode (PERL) — one backbone `base`, adapter sets stacked per role (sets AD
   policy    = base + SFT (frozen) + policy LoRA          reference = base + SFT (policy LoRA not passed)
   value     = base + SFT + value LoRA + scalar head       reward    = base + RM LoRA + RM head (frozen)
   trainable = {"policy": lora, "value": {"lora", "head"}};  frozen = {"base", "sft" (or None), "reward"}
-Full mode (the full-tuning comparison arm): trainable = {"policy": backbone, "value": {"backbone", "head"}} (float32 copies);
+Full mode (the full-tuning comparison arm): trainable = {"policy": backbone, "value": {"backbone", "head"}}
+  (float32 copies);
   frozen = {"reference": params, "reward": {"backbone", "head"}} — four backbones in all.
 Sequences are a left-padded prompt [B,P] followed by a right-padded response [B,N]; response token n is
 predicted by the hidden state at P−1+n, so per-token log-probs and values read hidden[:, P−1:−1].
