@@ -11,6 +11,7 @@
 # DEMO_STEPS scales the step counts (SFT = N, RM = N/5, RL = N/2; CI uses 2); VENV picks the venv folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+elapsed() { printf "%dm%02ds" $((SECONDS / 60)) $((SECONDS % 60)); }  # since the script started
 bash scripts/setup_env.sh
 PY=${VENV:-.venv}/bin/python  # VENV=folder: the venv setup_env.sh makes and uses (default .venv)
 W=${DEMO_WORKDIR:-runs/demo}
@@ -20,14 +21,14 @@ RM_STEPS=${DEMO_RM_STEPS:-$((STEPS / 5 > 1 ? STEPS / 5 : STEPS))}  # LP-FT: the 
 RL_STEPS=${DEMO_RL_STEPS:-$((STEPS / 2 > 1 ? STEPS / 2 : STEPS))}
 rm -rf "$W"
 TM4=experiments/data/taskmaster4
-echo "== 1. generate (SmolLM2-135M-Instruct, LoRA attached, KV cache) =="
+echo "== [$(elapsed)] 1. generate (SmolLM2-135M-Instruct, LoRA attached, KV cache) =="
 $PY scripts/generate.py --max_new_tokens 24
-echo "== 2. SFT anchor: LoRA on Taskmaster-4 dialogs ($SFT_STEPS steps) =="
+echo "== [$(elapsed)] 2. SFT anchor: LoRA on Taskmaster-4 dialogs ($SFT_STEPS steps) =="
 $PY scripts/train_sft.py --config experiments/sft/smollm2.py:tm4_lora --workdir "$W/sft" \
   --config.steps="$SFT_STEPS" --config.data.max_len=256 --config.data.max_train_examples=400 \
   --config.data.max_eval_examples=32 --config.eval_every="$SFT_STEPS" --config.checkpoint_every="$SFT_STEPS" \
   --config.optim.warmup_steps=2
-echo "== 3. PERL reward model: LP-FT probe on 512 examples, then LoRA on Taskmaster-4 thumbs up/down ($RM_STEPS steps) =="
+echo "== [$(elapsed)] 3. PERL reward model: LP-FT probe on 512 examples, then LoRA on Taskmaster-4 thumbs up/down ($RM_STEPS steps) =="
 # 128-token windows (the last turns + the whole response), classes balanced (else it calls everything thumbs up),
 # strong L2 on the probe: chosen on a dev split carved from the training part (experiments/results/rl_signal).
 $PY scripts/train_reward.py --config experiments/rm/smollm2.py:tm4_lora --workdir "$W/rm" \
@@ -37,16 +38,17 @@ $PY scripts/train_reward.py --config experiments/rm/smollm2.py:tm4_lora --workdi
   --config.data.max_eval_examples=0
 echo "RM held-out metrics ($W/rm/eval.json): $(tr -d ' \n' < "$W/rm/eval.json")"
 $PY scripts/export.py --workdir "$W/rm" --out "$W/rm/export_peft" --format peft  # or --format merged (HF folder)
-echo "== 4. RL: RLOO, 4 prompts x 4 samples a step, LoRA policy against the RM, β=0.05, T=0.7 ($RL_STEPS steps) =="
+echo "== [$(elapsed)] 4. RL: RLOO, 4 prompts x 4 samples a step, LoRA policy against the RM, β=0.05, T=0.7 ($RL_STEPS steps) =="
 $PY scripts/train_rl.py --config experiments/rl/smollm2.py:tm4_lora_rloo --workdir "$W/rl" \
   --config.reward_workdir="$W/rm" --config.sft_workdir="$W/sft" --config.steps="$RL_STEPS" \
   --config.data.batch_size=4 --config.rl.samples_per_prompt=4 --config.data.max_train_prompts=512 \
   --config.data.max_prompt_len=96 --config.rl.max_new_tokens=64 --config.log_every=1 --config.checkpoint_every="$RL_STEPS" \
   --config.optim.warmup_steps=2 --config.eval_prompts=0 \
   --config.optim.lr=3e-3  # 30x the config default: at 1e-3, 10 steps moved the policy but not its reward (rl_signal)
-echo "== 5. 128 held-out prompts: SFT anchor (before) vs RL policy (after) under the RM =="
+echo "== [$(elapsed)] 5. 128 held-out prompts: SFT anchor (before) vs RL policy (after) under the RM =="
 $PY scripts/eval_policy.py --workdir "$W/rl" --data $TM4/reward.jsonl.gz --max_prompts 128 --batch_size 64 \
   > "$W/eval_policy.json"
+echo "== [$(elapsed)] done: the result (runs under $W) =="
 $PY - "$W/eval_policy.json" <<'PYEOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
