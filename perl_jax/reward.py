@@ -58,10 +58,11 @@ def balanced_pos_weight(label_N) -> float:
   return (len(label_N) - n_pos) / n_pos
 
 
-def load_data(config, tokenizer):
-  """Train/eval arrays: a seeded held-out split of data.path, or data.eval_path when given. With
+def read_data(config) -> tuple[list, list]:
+  """(train, eval) examples: a seeded held-out split of data.path, or data.eval_path when given. With
   data.dev_fraction > 0 the eval set is instead a dev split carved from the training part (for choosing recipes
-  without looking at the held-out split); the held-out examples are then not read at all."""
+  without looking at the held-out split). Read before any model is loaded, so a bad file, record or format is
+  reported first."""
   dc = config.data
   train_ex, eval_ex = data.pipeline.read_train_eval(functools.partial(data.read_examples, dc.format),
                                                     data.split_train_eval, dc)
@@ -71,6 +72,14 @@ def load_data(config, tokenizer):
     train_ex = train_ex[: dc.max_train_examples]
   if dc.max_eval_examples:
     eval_ex = eval_ex[: dc.max_eval_examples]
+  data.pipeline.check_one_batch(dc, len(train_ex), "examples")
+  return train_ex, eval_ex
+
+
+def load_data(config, tokenizer, records: tuple[list, list] | None = None):
+  """Train/eval arrays of `records` (default: read_data(config)) and what they hold."""
+  dc = config.data
+  train_ex, eval_ex = records or read_data(config)
   train_arrays, n_trunc = encode(dc.format, train_ex, tokenizer, dc)
   eval_arrays, n_trunc_eval = encode(dc.format, eval_ex, tokenizer, dc) if eval_ex else (None, 0)
   log.info("data: %d train / %d eval examples; %d / %d truncated to %d tokens",
@@ -162,13 +171,14 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
   sharding.initialize_distributed(config.multihost)
   rcfg = trained.reward_config(config)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  trainer.check_batch_sizes(config, mesh)
+  records = read_data(config)
   model_cfg, base, tokenizer = trained.reward_backbone(config, mesh)
-  train_arrays, eval_arrays, data_info = load_data(config, tokenizer)
+  train_arrays, eval_arrays, data_info = load_data(config, tokenizer, records)
   if rcfg.loss == "bce" and config.get("balance_classes", False):
     rcfg = dataclasses.replace(rcfg, pos_weight=balanced_pos_weight(train_arrays["label"]))
     data_info["pos_weight"] = rcfg.pos_weight
     log.info("BCE: positive labels weighted %.4f (n_neg / n_pos of the training split)", rcfg.pos_weight)
-  trainer.check_batch_sizes(config, mesh)
   schedule, optim = optimizer.make(config.optim, config.steps)
   state = new_state(config, rcfg, model_cfg, base, optim)
   state, state_sh = trainer.place(state, mesh)

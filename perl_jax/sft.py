@@ -60,14 +60,21 @@ def make_loss_fn(model_cfg: ModelConfig, scfg: trained.PolicyConfig):
 # ---------------------------------------------------------------- data and eval
 
 
-def load_data(config, tokenizer):
-  """Train/eval arrays: dialogs of data.path split by conversation (data.eval_fraction, data.seed), or
-  data.eval_path when given."""
+def read_data(config) -> tuple[list, list]:
+  """(train, eval) dialogs of data.path split by conversation (data.eval_fraction, data.seed), or data.eval_path
+  when given; read before any model is loaded, so a bad file, record or format is reported first."""
   dc = config.data
   train_d, eval_d = data.pipeline.read_train_eval(functools.partial(data.read_dialogs, dc.format),
                                                   data.split_by_group, dc)
   train_d = train_d[: dc.max_train_examples or None]
-  eval_d = eval_d[: dc.max_eval_examples or None]
+  data.pipeline.check_one_batch(dc, len(train_d), "dialogs")
+  return train_d, eval_d[: dc.max_eval_examples or None]
+
+
+def load_data(config, tokenizer, records: tuple[list, list] | None = None):
+  """Train/eval arrays of `records` (default: read_data(config))."""
+  dc = config.data
+  train_d, eval_d = records or read_data(config)
   try:
     train_arrays, n_trunc = data.encode_sft(train_d, tokenizer, dc.max_len)
     eval_arrays, n_trunc_eval = data.encode_sft(eval_d, tokenizer, dc.max_len) if eval_d else (None, 0)
@@ -112,10 +119,11 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
   """Trains (or resumes) the SFT policy described by `config` in `workdir`; returns (final state, eval metrics)."""
   sharding.initialize_distributed(config.multihost)
   scfg = trained.policy_config(config)
-  model_cfg, base, tokenizer = runs.load_model(config.model)
-  train_arrays, eval_arrays, data_info = load_data(config, tokenizer)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   trainer.check_batch_sizes(config, mesh)
+  records = read_data(config)
+  model_cfg, base, tokenizer = runs.load_model(config.model)
+  train_arrays, eval_arrays, data_info = load_data(config, tokenizer, records)
   schedule, optim = optimizer.make(config.optim, config.steps)
   state, state_sh = trainer.place(new_state(config, scfg, base, optim), mesh)
   frozen, frozen_sh = trainer.place(trained.policy_frozen(scfg, base), mesh)

@@ -33,9 +33,13 @@ class PolicyConfig:
   lora_cfg: lora.LoraConfig = lora.LoraConfig()
 
 
-def policy_config(config: ml_collections.ConfigDict) -> PolicyConfig:
+def check_mode(config: ml_collections.ConfigDict) -> None:
   if config.mode not in ("lora", "full"):
     raise ConfigError(f"config: field 'mode': must be 'lora' or 'full', got '{config.mode}'")
+
+
+def policy_config(config: ml_collections.ConfigDict) -> PolicyConfig:
+  check_mode(config)
   return PolicyConfig(mode=config.mode, lora_cfg=lora.config_from(config.lora))
 
 
@@ -96,6 +100,7 @@ class RewardConfig:
 
 def reward_config(config: ml_collections.ConfigDict) -> RewardConfig:
   """RewardConfig from a run config: Bradley-Terry for pairwise formats, BCE for binary ones."""
+  check_mode(config)
   if config.get("head_init", "random") not in ("random", "probe"):
     raise models.ConfigError(f"config: field 'head_init': must be 'random' or 'probe', got '{config.head_init}'")
   kind = data.KINDS.get(config.data.format)

@@ -11,7 +11,7 @@ import shlex
 import subprocess
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from perl_jax import cli, sweeps
 
@@ -61,4 +61,4 @@ def _points():
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.app_run(main)

@@ -14,7 +14,7 @@ Needs scikit-learn (requirements-test.txt).
 import json
 import math
 
-from absl import app, flags
+from absl import flags
 
 from perl_jax import cli, data
 from perl_jax.analysis import bow_baseline
@@ -77,4 +77,4 @@ def _json(row: dict) -> str:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.app_run(main)

@@ -1,7 +1,7 @@
 """Evaluate an RL policy (a train_rl workdir) on held-out prompts; prints one JSON object.
 
   python scripts/eval_policy.py --workdir runs/rl_tm4_lora --data experiments/data/taskmaster4/dialogs.jsonl.gz \
-      [--format taskmaster4_dialogs|taskmaster4|hh_rlhf] [--split eval|train|all] [--max_prompts 128]
+      [--format FORMAT (data.PROMPT_FORMATS)] [--split eval|train|all] [--max_prompts 128]
       [--samples_per_prompt 1] [--judge_workdir OTHER_RM]
 JSON (docs/rl.md lists every key): reward_before (the SFT anchor) / reward_after (the policy) under the
 run's RM, reward_diff with its 95% paired-bootstrap interval [reward_diff_lo, reward_diff_hi], win_rate (policy
@@ -11,15 +11,15 @@ second RM the policy never trained against (judge_*).
 """
 import json
 
-from absl import app, flags
+from absl import flags
 
-from perl_jax import cli, data, trained
+from perl_jax import cli, data, runs, trained
 from perl_jax.rl import evaluate, setup
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "RL run folder (run.json, checkpoints/).")
-_DATA = flags.DEFINE_string("data", None, "Prompt source: a TM-4 dialogs / reward file or HH pairs file.")
-_FORMAT = flags.DEFINE_enum("format", None, ["taskmaster4_dialogs", "taskmaster4", "hh_rlhf"],
-                            "Prompt format. Default: the run's data.format.")
+_DATA = flags.DEFINE_string("data", None, "Prompt source: a prompt, messages or preference file (jsonl, Parquet, "
+                            "Arrow) or one of the paper's data sets.")
+_FORMAT = flags.DEFINE_enum("format", None, data.PROMPT_FORMATS, "Prompt format. Default: the run's data.format.")
 _SPLIT = flags.DEFINE_enum("split", "eval", ["eval", "train", "all"],
                            "eval/train = the run's conversation split of --data; all = every prompt.")
 _MAX_PROMPTS = flags.DEFINE_integer("max_prompts", 128, "Evaluate the first N prompts (0 = all).")
@@ -36,22 +36,23 @@ def main(_):
 
 
 def _evaluate():
-  policy = setup.restore(_WORKDIR.value, step=_STEP.value)
-  fmt = _FORMAT.value or policy.config.data.format
-  prompts = evaluate.held_out_prompts(policy, fmt, _DATA.value, _SPLIT.value)
+  if _SAMPLES.value < 1:
+    raise data.DataError(_DATA.value, problem=f"--samples_per_prompt must be >= 1, got {_SAMPLES.value}")
+  config = runs.read_config(_WORKDIR.value)  # The prompts are read before any model is loaded.
+  fmt = _FORMAT.value or config.data.format
+  prompts = evaluate.held_out_prompts(config, fmt, _DATA.value, _SPLIT.value)
   if _MAX_PROMPTS.value:
     prompts = prompts[:_MAX_PROMPTS.value]
   if not prompts:
     raise data.DataError(_DATA.value, problem=f"no prompts in split '{_SPLIT.value}'")
+  policy = setup.restore(_WORKDIR.value, step=_STEP.value)
   judge = None
   if _JUDGE.value:
     judge = trained.restore_reward(_JUDGE.value, mesh=policy.mesh)
     evaluate.check_judge(policy, judge, _JUDGE.value)
-  if _SAMPLES.value < 1:
-    raise data.DataError(_DATA.value, problem=f"--samples_per_prompt must be >= 1, got {_SAMPLES.value}")
   return evaluate.evaluate(policy, prompts, batch_size=_BATCH_SIZE.value, judge=judge,
                            samples_per_prompt=_SAMPLES.value), fmt
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.app_run(main)

@@ -1,6 +1,6 @@
 """Evaluate a trained reward model (a train_reward workdir) on a data file; prints one JSON object.
 
-  python scripts/eval_reward.py --workdir runs/tm4 --data FILE [--format hh_rlhf|taskmaster4|tldr|shp]
+  python scripts/eval_reward.py --workdir runs/tm4 --data FILE [--format FORMAT (data.READERS)]
       [--split all|train|eval] [--batch_size 32] [--step N] [--model_path BASE]
 pairwise data gives accuracy, mean_margin, loss; binary data accuracy, balanced_accuracy, roc_auc,
 positive_rate, loss; both add num_examples, num_truncated and the checkpoint step.
@@ -8,12 +8,12 @@ positive_rate, loss; both add num_examples, num_truncated and the checkpoint ste
 import json
 import math
 
-from absl import app, flags
+from absl import flags
 
 from perl_jax import cli, data, reward, runs, trained
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder written by train_reward (run.json, checkpoints/).")
-_DATA = flags.DEFINE_string("data", None, "Data file (.jsonl or .jsonl.gz).")
+_DATA = flags.DEFINE_string("data", None, "Data file (.jsonl / .jsonl.gz, Parquet, Arrow or a folder of them).")
 _FORMAT = flags.DEFINE_enum("format", None, sorted(data.READERS), "Data format (a reader). Default: the run's.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Eval batch size. Default: the run's data.eval_batch_size.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step. Default: the latest.")
@@ -46,4 +46,4 @@ def _evaluate():
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.app_run(main)

@@ -10,7 +10,7 @@ adapters merged), peft = one CAUSAL_LM adapter for the base model standing for b
 """
 import logging
 
-from absl import app, flags
+from absl import flags
 
 from perl_jax import cli, runs, trained
 from perl_jax.export import policy as export_policy, reward as export_reward
@@ -52,4 +52,4 @@ def _export_policy():
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.app_run(main)

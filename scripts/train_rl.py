@@ -3,7 +3,7 @@
   python scripts/train_rl.py --config experiments/rl/smollm2.py:tm4_lora --workdir runs/rl \
       --config.reward_workdir=runs/tm4_lora --config.sft_workdir=runs/sft_tm4_lora [--config.steps=20]
 """
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from perl_jax import cli
@@ -19,4 +19,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.app_run(main)

@@ -2,7 +2,7 @@
 
   python scripts/train_sft.py --config experiments/sft/smollm2.py:tm4_lora --workdir runs/sft_tm4 [--config.steps=50]
 """
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from perl_jax import cli, sft
@@ -17,4 +17,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.app_run(main)

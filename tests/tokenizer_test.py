@@ -51,7 +51,7 @@ def texts(examples):
   """A few hundred raw strings: TM-4 context/generation JSON and HH chosen texts as shipped, parsed replies."""
   raw = []
   for path, fields in ((TM4, ("context", "generation")), (HH, ("chosen",))):
-    for _, (_, line) in zip(range(N_RECORDS), data.readers.iter_lines(path)):
+    for _, (_, line) in zip(range(N_RECORDS), data.files.iter_lines(path)):
       record = json.loads(line)
       raw += [record[f] for f in fields]
   tm4, hh = examples

@@ -125,7 +125,7 @@ def test_eval_policy_anchor_equality_and_judge(runs, tmp_path):
   rl_train.train(_rl_config(runs, steps=1, checkpoint_every=1, optim=dict(lr=0.0, warmup_steps=1, weight_decay=0.0,
                                                                           clip_norm=1.0)), tmp_path / "rl0")
   policy = setup.restore(tmp_path / "rl0")
-  prompts = evaluate.held_out_prompts(policy, "taskmaster4", runs / "tm4.jsonl", "all")[:6]
+  prompts = evaluate.held_out_prompts(policy.config, "taskmaster4", runs / "tm4.jsonl", "all")[:6]
   judge = trained.restore_reward(runs / "rm", mesh=policy.mesh)
   r = evaluate.evaluate(policy, prompts, batch_size=4, judge=judge, samples_per_prompt=2)
   assert r["num_prompts"] == 6 and r["step"] == 1 and r["samples_per_prompt"] == 2

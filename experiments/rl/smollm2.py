@@ -17,7 +17,11 @@ DATA = {
 
 def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
   parts = arg.split("_")
-  dataset, mode, algorithm = parts[0], parts[1], parts[2] if len(parts) > 2 else "paper"
+  dataset, mode, algorithm = (parts + ["paper"])[:3] if len(parts) in (2, 3) else ("", "", "")
+  if dataset not in DATA or mode not in ("lora", "full") or algorithm not in ("paper", "reinforce", "rloo", "grpo",
+                                                                                "ppo"):
+    raise ValueError(f"config argument {arg!r}: expected DATASET_MODE[_ALGORITHM], DATASET one of {sorted(DATA)}, "
+                     "MODE lora or full, ALGORITHM paper (default), rloo, grpo or ppo (e.g. tm4_lora_rloo)")
   algorithm = "reinforce" if algorithm == "paper" else algorithm
   group = algorithm in ("rloo", "grpo")
   c = ml_collections.ConfigDict()

@@ -20,7 +20,10 @@ DATA = {
 
 
 def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
-  dataset, mode = arg.split("_")
+  dataset, _, mode = arg.partition("_")
+  if dataset not in DATA or mode not in ("lora", "full"):
+    raise ValueError(f"config argument {arg!r}: expected DATASET_MODE, DATASET one of {sorted(DATA)}, MODE lora or "
+                     "full (e.g. tm4_lora)")
   c = ml_collections.ConfigDict()
   c.seed = 0  # LoRA init and the run's RNG.
   c.mode = mode  # "lora": PERL, base frozen; "full": every base param trained (float32 copy).

@@ -1,7 +1,10 @@
-"""Preference data: readers (HH-RLHF, Taskmaster-4, TL;DR, SHP), tokenisation and batching; whole dialogs
-for SFT and RL prompt sets (dialogs, chat)."""
+"""Data: record files (files: JSON lines, Parquet, Arrow), the generic TRL-style formats (generic) and the paper's
+data sets (readers), tokenisation and batching (pipeline); whole dialogs for SFT and RL prompt sets (dialogs,
+chat)."""
 from perl_jax.data.chat import encode_prompts
 from perl_jax.data.chat import encode_sft
+from perl_jax.data.dialogs import PROMPT_FORMATS
+from perl_jax.data.dialogs import SFT_FORMATS
 from perl_jax.data.dialogs import read_dialogs
 from perl_jax.data.dialogs import read_prompts
 from perl_jax.data.dialogs import read_tm4_dialogs

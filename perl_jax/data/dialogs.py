@@ -14,8 +14,9 @@ targets look like the responses the reward model scores. A call without a reques
 """
 from typing import Iterator
 
-from perl_jax.data import pipeline, readers
-from perl_jax.data.readers import DataError, FieldError, get_field, loads_field, read_records
+from perl_jax.data import files, generic, pipeline, readers
+from perl_jax.data.files import FieldError, get_field, loads_field, read_records
+from perl_jax.errors import DataError
 
 _SPEAKERS = ("user", "assistant")
 
@@ -79,29 +80,29 @@ def read_tm4_dialogs(path, *, skip_invalid: bool = False, skipped: list | None =
   return read_records(path, parse_tm4_dialog, skip_invalid, skipped)
 
 
-# ---------------------------------------------------------------- HH-RLHF chosen dialogs
+# ---------------------------------------------------------------- dialogs of any format
 
 
-def parse_hh_dialog(record: dict) -> dict:
-  """An HH pair -> its chosen dialog (prompt + chosen reply), grouped by the first user turn (the RM's split key,
-  HH having no conversation id)."""
-  example = readers.parse_hh_record(record)
-  messages = example["prompt"] + [{"role": "assistant", "content": example["chosen"]}]
-  return {"messages": messages, "group": pipeline.first_user_turn(example)}
+DIALOG_READERS = {"messages": generic.read_messages, "taskmaster4_dialogs": read_tm4_dialogs}
+SFT_FORMATS = sorted(DIALOG_READERS) + sorted(readers.READERS)
 
 
-def read_hh_dialogs(path, *, skip_invalid: bool = False, skipped: list | None = None) -> Iterator[dict]:
-  return read_records(path, parse_hh_dialog, skip_invalid, skipped)
-
-
-DIALOG_READERS = {"taskmaster4_dialogs": read_tm4_dialogs, "hh_rlhf": read_hh_dialogs}
+def example_dialog(example: dict) -> dict:
+  """A preference example -> the dialog that ends in its preferred reply (chosen, or a label-1 response)."""
+  reply = example["chosen"] if "chosen" in example else example["response"]
+  return {"messages": example["prompt"] + [{"role": "assistant", "content": reply}],
+          "group": pipeline.first_user_turn(example)}
 
 
 def read_dialogs(fmt: str, path, **kwargs) -> list[dict]:
-  """Whole dialogs of a DIALOG_READERS format; a DataError naming the file if there are none."""
-  if fmt not in DIALOG_READERS:
-    raise DataError(path, field="format", problem=f"unknown dialog format {fmt!r} (one of {sorted(DIALOG_READERS)})")
-  dialogs = list(DIALOG_READERS[fmt](path, **kwargs))
+  """Whole dialogs: a DIALOG_READERS format, or a preference format's preferred dialogs (pairwise: prompt +
+  chosen; binary: prompt + response of the label-1 examples). A DataError naming the file if there are none."""
+  if fmt in DIALOG_READERS:
+    dialogs = list(DIALOG_READERS[fmt](path, **kwargs))
+  elif fmt in readers.READERS:
+    dialogs = [example_dialog(e) for e in readers.READERS[fmt](path, **kwargs) if e.get("label", 1.0) > 0.5]
+  else:
+    raise DataError(path, field="format", problem=f"unknown dialog format {fmt!r} (one of {SFT_FORMATS})")
   if not dialogs:
     raise DataError(path, problem="no dialogs")
   return dialogs
@@ -121,27 +122,32 @@ def _tm4_reward_prompt(record: dict) -> dict:
   return {"prompt": readers.parse_tm4_record(record)["prompt"], "group": get_field(record, "conversation_id")}
 
 
-def _hh_prompt(record: dict) -> dict:
-  example = readers.parse_hh_record(record)
-  return {"prompt": example["prompt"], "group": pipeline.first_user_turn(example)}
+PROMPT_FORMATS = ["messages", "prompt", "taskmaster4_dialogs"] + sorted(readers.READERS)
 
 
 def _prompts(fmt: str, path, **kwargs) -> Iterator[dict]:
-  if fmt == "taskmaster4_dialogs":
-    return (p for d in read_tm4_dialogs(path, **kwargs) for p in dialog_prompts(d))
-  if fmt == "taskmaster4":
+  if fmt in DIALOG_READERS:
+    return (p for d in DIALOG_READERS[fmt](path, **kwargs) for p in dialog_prompts(d))
+  if fmt == "prompt":
+    return generic.read_prompt_records(path, **kwargs)
+  if fmt == "taskmaster4":  # Grouped by conversation, as the dialogs are.
     return read_records(path, _tm4_reward_prompt, kwargs.get("skip_invalid", False), kwargs.get("skipped"))
-  if fmt == "hh_rlhf":
-    return read_records(path, _hh_prompt, kwargs.get("skip_invalid", False), kwargs.get("skipped"))
-  raise DataError(path, field="format", problem=f"unknown prompt format {fmt!r} "
-                  "(one of ['hh_rlhf', 'taskmaster4', 'taskmaster4_dialogs'])")
+  if fmt in readers.READERS:
+    return ({"prompt": e["prompt"], "group": pipeline.first_user_turn(e)} for e in readers.READERS[fmt](path, **kwargs))
+  raise DataError(path, field="format", problem=f"unknown prompt format {fmt!r} (one of {PROMPT_FORMATS})")
 
 
 def read_prompts(fmt: str, path, **kwargs) -> list[dict]:
-  """RL prompts: "taskmaster4_dialogs" every prefix before an agent turn, "taskmaster4" a reward line's context,
-  "hh_rlhf" the dialog before its last Assistant turn. Prompts without a user turn are left out, and so are
-  repeats of an identical prompt (the first one's group is kept), so no prompt is on both sides of a split.
-  An empty set is a DataError naming the file."""
+  """RL prompts: "messages" and "taskmaster4_dialogs" every prefix before an assistant turn, "prompt" each
+  record's prompt, "taskmaster4" a reward line's context, any other preference format each example's prompt.
+  Prompts without a user turn are left out, and so are repeats of an identical prompt (the first one's group is
+  kept), so no prompt is on both sides of a split. An empty set is a DataError naming the file. Without a
+  `skipped` list, what skip_invalid skips is logged as one line."""
+  if "skipped" not in kwargs:
+    skipped: list = []
+    prompts = read_prompts(fmt, path, **kwargs, skipped=skipped)
+    files.log_skipped(path, skipped)
+    return prompts
   seen, prompts = set(), []
   for p in _prompts(fmt, path, **kwargs):
     key = tuple((m["role"], m["content"]) for m in p["prompt"])

@@ -11,6 +11,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from perl_jax.data import files
+
 log = logging.getLogger("perl_jax")
 
 
@@ -131,7 +133,10 @@ def encode_binary(examples: Sequence[dict], tokenizer, max_len: int, *, min_prom
 
 
 def first_user_turn(example: dict) -> str:
-  """Default split key: dialogs opening with the same user turn land in the same split."""
+  """Default split key: the record's own "group" if it has one (generic formats), else its first user turn, so
+  dialogs opening with the same user turn land in the same split."""
+  if "group" in example:
+    return example["group"]
   for message in example["prompt"]:
     if message["role"] == "user":
       return message["content"]
@@ -296,13 +301,26 @@ def read_train_eval(read: Callable, split: Callable, dc) -> tuple[list, list]:
   """(train, eval) records of a data config: read(path, skip_invalid=, skipped=) of data.path, split by
   split(records, data.eval_fraction, seed=data.seed), or data.eval_path read whole as the eval part. Lines
   skipped under data.skip_invalid are counted in a warning."""
-  skipped: list = []
-  records = read(dc.path, skip_invalid=dc.skip_invalid, skipped=skipped)
-  if skipped:
-    log.warning("%s: skipped %d invalid lines (data.skip_invalid=True)", dc.path, len(skipped))
+  records = read_logged(read, dc.path, dc.skip_invalid)
   if dc.eval_path:
-    return records, read(dc.eval_path, skip_invalid=dc.skip_invalid)
+    return records, read_logged(read, dc.eval_path, dc.skip_invalid)
   return split(records, dc.eval_fraction, seed=dc.seed)
+
+
+def read_logged(read: Callable, path, skip_invalid: bool) -> list:
+  """read(path, skip_invalid=, skipped=), with one warning line for what it skipped (files.log_skipped)."""
+  skipped: list = []
+  records = read(path, skip_invalid=skip_invalid, skipped=skipped)
+  files.log_skipped(path, skipped)
+  return records
+
+
+def check_one_batch(dc, n: int, what: str) -> None:
+  """A training set smaller than one global batch is a one-line DataError naming data.path."""
+  if n < dc.batch_size:
+    raise files.DataError(dc.path, field="data.batch_size", problem=(
+        f"{n} training {what} (after the held-out split and skipped records), fewer than one batch of "
+        f"{dc.batch_size}; lower data.batch_size or add data"))
 
 
 def train_iterator(arrays: dict, dc) -> "BatchIterator":

@@ -1,124 +1,25 @@
-"""Readers for preference data files (.jsonl / .json lines, optionally .gz).
+"""Preference data readers: the generic (TRL-style) formats of `generic` and the paper's data sets (HH-RLHF,
+Taskmaster-4, TL;DR, SHP), any file kind of `files` (JSON lines, Parquet, Arrow).
 
 Every reader yields plain dicts in one of two shapes:
   pairwise: {"prompt": messages, "chosen": str, "rejected": str}
   binary:   {"prompt": messages, "response": str, "label": float}
-where messages is a list of {"role": "user" | "assistant", "content": str}.
-Bad input raises DataError("FILE:LINE: field 'NAME': what is wrong"); nothing is skipped
-unless the caller asks for it with skip_invalid=True, and then every skip is logged.
+where messages is a list of {"role": "system" | "user" | "assistant", "content": str} (generic records may add
+"group", the split key). Bad input raises DataError("FILE:LINE: field 'NAME': what is wrong").
 """
-import gzip
 import json
-import logging
 import os
 import re
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
+from perl_jax.data import generic
+from perl_jax.data.files import FieldError, binary_choice, check_pair, get_field, loads_field, nonempty, read_records
 from perl_jax.errors import DataError  # noqa: F401 (data.DataError)
 
 HH_ASSISTANT = "\n\nAssistant:"
 _HH_TURN_RE = re.compile(r"\n\n(Human|Assistant):")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 _TM4_ROLES = {"agent": "assistant", "user": "user", "api": "user"}
-
-
-class FieldError(Exception):
-  """Raised inside a record parser; the reader adds file and line."""
-
-  def __init__(self, field, problem):
-    super().__init__(field, problem)
-    self.field, self.problem = field, problem
-
-
-def _open_text(path):
-  if str(path).endswith(".gz"):
-    return gzip.open(path, "rt", encoding="utf-8")
-  return open(path, "rt", encoding="utf-8")
-
-
-def iter_lines(path) -> Iterator[tuple[int, str]]:
-  """Yields (1-based line number, text) for each non-blank line of a text or .gz file."""
-  try:
-    with _open_text(path) as f:
-      for line_no, line in enumerate(f, start=1):
-        if line.strip():
-          yield line_no, line
-  except UnicodeDecodeError as e:
-    raise DataError(path, None, None, f"not UTF-8 text ({e.reason})") from None
-  except gzip.BadGzipFile as e:
-    raise DataError(path, None, None, f"not a gzip file ({e})") from None
-
-
-def loads_field(text: str, field: str | None, kind: type) -> Any:
-  """json.loads with the reader's error: malformed JSON or a value of the wrong type, naming the field."""
-  try:
-    value = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise FieldError(field, f"malformed JSON: {e.msg} at column {e.colno}") from None
-  if not isinstance(value, kind):
-    name = {dict: "object", list: "list"}.get(kind, kind.__name__)
-    raise FieldError(field, f"expected a JSON {name}, got {type(value).__name__}")
-  return value
-
-
-def _parse_line(line: str) -> dict:
-  return loads_field(line, None, dict)
-
-
-def read_records(path, parse: Callable[[dict], dict], skip_invalid: bool, skipped: list | None) -> Iterator[dict]:
-  """Checks the file exists now, then lazily parses each line with `parse`.
-
-  With skip_invalid, bad records (not bad files) are logged, listed in `skipped`, and left out.
-  """
-  if not os.path.isfile(path):
-    raise DataError(path, None, None, "no such file")
-
-  def generate():
-    for line_no, line in iter_lines(path):
-      try:
-        example = parse(_parse_line(line))
-      except FieldError as e:
-        error = DataError(path, line_no, e.field, e.problem)
-        if not skip_invalid:
-          raise error from None
-        logging.warning("skipping invalid record: %s", error)
-        if skipped is not None:
-          skipped.append(str(error))
-        continue
-      yield example
-
-  return generate()
-
-
-def get_field(record: dict, field: str, kind=str, name: str | None = None) -> Any:
-  name = name or field
-  if field not in record:
-    raise FieldError(name, "missing")
-  value = record[field]
-  if kind is float and isinstance(value, int) and not isinstance(value, bool):
-    value = float(value)
-  if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-    raise FieldError(name, f"expected {kind.__name__}, got {type(value).__name__}")
-  return value
-
-
-def _nonempty(text: str, name: str) -> str:
-  text = text.strip()
-  if not text:
-    raise FieldError(name, "empty response")
-  return text
-
-
-def _check_pair(example: dict) -> dict:
-  if example["chosen"] == example["rejected"]:
-    raise FieldError("rejected", "identical to 'chosen'")
-  return example
-
-
-def _binary_choice(value, name: str) -> int:
-  if isinstance(value, bool) or value not in (0, 1):
-    raise FieldError(name, f"must be 0 or 1, got {value!r}")
-  return int(value)
 
 
 # ---------------------------------------------------------------- HH-RLHF (pairwise)
@@ -140,7 +41,7 @@ def split_hh_dialog(chosen: str, rejected: str) -> tuple[list[dict], str, str]:
   if not any(m["role"] == "user" for m in prompt):
     raise FieldError("chosen", "no Human turn before the final Assistant turn")
   start = cut + len(HH_ASSISTANT)
-  return prompt, _nonempty(chosen[start:], "chosen"), _nonempty(rejected[start:], "rejected")
+  return prompt, nonempty(chosen[start:], "chosen"), nonempty(rejected[start:], "rejected")
 
 
 def parse_hh_turns(text: str) -> list[dict]:
@@ -154,7 +55,7 @@ def parse_hh_turns(text: str) -> list[dict]:
 
 def parse_hh_record(record: dict) -> dict:
   prompt, chosen, rejected = split_hh_dialog(get_field(record, "chosen"), get_field(record, "rejected"))
-  return _check_pair({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+  return check_pair({"prompt": prompt, "chosen": chosen, "rejected": rejected})
 
 
 def read_hh_rlhf(path, *, skip_invalid: bool = False, skipped: list | None = None) -> Iterator[dict]:
@@ -199,7 +100,7 @@ def parse_tm4_record(record: dict) -> dict:
   reward = get_field(record, "reward", float)
   if reward not in (0.0, 1.0):
     raise FieldError("reward", f"must be 0.0 or 1.0, got {reward!r}")
-  return {"prompt": prompt, "response": _nonempty(response, "generation"), "label": reward}
+  return {"prompt": prompt, "response": nonempty(response, "generation"), "label": reward}
 
 
 def read_taskmaster4(path, *, skip_invalid: bool = False, skipped: list | None = None) -> Iterator[dict]:
@@ -233,10 +134,10 @@ def parse_tldr_record(record: dict) -> dict:
   for i, summary in enumerate(summaries):
     if not isinstance(summary, dict):
       raise FieldError(f"summaries[{i}]", f"expected an object, got {type(summary).__name__}")
-    texts.append(_nonempty(get_field(summary, "text", str, f"summaries[{i}].text"), f"summaries[{i}].text"))
-  choice = _binary_choice(get_field(record, "choice", int), "choice")
+    texts.append(nonempty(get_field(summary, "text", str, f"summaries[{i}].text"), f"summaries[{i}].text"))
+  choice = binary_choice(get_field(record, "choice", int), "choice")
   prompt = [{"role": "user", "content": tldr_prompt(info)}]
-  return _check_pair({"prompt": prompt, "chosen": texts[choice], "rejected": texts[1 - choice]})
+  return check_pair({"prompt": prompt, "chosen": texts[choice], "rejected": texts[1 - choice]})
 
 
 def read_tldr(path, *, skip_invalid: bool = False, skipped: list | None = None) -> Iterator[dict]:
@@ -251,11 +152,11 @@ def parse_shp_record(record: dict) -> dict:
   history = get_field(record, "history").strip()
   if not history:
     raise FieldError("history", "empty")
-  ref_a = _nonempty(get_field(record, "human_ref_A"), "human_ref_A")
-  ref_b = _nonempty(get_field(record, "human_ref_B"), "human_ref_B")
-  a_wins = _binary_choice(get_field(record, "labels", int), "labels")
+  ref_a = nonempty(get_field(record, "human_ref_A"), "human_ref_A")
+  ref_b = nonempty(get_field(record, "human_ref_B"), "human_ref_B")
+  a_wins = binary_choice(get_field(record, "labels", int), "labels")
   chosen, rejected = (ref_a, ref_b) if a_wins else (ref_b, ref_a)
-  return _check_pair({"prompt": [{"role": "user", "content": history}], "chosen": chosen, "rejected": rejected})
+  return check_pair({"prompt": [{"role": "user", "content": history}], "chosen": chosen, "rejected": rejected})
 
 
 def read_shp(path, *, skip_invalid: bool = False, skipped: list | None = None) -> Iterator[dict]:
@@ -263,12 +164,14 @@ def read_shp(path, *, skip_invalid: bool = False, skipped: list | None = None) -
   return read_records(path, parse_shp_record, skip_invalid, skipped)
 
 
-READERS = {"hh_rlhf": read_hh_rlhf, "taskmaster4": read_taskmaster4, "tldr": read_tldr, "shp": read_shp}
-KINDS = {"hh_rlhf": "pairwise", "taskmaster4": "binary", "tldr": "pairwise", "shp": "pairwise"}
+READERS = {"preference": generic.read_preference, "unpaired_preference": generic.read_unpaired_preference,
+           "hh_rlhf": read_hh_rlhf, "taskmaster4": read_taskmaster4, "tldr": read_tldr, "shp": read_shp}
+KINDS = {"preference": "pairwise", "unpaired_preference": "binary", "hh_rlhf": "pairwise", "taskmaster4": "binary",
+         "tldr": "pairwise", "shp": "pairwise"}
 
 
 def read_examples(fmt: str, path, **kwargs) -> list[dict]:
   """Reads a whole file of format `fmt` (a READERS key) into a list."""
   if fmt not in READERS:
-    raise ValueError(f"unknown data format {fmt!r}; expected one of {sorted(READERS)}")
+    raise DataError(path, field="format", problem=f"unknown preference format {fmt!r} (one of {sorted(READERS)})")
   return list(READERS[fmt](path, **kwargs))

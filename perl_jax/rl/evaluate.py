@@ -134,12 +134,13 @@ def evaluate(policy: runs.Trained, prompts: list, *, batch_size: int = 8, seed: 
   return result
 
 
-def held_out_prompts(policy: runs.Trained, fmt: str, path, split: str = "eval", skip_invalid: bool = True) -> list:
-  """Prompts of `path`; with split "eval"/"train", the run's own conversation split of them."""
+def held_out_prompts(config, fmt: str, path, split: str = "eval", skip_invalid: bool = True) -> list:
+  """Prompts of `path`; with split "eval"/"train", the run's own conversation split of them (`config`: the RL
+  run's config, runs.read_config)."""
   prompts = data.read_prompts(fmt, path, skip_invalid=skip_invalid)
   if split == "all":
     return prompts
-  train, held = data.split_by_group(prompts, policy.config.data.eval_fraction, seed=policy.config.data.seed)
+  train, held = data.split_by_group(prompts, config.data.eval_fraction, seed=config.data.seed)
   return held if split == "eval" else train
 
 

@@ -34,15 +34,23 @@ class Roles:
   reward_lora: lora.LoraConfig  # The RM adapter's shape (value_init "reward" copies it).
 
 
-def config_from(config: ml_collections.ConfigDict, r_: Roles) -> RLConfig:
+def config_from(config: ml_collections.ConfigDict, r_: Roles | None = None) -> RLConfig:
   """RLConfig from a run config plus what the loaded runs fix (adapter scales, EOS / pad ids); fields newer than
-  a run's config (an older run folder) take their RLConfig defaults."""
-  r, model_cfg, tokenizer = config.rl, r_.model_cfg, r_.tokenizer
+  a run's config (an older run folder) take their RLConfig defaults. Without roles (the config's own checks, before
+  anything is loaded) those fields take placeholders."""
+  r = config.rl
+  trained.check_mode(config)
+  if r_ is None:
+    r_ = Roles(None, None, None, None, 1.0, {}, 1.0, lora.config_from(config.lora))
+    eos_id, pad_id = -1, 0
+  else:
+    eos = r_.model_cfg.eos_token_id
+    eos_id, pad_id = -1 if eos is None else eos, pipeline.pad_id(r_.tokenizer)
   return RLConfig(
       mode=config.mode, algorithm=r.algorithm, objective=r.objective, kl_coef=r.kl_coef,
       kl_estimator=r.kl_estimator, kl_target=r.kl_target or None, kl_horizon=r.kl_horizon,
       max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-      eos_id=-1 if model_cfg.eos_token_id is None else model_cfg.eos_token_id, pad_id=pipeline.pad_id(tokenizer),
+      eos_id=eos_id, pad_id=pad_id,
       samples_per_prompt=r.get("samples_per_prompt", 1), unfinished_reward=r.get("unfinished_reward"),
       gamma=r.gamma, lam=r.lam, whiten_advantages=r.whiten_advantages, clip_eps=r.clip_eps,
       value_clip_eps=r.value_clip_eps or None, vf_coef=r.vf_coef, value_warmup_steps=r.get("value_warmup_steps", 0),

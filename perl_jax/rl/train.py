@@ -18,14 +18,24 @@ log = logging.getLogger("perl_jax")
 SAMPLES_FILE = "samples.jsonl"
 
 
-def load_prompts(config, tokenizer):
-  """(train prompt arrays, held-out prompts, info). A prompt longer than data.max_prompt_len keeps its last
-  tokens (data.truncate_prompts=True, the default) or is a one-line DataError naming the file and conversation."""
+def read_prompts(config) -> tuple[list, list]:
+  """(train, held-out) prompts of data.path split by conversation; read before any model is loaded, so a bad file,
+  record or format is reported first, and so is a training set smaller than one batch."""
   dc = config.data
   prompts = data.read_prompts(dc.format, dc.path, skip_invalid=dc.skip_invalid)
   train, held_out = data.split_by_group(prompts, dc.eval_fraction, seed=dc.seed)
   if dc.max_train_prompts:
     train = train[: dc.max_train_prompts]
+  data.pipeline.check_one_batch(dc, len(train), "prompts")
+  return train, held_out
+
+
+def load_prompts(config, tokenizer, records: tuple[list, list] | None = None):
+  """(train prompt arrays, held-out prompts, info) of `records` (default: read_prompts(config)). A prompt longer
+  than data.max_prompt_len keeps its last tokens (data.truncate_prompts=True, the default) or is a one-line
+  DataError naming the file and conversation."""
+  dc = config.data
+  train, held_out = records or read_prompts(config)
   arrays, n_trunc = data.encode_prompts(train, tokenizer, dc.max_prompt_len)
   if n_trunc and not dc.get("truncate_prompts", True):
     lengths = [len(ids) for ids in data.pipeline.tokenize_prompts(tokenizer, [p["prompt"] for p in train])]
@@ -66,16 +76,13 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
   """Trains (or resumes) the RL policy described by `config` in `workdir`; returns (final state, eval)."""
   sharding.initialize_distributed(config.multihost)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  setup.check_batch(config, setup.config_from(config), mesh)  # The config's own checks, before any loading.
+  records = read_prompts(config)
   r = setup.load_roles(config, mesh)
   model_cfg, tokenizer, base = r.model_cfg, r.tokenizer, r.base
   rlcfg = setup.config_from(config, r)
   setup.check_context(config, model_cfg)
-  setup.check_batch(config, rlcfg, mesh)
-  arrays, held_out, info = load_prompts(config, tokenizer)
-  if len(arrays["input_ids"]) < config.data.batch_size:
-    raise data.DataError(config.data.path, field="prompt", problem=(
-        f"{len(arrays['input_ids'])} training prompts, fewer than one batch (data.batch_size="
-        f"{config.data.batch_size}); lower data.batch_size or add prompts"))
+  arrays, held_out, info = load_prompts(config, tokenizer, records)
   schedule, optim = optimizer.make(config.optim, config.steps, rlcfg.num_updates)
   trainable = roles.init_trainable(jax.random.key(config.seed), model_cfg, rlcfg, base, r.sft_lora, r.reward)
   frozen = roles.frozen_params(rlcfg, base, r.sft_lora, r.reward)
