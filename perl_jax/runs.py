@@ -40,7 +40,7 @@ def read_config(workdir) -> ml_collections.ConfigDict:
 
 
 def model_path(model_config: ml_collections.ConfigDict) -> str:
-  """config.model.path, or the embedded SmolLM2 GGUF when empty."""
+  """config.model.path (a file, a folder or a Hub id), or the embedded SmolLM2 GGUF when empty."""
   return model_config.path or str(models.default_model_path())
 
 
@@ -61,10 +61,11 @@ def same_path(a, b) -> bool:
 def load_model(model_config: ml_collections.ConfigDict):
   """(model config, frozen base params, tokenizer) from config.model."""
   path = model_path(model_config)
-  cfg, params = models.load_pretrained(path, param_dtype=jnp.dtype(model_config.param_dtype),
+  revision = model_config.get("revision", "")
+  cfg, params = models.load_pretrained(path, param_dtype=jnp.dtype(model_config.param_dtype), revision=revision,
                                        dtype=model_config.dtype, remat=model_config.remat,
                                        attention=model_config.get("attention", "auto"))
-  return cfg, params, models.load_tokenizer(path)
+  return cfg, params, models.load_tokenizer(path, revision)
 
 
 def latest_step(workdir) -> int | None:

@@ -30,7 +30,9 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
   c.reward_workdir = ""  # An RM run folder (required).
   c.sft_workdir = ""  # An SFT run folder; empty = the base model is the policy's anchor.
   # remat "auto": "dots" on CPU (update 0.92x the time, step 0.76x the compiled peak of "none" at 8 x (192 + 48)).
-  c.model = dict(path="", param_dtype="float32", dtype="float32", remat="auto", attention="auto")
+  # path: "" = the embedded SmolLM2-135M-Instruct GGUF, else a .gguf file, an HF folder or a Hub id ("org/name",
+  # resolved online or from the HF cache; revision: a Hub branch, tag or commit, "" = main).
+  c.model = dict(path="", revision="", param_dtype="float32", dtype="float32", remat="auto", attention="auto")
   # Prompts: eval_fraction of conversations held out (split seed `seed`); batch_size prompts per RL step; prompts
   # left-padded to max_prompt_len; max_train_prompts > 0 keeps the first N training prompts.
   c.data = dict(eval_fraction=0.1, seed=0, batch_size=8, max_prompt_len=192, max_train_prompts=0,

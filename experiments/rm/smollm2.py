@@ -23,7 +23,9 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
   c.seed = 0  # Init (LoRA A, a random head) and the run's RNG; the split and batch order are data.seed/shuffle_seed.
   c.mode = mode  # "lora": PERL, backbone frozen; "full": a float32 backbone copy is trained.
   # remat "auto": "dots" on CPU (0.87x the step time, 0.66x the compiled peak of "none" there), "none" elsewhere.
-  c.model = dict(path="", param_dtype="float32", dtype="float32", remat="auto", attention="auto")
+  # path: "" = the embedded SmolLM2-135M-Instruct GGUF, else a .gguf file, an HF folder or a Hub id ("org/name",
+  # resolved online or from the HF cache; revision: a Hub branch, tag or commit, "" = main).
+  c.model = dict(path="", revision="", param_dtype="float32", dtype="float32", remat="auto", attention="auto")
   # eval_path: a separate held-out file ("" = split data.path, eval_fraction of it, split seed `seed`); global batch
   # sizes; min_prompt_tokens of prompt kept when a long example is cut to max_len; max_*_examples 0 = all.
   c.data = dict(eval_path="", eval_fraction=0.1, seed=0, batch_size=16, eval_batch_size=32,

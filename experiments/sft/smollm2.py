@@ -29,7 +29,9 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
   c.mode = mode  # "lora": PERL, base frozen; "full": every base param trained (float32 copy).
   # Empty path = the embedded SmolLM2-135M-Instruct GGUF; param/compute dtypes; remat "none" | "full" | "dots" |
   # "auto" ("dots" on CPU: 0.97x the step time, 0.72x the compiled peak of "none" at 8 x 256 there; "none" elsewhere).
-  c.model = dict(path="", param_dtype="float32", dtype="float32", remat="auto", attention="auto")
+  # path: "" = the embedded SmolLM2-135M-Instruct GGUF, else a .gguf file, an HF folder or a Hub id ("org/name",
+  # resolved online or from the HF cache; revision: a Hub branch, tag or commit, "" = main).
+  c.model = dict(path="", revision="", param_dtype="float32", dtype="float32", remat="auto", attention="auto")
   c.data = dict(  # The SFT dialogs:
       eval_path="",  # A separate held-out file; empty = split data.path by conversation.
       eval_fraction=0.1,  # Held-out share of conversations (seeded hash of the conversation id).

@@ -6,7 +6,7 @@ from typing import Callable, Iterator
 import jax.numpy as jnp
 import numpy as np
 
-from perl_jax.models import transformer
+from perl_jax.models import hub, transformer
 from perl_jax.models.config import ConfigError, ModelConfig, from_hf_dict, load_hf_config
 
 _HF_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
@@ -236,10 +236,10 @@ def load_gguf(path: pathlib.Path, param_dtype=jnp.float32, **overrides):
   return cfg, _assemble(cfg, tensors(), str(path), to_path, param_dtype)
 
 
-def load_pretrained(path, param_dtype=jnp.float32, **overrides) -> tuple[ModelConfig, dict]:
-  """(config, params) from an HF folder or a .gguf file; params stored as `param_dtype`; `overrides` set
-  config fields such as the compute dtype, remat or scan_layers."""
-  path = pathlib.Path(path)
+def load_pretrained(path, param_dtype=jnp.float32, *, revision: str = "", **overrides) -> tuple[ModelConfig, dict]:
+  """(config, params) from an HF folder, a .gguf file or a Hub id (hub.resolve, at `revision`); params stored as
+  `param_dtype`; `overrides` set config fields such as the compute dtype, remat or scan_layers."""
+  path = hub.resolve(path, revision)
   if not path.exists():
     raise ConfigError(f"{path}: no such file or folder")
   if path.is_file() and path.suffix == ".gguf":

@@ -9,6 +9,7 @@ through transformers' own GGUF path, which imports PyTorch.
 import importlib.util
 import pathlib
 
+from perl_jax.models import hub
 from perl_jax.models.config import ConfigError
 
 # llama.cpp token types (tokenizer.ggml.token_type).
@@ -47,9 +48,10 @@ _SPECIAL_IDS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_t
 _GPT2_DEFAULT_SPECIAL = "<|endoftext|>"
 
 
-def load_tokenizer(path):
-  """An HF tokenizer for a model folder or a .gguf file; pad defaults to eos when the model has none."""
-  path = pathlib.Path(path)
+def load_tokenizer(path, revision: str = ""):
+  """An HF tokenizer for a model folder, a .gguf file or a Hub id (hub.resolve); pad defaults to eos when the model
+  has none."""
+  path = hub.resolve(path, revision)
   if not path.exists():
     raise ConfigError(f"{path}: no such file or folder")
   tok = _from_gguf(path) if path.suffix == ".gguf" else _from_folder(path)
