@@ -113,10 +113,10 @@ def score_all(score_fn, trainable, base, arrays, batch_size: int, mesh,
   return np.concatenate(outs), (np.concatenate(labels) if labels else None)
 
 
-def evaluate(score_fn, trainable, base, arrays, batch_size: int, mesh, kind: str) -> dict:
-  """Scores every eval example once (score_all); metrics on the host (balanced accuracy / ROC-AUC for binary)
-  do not depend on the order."""
-  r, labels = score_all(score_fn, trainable, base, arrays, batch_size, mesh)
+def evaluate(score_fn, trainable, base, arrays, batch_size: int, mesh, kind: str, progress: str | None = None) -> dict:
+  """Scores every eval example once (score_all, logging `progress`); metrics on the host (balanced accuracy /
+  ROC-AUC for binary) do not depend on the order."""
+  r, labels = score_all(score_fn, trainable, base, arrays, batch_size, mesh, progress)
   if kind == "pairwise":
     return stats.pairwise_metrics(r[:, 0], r[:, 1])
   return stats.binary_metrics(r, labels)
@@ -218,7 +218,7 @@ def evaluate_examples(rm: runs.Trained, fmt: str, examples: list, batch_size: in
   batch_sh = {k: sharding.batch_sharding(rm.mesh, v.ndim) for k, v in arrays.items() if k in MODEL_KEYS}
   score_fn = jit_scores(rm.model_cfg, rm.stage, sharding.shardings(rm.trainable, rm.mesh),
                         sharding.shardings(rm.frozen, rm.mesh), batch_sh, sharding.replicated(rm.mesh))
-  metrics = evaluate(score_fn, rm.trainable, rm.frozen, arrays, batch_size, rm.mesh, data.KINDS[fmt])
+  metrics = evaluate(score_fn, rm.trainable, rm.frozen, arrays, batch_size, rm.mesh, data.KINDS[fmt], progress="eval")
   return {**metrics, "num_examples": len(examples), "num_truncated": int(num_truncated)}
 
 

@@ -31,7 +31,7 @@ flags.mark_flags_as_required(["workdir", "data"])
 
 
 def main(_):
-  result, fmt = cli.run_or_exit(_evaluate, info=False)
+  result, fmt = cli.run_or_exit(_evaluate)  # Progress on stderr; stdout holds the JSON alone.
   print(json.dumps({**result, "format": fmt, "split": _SPLIT.value}))
 
 

@@ -27,7 +27,7 @@ flags.mark_flags_as_required(["workdir", "data"])
 
 
 def main(_):
-  metrics, rm, fmt = cli.run_or_exit(_evaluate, info=False)
+  metrics, rm, fmt = cli.run_or_exit(_evaluate)  # Progress on stderr; stdout holds the JSON alone.
   metrics = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
   print(json.dumps({**metrics, "step": rm.step, "format": fmt}))
 

@@ -2,7 +2,10 @@
 
   python scripts/export.py --workdir runs/tm4 --out exported/tm4 --format merged|peft [--step N]
 merged: a self-contained AutoModelForSequenceClassification folder (LoRA merged, tokenizer included).
-peft:   a LoRA adapter folder for PeftModel.from_pretrained(AutoModelForSequenceClassification(base), OUT).
+peft:   a LoRA adapter folder for PeftModel.from_pretrained(AutoModelForSequenceClassification(base), OUT); its
+        adapter_config.json names the base by Hub id (--base_model overrides), so AutoPeftModelFor* finds it, and
+        perl_export.json records the base file and its quantization (a GGUF's, e.g. Q4_1: training saw those
+        weights dequantized).
 transformers' score layer has no bias: add config.json "perl_reward_bias" (merged) or perl_reward.json
 "bias" (peft) to its logits to get this codebase's rewards.
 An RL run (its run.json has an `rl` field) exports its policy: merged = a *ForCausalLM folder (SFT and policy
@@ -20,6 +23,9 @@ _OUT = flags.DEFINE_string("out", None, "Output folder (created).")
 _FORMAT = flags.DEFINE_enum("format", "merged", ["merged", "peft"], "merged HF model or PEFT adapter.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step. Default: the latest.")
 _MODEL_PATH = flags.DEFINE_string("model_path", None, "Base model, if it moved since training.")
+_BASE_MODEL = flags.DEFINE_string("base_model", "", "The Hub id a PEFT adapter names as its base. Default: the id the "
+                                  "run's base model is known by (its Hub id, the embedded SmolLM2's, a GGUF's or HF "
+                                  "cache folder's); never a local path.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weight dtype of a merged export.")
 flags.mark_flags_as_required(["workdir", "out"])
 
@@ -35,7 +41,7 @@ def _export():
   if _FORMAT.value == "merged":
     out = export_reward.export_merged(rm, _OUT.value, _DTYPE.value)
   else:
-    out = export_reward.export_peft(rm, _OUT.value)
+    out = export_reward.export_peft(rm, _OUT.value, _BASE_MODEL.value)
   logging.getLogger("perl_jax").info("step %d exported to %s (%s); head bias %.6g", rm.step, out, _FORMAT.value,
                                      trained.head_bias(rm))
 
@@ -47,7 +53,7 @@ def _export_policy():
   if _FORMAT.value == "merged":
     out = export_policy.export_merged(policy, _OUT.value, model_path, _DTYPE.value)
   else:
-    out = export_policy.export_peft(policy, _OUT.value, model_path)
+    out = export_policy.export_peft(policy, _OUT.value, model_path, _BASE_MODEL.value)
   logging.getLogger("perl_jax").info("RL policy step %d exported to %s (%s)", policy.step, out, _FORMAT.value)
 
 

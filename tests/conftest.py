@@ -19,5 +19,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ.update(JAX_COMPILATION_CACHE_DIR=_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
 
+# The model cache (perl_jax.models.cache: a GGUF's dequantized tensors and tokenizer) in a fresh folder for this
+# session, so tests never read or fill the user's cache; an outer setting wins.
+if "PERL_JAX_CACHE" not in os.environ:
+  _model_cache = tempfile.mkdtemp(prefix="perl_jax_tests_model_cache_")
+  atexit.register(shutil.rmtree, _model_cache, ignore_errors=True)
+  os.environ["PERL_JAX_CACHE"] = _model_cache
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

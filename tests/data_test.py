@@ -348,7 +348,8 @@ def test_dev_split_is_carved_from_train_only(monkeypatch):
 
   cfg = ml_collections.ConfigDict(dict(data=dict(
       format="taskmaster4", path="experiments/data/taskmaster4/reward.jsonl.gz", eval_path="", eval_fraction=0.1,
-      dev_fraction=0.15, seed=0, skip_invalid=False, max_train_examples=0, max_eval_examples=0, max_len=64)))
+      dev_fraction=0.15, seed=0, skip_invalid=False, max_train_examples=0, max_eval_examples=0, max_len=64,
+      batch_size=16)))
   monkeypatch.setattr(reward, "encode", fake_encode)
   _, _, info = reward.load_data(cfg, None)
   train, dev = seen[0], seen[1]

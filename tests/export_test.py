@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 import types
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from perl_jax import data, lora, models, reward, stats, trained
-from perl_jax.export import reward as export_reward
+from perl_jax.export import base as export_base, reward as export_reward
 from tests.conftest import ROOT
 
 WORDS = ("coffee tea latte espresso large small iced hot oat milk sugar please thanks order pickup time name "
@@ -161,6 +162,39 @@ def test_peft_export_matches_peft(run):
   ids, mask = arrays["input_ids"], arrays["attention_mask"]
   np.testing.assert_allclose(_hf_scores(model, ids, mask, side["pad_token_id"]) + side["bias"],
                              _our_scores(run, ids, mask), atol=1e-4)
+
+
+def test_peft_export_names_its_base_by_hub_id_and_loads_by_that_name(run, monkeypatch):
+  """Restored against the base as an HF cache snapshot, the adapter names it "perl-test/tiny-llama" (no local path);
+  AutoPeftModelForSequenceClassification then finds that base in the cache (offline) and gives our scores."""
+  from huggingface_hub import constants as hf_constants
+  from peft import AutoPeftModelForSequenceClassification
+  cache = run.root / "hub"
+  snapshot = cache / "models--perl-test--tiny-llama" / "snapshots" / ("c" * 40)
+  shutil.copytree(run.base, snapshot)
+  (snapshot.parents[1] / "refs").mkdir()
+  (snapshot.parents[1] / "refs" / "main").write_text("c" * 40)
+  monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+  monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+  rm = trained.restore_reward(run.workdir, model_path=str(snapshot))
+  out = export_reward.export_peft(rm, run.root / "peft_hub")
+  adapter = json.loads((out / "adapter_config.json").read_text())
+  record = json.loads((out / "perl_export.json").read_text())
+  assert adapter["base_model_name_or_path"] == record["base_model"] == "perl-test/tiny-llama"
+  assert record["base_quantization"] is None  # A safetensors base: nothing was dequantized.
+  side = json.loads((out / export_reward.SIDE_FILE).read_text())
+  model = AutoPeftModelForSequenceClassification.from_pretrained(out, num_labels=1,
+                                                                 pad_token_id=side["pad_token_id"]).eval()
+  arrays = _encoded(run, "taskmaster4", run.files.eval)
+  ids, mask = arrays["input_ids"], arrays["attention_mask"]
+  np.testing.assert_allclose(_hf_scores(model, ids, mask, side["pad_token_id"]) + side["bias"],
+                             _our_scores(run, ids, mask), atol=1e-4)
+
+
+def test_embedded_gguf_base_is_named_by_its_hub_id_and_quantization():
+  record = export_base.base_record(str(models.default_model_path()))
+  assert record == {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "base_file": models.SMOLLM2_GGUF,
+                    "base_quantization": "Q4_1"}
 
 
 def test_peft_export_refuses_full_mode(run):

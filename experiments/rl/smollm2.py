@@ -2,7 +2,7 @@
 
   python scripts/train_rl.py --config experiments/rl/smollm2.py:tm4_lora --workdir runs/rl_tm4_lora \
       --config.reward_workdir=runs/tm4_lora --config.sft_workdir=runs/sft_tm4_lora
-Arguments: {tm4,hh}_{lora,full}[_ppo|_rloo|_grpo]: REINFORCE with a learned LoRA value baseline by default (the
+Arguments: {tm4,hh,custom}_{lora,full}[_ppo|_rloo|_grpo]: REINFORCE with a learned LoRA value baseline by default (the
 paper's main runs; "_paper" says so explicitly), PPO (clipped ratio + GAE), RLOO or GRPO (k samples per prompt,
 each one's baseline from the others: no value role).
 The RM and SFT runs must share the backbone and tokenizer; LoRA-mode RL needs LoRA RM and SFT runs.
@@ -12,6 +12,8 @@ import ml_collections
 DATA = {
     "tm4": dict(format="taskmaster4", path="experiments/data/taskmaster4/reward.jsonl.gz", skip_invalid=False),
     "hh": dict(format="hh_rlhf", path="experiments/data/hh-rlhf-harmless/pairs.jsonl.gz", skip_invalid=True),
+    # Your own prompts: prompt, messages or a preference format; point data.path at the file.
+    "custom": dict(format="prompt", path="experiments/data/examples/prompt.jsonl", skip_invalid=False),
 }
 
 

@@ -1,7 +1,7 @@
 """Reward models on SmolLM2-135M-Instruct (the embedded GGUF): PERL (LoRA) vs full tuning.
 
   python scripts/train_reward.py --config experiments/rm/smollm2.py:tm4_lora --workdir runs/tm4_lora
-Arguments: {tm4,hh}_{lora,full}. tm4 = Taskmaster-4 thumbs up/down (BCE, the paper's released data),
+Arguments: {tm4,hh,custom}_{lora,full}. tm4 = Taskmaster-4 thumbs up/down (BCE, the paper's released data),
 hh = Anthropic HH-RLHF harmless pairs (Bradley-Terry). Any field can be overridden: --config.steps=50.
 """
 import ml_collections
@@ -11,6 +11,9 @@ DATA = {
                 skip_invalid=False),
     "hh": dict(format="hh_rlhf", path="experiments/data/hh-rlhf-harmless/pairs.jsonl.gz", max_len=160,
                skip_invalid=True),  # 4 lines of the public file have an empty chosen reply.
+    # Your own preferences: preference (Bradley-Terry) or unpaired_preference (BCE); point data.path at the file.
+    "custom": dict(format="preference", path="experiments/data/examples/preference.jsonl", max_len=256,
+                   skip_invalid=False),
 }
 
 

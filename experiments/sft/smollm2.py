@@ -1,7 +1,7 @@
 """SFT of SmolLM2-135M-Instruct (the embedded GGUF), the anchor that RL starts from: PERL (LoRA) vs full tuning.
 
   python scripts/train_sft.py --config experiments/sft/smollm2.py:tm4_lora --workdir runs/sft_tm4_lora
-Arguments: {tm4,hh}_{lora,full}. tm4 = Taskmaster-4 coffee dialogs (every agent turn, API calls included, is a
+Arguments: {tm4,hh,custom}_{lora,full}. tm4 = Taskmaster-4 coffee dialogs (every agent turn, API calls included, is a
 target), hh = Anthropic HH-RLHF harmless chosen dialogs (every Assistant turn is a target). The loss is the
 token-weighted mean cross-entropy on assistant tokens; eval reports held-out loss, token accuracy, perplexity.
 Any field can be overridden: --config.steps=50.
@@ -16,6 +16,8 @@ DATA = {
     # 2,010 chosen dialogs, median 160 tokens (99th pct 681); 4 lines have an empty chosen reply (skipped).
     "hh": dict(format="hh_rlhf", path="experiments/data/hh-rlhf-harmless/pairs.jsonl.gz", max_len=512,
                skip_invalid=True),
+    # Your own dialogs: any SFT format (messages, preference, unpaired_preference, ...); point data.path at the file.
+    "custom": dict(format="messages", path="experiments/data/examples/messages.jsonl", max_len=512, skip_invalid=False),
 }
 
 

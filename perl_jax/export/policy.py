@@ -15,7 +15,7 @@ import numpy as np
 from flax import traverse_util
 
 from perl_jax import models, runs
-from perl_jax.export import reward as export_reward
+from perl_jax.export import base, reward as export_reward
 from perl_jax.rl import roles
 from perl_jax.models import loading
 
@@ -73,7 +73,9 @@ def export_merged(policy, out, model_path: str, dtype: str = "float32") -> pathl
   return out
 
 
-def export_peft(policy, out, model_path: str) -> pathlib.Path:
+def export_peft(policy, out, model_path: str, base_model: str = "") -> pathlib.Path:
+  """One CAUSAL_LM adapter for the base model (module docstring), named by its Hub id (export.base; `base_model`
+  overrides), plus perl_export.json (the base and its quantization)."""
   if policy.stage.mode != "lora":
     raise models.ConfigError(f"mode '{policy.stage.mode}' trains no adapter: export it with --format merged")
   rm_config = runs.read_config(policy.config.reward_workdir)
@@ -85,5 +87,7 @@ def export_peft(policy, out, model_path: str) -> pathlib.Path:
   out.mkdir(parents=True, exist_ok=True)
   tree, rank = combined_adapter(adapter_sets(policy))
   tensors = export_reward.lora_tensors(policy.model_cfg, tree)
-  export_reward.write_adapter(out, tensors, "CAUSAL_LM", model_path, rank, rank)
+  record = base.base_record(model_path, base_model)
+  export_reward.write_adapter(out, tensors, "CAUSAL_LM", record["base_model"], rank, rank)
+  base.write_record(out, record)
   return out

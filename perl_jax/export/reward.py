@@ -17,6 +17,7 @@ import numpy as np
 from flax import traverse_util
 
 from perl_jax import data, lora, models, runs
+from perl_jax.export import base
 from perl_jax.models import loading
 from perl_jax.trained import head_bias
 
@@ -113,8 +114,9 @@ def write_adapter(out: pathlib.Path, tensors: dict, task: str, base_path: str, r
   save_safetensors(tensors, out / "adapter_model.safetensors")
 
 
-def export_peft(rm: runs.Trained, out) -> pathlib.Path:
-  """A PEFT LoRA adapter folder (task SEQ_CLS) for the base model, plus perl_reward.json (bias, pad id)."""
+def export_peft(rm: runs.Trained, out, base_model: str = "") -> pathlib.Path:
+  """A PEFT LoRA adapter folder (task SEQ_CLS) for the base model, named by its Hub id (export.base; `base_model`
+  overrides), plus perl_reward.json (bias, pad id) and perl_export.json (the base and its quantization)."""
   if rm.stage.mode != "lora":
     raise models.ConfigError(f"mode '{rm.stage.mode}' trains no adapter: export it with --format merged")
   if rm.config.get("init_from"):
@@ -124,7 +126,10 @@ def export_peft(rm: runs.Trained, out) -> pathlib.Path:
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   tensors = peft_state_dict(rm.model_cfg, rm.trainable)
-  write_adapter(out, tensors, "SEQ_CLS", rm.model_path, rm.stage.lora_cfg.rank, rm.stage.lora_cfg.alpha, ["score"])
+  record = base.base_record(rm.model_path, base_model)
+  write_adapter(out, tensors, "SEQ_CLS", record["base_model"], rm.stage.lora_cfg.rank, rm.stage.lora_cfg.alpha,
+                ["score"])
+  base.write_record(out, record)
   side = {"bias": head_bias(rm), "pad_token_id": _pad_for_export(rm.tokenizer), "step": rm.step}
   (out / SIDE_FILE).write_text(json.dumps(side, indent=1))
   return out

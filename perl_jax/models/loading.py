@@ -3,10 +3,11 @@ import pathlib
 import re
 from typing import Callable, Iterator
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perl_jax.models import hub, transformer
+from perl_jax.models import cache, hub, transformer
 from perl_jax.models.config import ConfigError, ModelConfig, from_hf_dict, load_hf_config
 
 _HF_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
@@ -155,7 +156,7 @@ def load_safetensors_folder(path: pathlib.Path, param_dtype=jnp.float32, **overr
   return cfg, _assemble(cfg, tensors(), str(path), _hf_path, param_dtype)
 
 
-def _gguf_fields(reader) -> dict:
+def gguf_fields(reader) -> dict:
   out = {}
   for name, field in reader.fields.items():
     if name.startswith("tokenizer.ggml.") and name not in (
@@ -170,7 +171,12 @@ def _gguf_fields(reader) -> dict:
 
 def gguf_config(path: pathlib.Path, reader, **overrides) -> ModelConfig:
   """Builds an HF-style config dict from GGUF metadata, then a ModelConfig."""
-  f = _gguf_fields(reader)
+  return from_hf_dict(gguf_hf_config(path, reader), where=str(path), **overrides)
+
+
+def gguf_hf_config(path: pathlib.Path, reader) -> dict:
+  """The HF-style config dict of a GGUF file's metadata."""
+  f = gguf_fields(reader)
   arch = f.get("general.architecture")
   families = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "gemma3": "gemma3_text"}
   if arch not in families:
@@ -192,7 +198,7 @@ def gguf_config(path: pathlib.Path, reader, **overrides) -> ModelConfig:
   if arch.startswith("gemma"):
     hf.update(sliding_window=g("attention.sliding_window"), attn_logit_softcapping=g("attn_logit_softcapping"),
               final_logit_softcapping=g("final_logit_softcapping"), query_pre_attn_scalar=hf["head_dim"])
-  return from_hf_dict(hf, where=str(path), **overrides)
+  return hf
 
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -202,13 +208,20 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def load_gguf(path: pathlib.Path, param_dtype=jnp.float32, **overrides):
-  """A GGUF file: metadata to config, tensors dequantized with the gguf package."""
+  """A GGUF file: metadata to config, tensors dequantized with the gguf package; both kept in the model cache
+  (models.cache), from which later loads of the same file read them."""
+  hit = cache.load_params(path)
+  if hit is not None:
+    hf, params = hit
+    return (from_hf_dict(hf, where=str(path), **overrides),
+            jax.tree.map(lambda x: jnp.asarray(x, dtype=param_dtype), params))
   import gguf
   try:
     reader = gguf.GGUFReader(str(path))
   except Exception as e:  # noqa: BLE001 - gguf raises assorted errors for corrupt files.
     raise ConfigError(f"{path}: not a readable GGUF file ({e})") from None
-  cfg = gguf_config(path, reader, **overrides)
+  hf = gguf_hf_config(path, reader)
+  cfg = from_hf_dict(hf, where=str(path), **overrides)
   llama = reader.fields["general.architecture"].contents() == "llama"
 
   def tensors():
@@ -233,7 +246,9 @@ def load_gguf(path: pathlib.Path, param_dtype=jnp.float32, **overrides):
       return _GGUF_LAYER[m.group(2)], int(m.group(1))
     return None
 
-  return cfg, _assemble(cfg, tensors(), str(path), to_path, param_dtype)
+  params = _assemble(cfg, tensors(), str(path), to_path, jnp.float32)
+  cache.save_params(path, hf, params)
+  return cfg, jax.tree.map(lambda x: x.astype(param_dtype), params)
 
 
 def load_pretrained(path, param_dtype=jnp.float32, *, revision: str = "", **overrides) -> tuple[ModelConfig, dict]:

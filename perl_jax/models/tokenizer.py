@@ -9,7 +9,7 @@ through transformers' own GGUF path, which imports PyTorch.
 import importlib.util
 import pathlib
 
-from perl_jax.models import hub
+from perl_jax.models import cache, hub
 from perl_jax.models.config import ConfigError
 
 # llama.cpp token types (tokenizer.ggml.token_type).
@@ -70,7 +70,17 @@ def _from_folder(path: pathlib.Path):
 
 
 def _from_gguf(path: pathlib.Path):
-  """Byte-level BPE built here from the metadata; other vocabulary types through transformers."""
+  """Byte-level BPE built here from the metadata; other vocabulary types through transformers. Kept in the model
+  cache (models.cache), from which later loads of the same file read it."""
+  cached = cache.tokenizer_folder(path)
+  if cached is not None:
+    return _from_folder(cached)
+  tok = _build_from_gguf(path)
+  cache.save_tokenizer(path, tok)
+  return tok
+
+
+def _build_from_gguf(path: pathlib.Path):
   meta = gguf_tokenizer_metadata(path)
   kind = meta.get("tokenizer.ggml.model")
   if kind == "gpt2":

@@ -9,6 +9,8 @@ The anchor is the policy's own stack without the policy LoRA (LoRA mode: the pol
 exactly the reference role) or the frozen reference copy (full mode); both sample with the run's settings.
 """
 import dataclasses
+import logging
+import time
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,8 @@ import numpy as np
 
 from perl_jax import data, models, runs, stats, trained
 from perl_jax.rl import RLConfig, roles, rollout
+
+log = logging.getLogger("perl_jax")
 
 
 def anchor_trainable(rlcfg: RLConfig, trainable: dict, frozen: dict) -> dict:
@@ -101,6 +105,7 @@ def evaluate(policy: runs.Trained, prompts: list, *, batch_size: int = 8, seed: 
   sample = {}
   it = data.BatchIterator(arrays, batch_size, shuffle=False, num_epochs=1, drop_remainder=False,
                           process_index=0, process_count=1)
+  t0, done = time.perf_counter(), 0
   for i, batch in enumerate(it):
     valid = np.repeat(batch["valid"].astype(bool), n)
     ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
@@ -121,6 +126,10 @@ def evaluate(policy: runs.Trained, prompts: list, *, batch_size: int = 8, seed: 
       if judge_fn is not None:
         seq_ids, seq_mask = roles.sequence(b["prompt_BxP"], b["prompt_mask_BxP"], b["tokens_BxN"], b["mask_BxN"])
         out[f"j_{name}"].append(np.asarray(judge_fn(seq_ids, seq_mask))[valid])
+    done += int(batch["valid"].sum())
+    spent = time.perf_counter() - t0
+    log.info("eval: %d/%d prompts, %.0f s, ETA %.0f s (policy and anchor sampled and scored)", done, len(prompts),
+             spent, spent / done * (len(prompts) - done))
   cat = {k: np.concatenate(v).astype(np.float64).reshape(-1, n) if v else None for k, v in out.items()}
   kl, kl_lo, kl_hi = stats.paired_bootstrap_ci(cat["kl"])
   result = {"num_prompts": len(prompts), "samples_per_prompt": n, "num_truncated": int(n_trunc),
