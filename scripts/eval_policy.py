@@ -1,7 +1,7 @@
 """Evaluate an RL policy (a train_rl workdir) on held-out prompts; prints one JSON object.
 
   python scripts/eval_policy.py --workdir runs/rl_tm4_lora --data experiments/data/taskmaster4/dialogs.jsonl.gz \
-      [--format FORMAT (data.PROMPT_FORMATS)] [--split eval|train|all] [--max_prompts 128]
+      [--format FORMAT (data.PROMPT_FORMATS)] [--split eval|train|dev|all] [--max_prompts 128]
       [--samples_per_prompt 1] [--judge_workdir OTHER_RM]
 JSON (docs/rl.md lists every key): reward_before (the SFT anchor) / reward_after (the policy) under the
 run's RM, reward_diff with its 95% paired-bootstrap interval [reward_diff_lo, reward_diff_hi], win_rate (policy
@@ -20,8 +20,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "RL run folder (run.json, checkp
 _DATA = flags.DEFINE_string("data", None, "Prompt source: a prompt, messages or preference file (jsonl, Parquet, "
                             "Arrow) or one of the paper's data sets.")
 _FORMAT = flags.DEFINE_enum("format", None, data.PROMPT_FORMATS, "Prompt format. Default: the run's data.format.")
-_SPLIT = flags.DEFINE_enum("split", "eval", ["eval", "train", "all"],
-                           "eval/train = the run's conversation split of --data; all = every prompt.")
+_SPLIT = flags.DEFINE_enum("split", "eval", ["eval", "train", "dev", "all"],
+                           "eval/train = the run's conversation split of --data; dev = training-split prompts the "
+                           "run did not train on (after its first data.max_train_prompts); all = every prompt.")
 _MAX_PROMPTS = flags.DEFINE_integer("max_prompts", 128, "Evaluate the first N prompts (0 = all).")
 _SAMPLES = flags.DEFINE_integer("samples_per_prompt", 1, "Samples of the policy and of the anchor per prompt.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Prompts per generation batch.")

@@ -270,3 +270,22 @@ def test_rl_prompts_are_exactly_the_sft_contexts(tok, plain_tok):
       else:  # plain format: RL prompts render earlier assistant turns without their eos
         want = [x for i, x in enumerate(ids[:s]) if not (x == t.eos_token_id and mask[i])]
         assert list(encoded["input_ids"][row, -n:]) == want
+
+
+def test_dev_prompts_are_the_training_split_the_run_did_not_train_on(tmp_path):
+  """eval_policy --split dev: the training split's prompts after the first data.max_train_prompts; none held out,
+  none trained on; a run that trained on every prompt has no dev split (one-line error)."""
+  import ml_collections
+  from perl_jax.rl import evaluate
+  path = tmp_path / "p.jsonl"
+  path.write_text("".join(json.dumps({"prompt": f"question {i}", "group": f"g{i % 7}"}) + "\n" for i in range(40)))
+  config = ml_collections.ConfigDict(dict(data=dict(eval_fraction=0.3, seed=0, max_train_prompts=5)))
+  train = evaluate.held_out_prompts(config, "prompt", path, "train")
+  held = evaluate.held_out_prompts(config, "prompt", path, "eval")
+  dev = evaluate.held_out_prompts(config, "prompt", path, "dev")
+  assert dev == train[5:] and len(dev) > 0
+  texts = lambda ps: {p["prompt"][0]["content"] for p in ps}
+  assert not texts(dev) & texts(held) and not texts(dev) & texts(train[:5])
+  config.data.max_train_prompts = 0
+  with pytest.raises(data.DataError, match="no dev prompts"):
+    evaluate.held_out_prompts(config, "prompt", path, "dev")

@@ -144,12 +144,18 @@ def evaluate(policy: runs.Trained, prompts: list, *, batch_size: int = 8, seed: 
 
 
 def held_out_prompts(config, fmt: str, path, split: str = "eval", skip_invalid: bool = True) -> list:
-  """Prompts of `path`; with split "eval"/"train", the run's own conversation split of them (`config`: the RL
-  run's config, runs.read_config)."""
+  """Prompts of `path` (`config`: the RL run's config, runs.read_config): "all" every one; "eval" / "train" the
+  run's own conversation split; "dev" the training split's prompts the run did not train on (those after its first
+  data.max_train_prompts), for choosing recipes without looking at the held-out prompts."""
   prompts = data.read_prompts(fmt, path, skip_invalid=skip_invalid)
   if split == "all":
     return prompts
   train, held = data.split_by_group(prompts, config.data.eval_fraction, seed=config.data.seed)
+  if split == "dev":
+    if not config.data.max_train_prompts:
+      raise data.DataError(path, field="data.max_train_prompts", problem="0: the run trained on every prompt of "
+                           "its training split, so it has no dev prompts")
+    return train[config.data.max_train_prompts:]
   return held if split == "eval" else train
 
 
