@@ -168,3 +168,13 @@ def test_files_rows_number_lines_and_rows(tmp_path):
   path.write_text('{"a": 1}\n\n{"a": 2}\n')
   assert list(files.iter_rows(path)) == [(1, '{"a": 1}\n'), (3, '{"a": 2}\n')]
   assert generic.ROLES == ("system", "user", "assistant")
+
+
+def test_readme_preference_lines_read(tmp_path):
+  """The README's hand-written preference lines are valid records, one per form."""
+  from tests.conftest import ROOT
+  text = (ROOT / "README.md").read_text()
+  block = text.split("## Your own model and data", 1)[1].split("```json\n", 1)[1].split("```", 1)[0]
+  exs = data.read_examples("preference", write_jsonl(tmp_path / "readme.jsonl",
+                                                      [json.loads(line) for line in block.splitlines()]))
+  assert len(exs) == 3 and all(e["prompt"][-1]["role"] == "user" for e in exs)
