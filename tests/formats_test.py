@@ -178,3 +178,16 @@ def test_readme_preference_lines_read(tmp_path):
   exs = data.read_examples("preference", write_jsonl(tmp_path / "readme.jsonl",
                                                       [json.loads(line) for line in block.splitlines()]))
   assert len(exs) == 3 and all(e["prompt"][-1]["role"] == "user" for e in exs)
+
+
+def test_the_paper_formats_feed_every_stage():
+  """TL;DR and SHP pairs (fixtures): SFT dialogs end in the chosen reply, RL prompts are the examples' prompts."""
+  from tests.conftest import ROOT
+  for fmt, name in (("tldr", "tldr_comparisons.jsonl"), ("shp", "shp.jsonl")):
+    path = ROOT / "tests" / "fixtures" / name
+    examples = data.read_examples(fmt, path)
+    dialogs = data.read_dialogs(fmt, path)
+    assert [d["messages"] for d in dialogs] == [e["prompt"] + [{"role": "assistant", "content": e["chosen"]}]
+                                                for e in examples]
+    prompts = data.read_prompts(fmt, path)
+    assert [p["prompt"] for p in prompts] == [e["prompt"] for e in examples]

@@ -13,7 +13,7 @@ from perl_jax import data, heads, reward, sft, trained
 from perl_jax.rl import setup
 from perl_jax.rl import train as rl_train
 from tests.conftest import ROOT
-from tests.helpers import head_lines, make_tiny_hf_folder
+from tests.helpers import head_lines, load_script, make_tiny_hf_folder
 
 from experiments.rl import smollm2 as rl_configs  # noqa: E402
 from experiments.rm import smollm2 as rm_configs  # noqa: E402
@@ -151,7 +151,7 @@ def test_policy_export_merged_and_peft_match_transformers(runs, tmp_path):
   import torch
   import transformers
   from peft import PeftModel
-  from perl_jax import models
+  from perl_jax import lora, models
   from perl_jax.export.policy import adapter_sets
   c = _rl_config(runs, steps=2, optim=dict(lr=0.05, warmup_steps=1, weight_decay=0.0, clip_norm=1.0))
   c.rl.value_warmup_steps = 0                                 # the policy moves from step 1
@@ -166,6 +166,17 @@ def test_policy_export_merged_and_peft_match_transformers(runs, tmp_path):
     r = subprocess.run([sys.executable, "scripts/export.py", "--workdir", str(tmp_path / "rl"), "--out",
                         str(tmp_path / fmt), "--format", fmt], cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+  adapter = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+  assert not os.path.isabs(adapter["base_model_name_or_path"])  # A name that travels, never a local path.
+  generate = load_script("generate")  # generate.py --workdir talks to this policy, and to the SFT run under it.
+  cfg, params, _ = generate.trained_policy(str(tmp_path / "rl"))
+  np.testing.assert_allclose(np.asarray(models.forward(cfg, params, ids, None).logits), ours, atol=2e-4)
+  sft_run = trained.restore_policy(runs / "sft")
+  sft_logits = models.forward(sft_run.model_cfg, sft_run.frozen, ids, None,
+                              adapters=[(sft_run.trainable["lora"], lora.scale(sft_run.stage.lora_cfg))]).logits
+  cfg, params, _ = generate.trained_policy(str(runs / "sft"))
+  np.testing.assert_allclose(np.asarray(models.forward(cfg, params, ids, None).logits), np.asarray(sft_logits),
+                             atol=2e-4)
   merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
   peft = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(runs / "model"),
                                    tmp_path / "peft").eval()

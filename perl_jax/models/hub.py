@@ -26,7 +26,7 @@ def resolve(path, revision: str = "") -> pathlib.Path:
     folder = huggingface_hub.snapshot_download(repo_id=name, revision=revision or None, allow_patterns=MODEL_FILES)
   except Exception as e:  # noqa: BLE001 - huggingface_hub raises many kinds (offline, not found, auth, network).
     why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ConfigError(f"{name}: no such local file or folder, and the Hub id{f' (revision {revision})' if revision else ''}"
-                      f" could not be resolved online or from the Hugging Face cache ({type(e).__name__}: {why})"
-                      ) from None
+    at = f" (revision {revision})" if revision else ""
+    raise ConfigError(f"{name}: no such local file or folder, and the Hub id{at} could not be resolved online or "
+                      f"from the Hugging Face cache ({type(e).__name__}: {why})") from None
   return pathlib.Path(folder)
