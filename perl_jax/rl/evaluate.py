@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from perl_jax import data, models, runs, stats, trained
-from perl_jax.rl import RLConfig, roles, rollout
+from perl_jax.rl import RLConfig, roles, rollout, setup
 
 log = logging.getLogger("perl_jax")
 
@@ -66,7 +66,7 @@ def _eval_fns(policy: runs.Trained, n: int):
     return r_B, ref * s["mask_BxN"]
 
   score_jit = jax.jit(score, static_argnums=2)
-  stop = tuple(policy.config.rl.stop_strings)
+  stop = setup.host_stop_strings(policy.config, policy.tokenizer, rlcfg.eos_id)
   put = lambda x, k: jnp.asarray(x)
 
   def sampler(tr):

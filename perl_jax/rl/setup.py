@@ -111,6 +111,14 @@ def load_roles(config, mesh) -> Roles:
   return Roles(model_cfg, tokenizer, base, sft_lora, sft_scale, rm_params, rm_scale, rm_lora)
 
 
+def host_stop_strings(config, tokenizer, eos_id: int) -> tuple:
+  """config.rl.stop_strings less those that are the EOS token's own text (the default "<|im_end|>" for chat
+  models): the sampler already ends rows at EOS on device, so only the others need the host's cut (which pulls
+  the samples to the host)."""
+  eos_text = tokenizer.decode([eos_id]) if eos_id >= 0 else None
+  return tuple(s for s in config.rl.stop_strings if s != eos_text)
+
+
 def check_context(config, model_cfg) -> None:
   """A prompt window plus the response must fit the model's context, or sampling runs past its positions."""
   need, ctx = config.data.max_prompt_len + config.rl.max_new_tokens, model_cfg.max_position_embeddings

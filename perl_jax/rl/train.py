@@ -92,7 +92,7 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
   n_train = models.count_params(state["trainable"])
   log.info("RL (%s, %s): trainable params %s; frozen params %s", rlcfg.mode, rlcfg.algorithm, f"{n_train:,}",
            f"{models.count_params(frozen):,}")
-  stop = tuple(config.rl.stop_strings)
+  stop = setup.host_stop_strings(config, tokenizer, rlcfg.eos_id)
   step = RLStep(model_cfg, rlcfg, optim, mesh=mesh, state_sh=state_sh, frozen_sh=frozen_sh,
                 decode=tokenizer.decode, stop_strings=stop)
 
