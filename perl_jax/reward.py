@@ -115,11 +115,11 @@ def score_all(score_fn, trainable, base, arrays, batch_size: int, mesh,
 
 def evaluate(score_fn, trainable, base, arrays, batch_size: int, mesh, kind: str, progress: str | None = None) -> dict:
   """Scores every eval example once (score_all, logging `progress`); metrics on the host (balanced accuracy /
-  ROC-AUC for binary) do not depend on the order."""
+  ROC-AUC with its 95% bootstrap interval for binary) do not depend on the order."""
   r, labels = score_all(score_fn, trainable, base, arrays, batch_size, mesh, progress)
   if kind == "pairwise":
     return stats.pairwise_metrics(r[:, 0], r[:, 1])
-  return stats.binary_metrics(r, labels)
+  return {**stats.binary_metrics(r, labels), **stats.roc_auc_ci(r, labels)}
 
 
 def probe_key(config, trainable, base, arrays) -> str:

@@ -48,6 +48,21 @@ def binary_metrics(score_N, label_N, threshold=0.0):
   )
 
 
+def roc_auc_ci(score_N, label_N, n_boot=2000, confidence=0.95, seed=0) -> dict:
+  """{"roc_auc_lo", "roc_auc_hi"}: the percentile bootstrap interval of the ROC-AUC. Each of `n_boot` resamples
+  draws N examples with replacement (numpy default_rng(seed).integers) and takes their ROC-AUC; resamples missing a
+  class are skipped. nan when no resample has both classes."""
+  score_N = np.asarray(score_N, np.float64).reshape(-1)
+  pos_N = np.asarray(label_N).reshape(-1).astype(bool)
+  rng, n = np.random.default_rng(seed), len(score_N)
+  aucs = [roc_auc(score_N[idx], pos_N[idx]) for idx in (rng.integers(0, n, n) for _ in range(n_boot if n else 0))]
+  aucs = [a for a in aucs if not np.isnan(a)]
+  if not aucs:
+    return {"roc_auc_lo": float("nan"), "roc_auc_hi": float("nan")}
+  lo, hi = np.quantile(aucs, [(1 - confidence) / 2, (1 + confidence) / 2])
+  return {"roc_auc_lo": float(lo), "roc_auc_hi": float(hi)}
+
+
 def pairwise_metrics(r_chosen_N, r_rejected_N):
   """Preference accuracy (strict r_c > r_r), mean margin and Bradley–Terry loss."""
   margin_N = (np.asarray(r_chosen_N, np.float64).reshape(-1)

@@ -206,7 +206,8 @@ def test_peft_export_refuses_full_mode(run):
 def _expected_binary(run):
   arrays, num_truncated = _encoded(run, "taskmaster4", run.files.eval, with_truncated=True)
   r, y = _our_scores(run, arrays["input_ids"], arrays["attention_mask"]), arrays["label"]
-  return {**stats.binary_metrics(r, y), "loss": float(np.mean(np.logaddexp(0, r) - y * r)), "num_examples": 12,
+  return {**stats.binary_metrics(r, y), **stats.roc_auc_ci(r, y), "loss": float(np.mean(np.logaddexp(0, r) - y * r)),
+          "num_examples": 12,
           "num_truncated": num_truncated}
 
 

@@ -166,3 +166,25 @@ def test_win_rate_stats_samples_per_prompt():
   assert m["win_rate_hi"] - m["win_rate_lo"] > flat["win_rate_hi"] - flat["win_rate_lo"]
   with pytest.raises(ValueError):
     stats.win_rate_stats(a, b[:2])
+
+
+def test_roc_auc_ci_is_the_bootstrap_of_roc_auc_by_hand():
+  """The interval equals a loop over the same resamples computing the ROC-AUC by pair counting (ties ½)."""
+  rng = np.random.default_rng(3)
+  label = rng.random(40) < 0.4
+  score = label * 0.8 + rng.normal(size=40)
+  draws = np.random.default_rng(0)
+  by_hand = []
+  for _ in range(300):
+    idx = draws.integers(0, 40, 40)
+    s, y = score[idx], label[idx]
+    if y.all() or not y.any():
+      continue
+    pairs = [(a > b) + 0.5 * (a == b) for a in s[y] for b in s[~y]]
+    by_hand.append(np.mean(pairs))
+  lo, hi = np.quantile(by_hand, [0.025, 0.975])
+  ci = stats.roc_auc_ci(score, label, n_boot=300, seed=0)
+  assert ci["roc_auc_lo"] == pytest.approx(lo) and ci["roc_auc_hi"] == pytest.approx(hi)
+  assert ci["roc_auc_lo"] <= stats.roc_auc(score, label) <= ci["roc_auc_hi"]
+  separated = stats.roc_auc_ci([0.0, 0.1, 0.9, 1.0], [0, 0, 1, 1], n_boot=50)
+  assert separated == {"roc_auc_lo": 1.0, "roc_auc_hi": 1.0}
