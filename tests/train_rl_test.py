@@ -230,3 +230,49 @@ def test_rm_started_from_the_sft_run_stands_on_it_in_training_restore_and_rl(run
   c.init_from = str(tmp_path / "nope")
   with pytest.raises(models.ConfigError, match="nope: not a run folder .* 'init_from'"):
     reward.train(c, tmp_path / "rm2")
+
+
+_RL_WORKER = r"""
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+pid, port, runs_dir, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+sys.path.insert(0, os.getcwd())
+import pathlib
+import numpy as np
+from jax.experimental import multihost_utils
+from tests.train_rl_test import _two_host_config
+from perl_jax.rl import train as rl_train
+state, ev = rl_train.train(_two_host_config(pathlib.Path(runs_dir)), workdir)
+leaves = [multihost_utils.process_allgather(x, tiled=True) for x in jax.tree.leaves(state["trainable"]["policy"])]
+json.dump({"policy_abs_sum": float(sum(np.abs(np.asarray(x)).sum() for x in leaves)), "eval": ev},
+          open(f"{workdir}.{pid}.json", "w"))
+"""
+
+
+def _two_host_config(d):
+  return _rl_config(d, steps=2, num_sample_texts=3, eval_prompts=4, eval_batch_size=4)
+
+
+def test_two_process_rl_matches_one_process(runs, tmp_path):
+  """Two hosts x 2 devices (gloo) run RL as one host x 8 devices does: the rollout, the update, the sample lines
+  (gathered from the global batch) and the in-training eval (its batches global arrays over the mesh)."""
+  from tests.helpers import run_two_hosts
+  import numpy as np
+  wd = tmp_path / "multi"
+  run_two_hosts(_RL_WORKER, tmp_path, runs, wd)
+  multi = [json.loads((tmp_path / f"multi.{i}.json").read_text()) for i in range(2)]
+  assert multi[0] == multi[1]
+  state, ev = rl_train.train(_two_host_config(runs), tmp_path / "single")
+  single = float(sum(np.abs(np.asarray(x)).sum() for x in jax.tree.leaves(state["trainable"]["policy"])))
+  np.testing.assert_allclose(multi[0]["policy_abs_sum"], single, rtol=1e-4)
+  assert set(multi[0]["eval"]) == set(ev)
+  for k, v in ev.items():
+    np.testing.assert_allclose(multi[0]["eval"][k], v, rtol=1e-4, atol=1e-5, err_msg=k)
+  lines = lambda p: [json.loads(x) for x in (p / "samples.jsonl").read_text().splitlines()]
+  got, want = lines(wd), lines(tmp_path / "single")
+  assert [(r["step"], r["prompt"], r["response"]) for r in got] == [(r["step"], r["prompt"], r["response"])
+                                                                     for r in want]
+  np.testing.assert_allclose([r["reward"] for r in got], [r["reward"] for r in want], rtol=1e-4, atol=1e-5)

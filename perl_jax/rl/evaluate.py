@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perl_jax import data, models, runs, stats, trained
+from perl_jax import data, models, runs, sharding, stats, trained
 from perl_jax.rl import RLConfig, roles, rollout, setup
 
 log = logging.getLogger("perl_jax")
@@ -103,12 +103,18 @@ def evaluate(policy: runs.Trained, prompts: list, *, batch_size: int = 8, seed: 
   judge_fn = None if judge is None else _judge_fn(judge)
   out = {k: [] for k in ("r_pol", "r_anc", "kl", "len_pol", "len_anc", "fin_pol", "fin_anc", "j_pol", "j_anc")}
   sample = {}
+  # Each process reads its rows of every global batch; the batch is one global array over the run's mesh (as in
+  # training), and what comes back is gathered whole on every process (rollout.to_host).
   it = data.BatchIterator(arrays, batch_size, shuffle=False, num_epochs=1, drop_remainder=False,
-                          process_index=0, process_count=1)
+                          process_index=jax.process_index(), process_count=jax.process_count())
   t0, done = time.perf_counter(), 0
   for i, batch in enumerate(it):
-    valid = np.repeat(batch["valid"].astype(bool), n)
-    ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
+    if jax.process_count() > 1:
+      g = sharding.global_batch({k: batch[k] for k in ("input_ids", "attention_mask", "valid")}, policy.mesh)
+      ids, mask, valid = g["input_ids"], g["attention_mask"], rollout.to_host({"v": g["valid"]})["v"]
+    else:
+      ids, mask, valid = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]), batch["valid"]
+    valid = np.repeat(valid.astype(bool), n)
     rng = jax.random.fold_in(jax.random.key(seed), i)
     for name in ("pol", "anc"):
       s = samplers[name](ids, mask, rng)
@@ -125,8 +131,8 @@ def evaluate(policy: runs.Trained, prompts: list, *, batch_size: int = 8, seed: 
         out["kl"].append(((b["sampler_logp_BxN"] - b["ref_logp_BxN"]) * m).sum(1)[valid])
       if judge_fn is not None:
         seq_ids, seq_mask = roles.sequence(b["prompt_BxP"], b["prompt_mask_BxP"], b["tokens_BxN"], b["mask_BxN"])
-        out[f"j_{name}"].append(np.asarray(judge_fn(seq_ids, seq_mask))[valid])
-    done += int(batch["valid"].sum())
+        out[f"j_{name}"].append(rollout.to_host({"j": judge_fn(seq_ids, seq_mask)})["j"][valid])
+    done += int(valid.sum()) // n
     spent = time.perf_counter() - t0
     log.info("eval: %d/%d prompts, %.0f s, ETA %.0f s (policy and anchor sampled and scored)", done, len(prompts),
              spent, spent / done * (len(prompts) - done))

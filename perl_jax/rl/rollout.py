@@ -15,6 +15,7 @@ import time
 from typing import Callable
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -207,5 +208,7 @@ def rollout_metrics(batch: dict) -> dict:
 
 
 def to_host(batch: dict) -> dict:
-  """The rollout batch as numpy (single-process; multi-host callers gather first)."""
+  """The rollout batch as numpy, whole on every process (with several processes, a collective: all must call)."""
+  if jax.process_count() > 1:
+    return {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in batch.items()}
   return {k: np.asarray(v) for k, v in batch.items()}

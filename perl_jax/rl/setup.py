@@ -114,9 +114,13 @@ def load_roles(config, mesh) -> Roles:
 def host_stop_strings(config, tokenizer, eos_id: int) -> tuple:
   """config.rl.stop_strings less those that are the EOS token's own text (the default "<|im_end|>" for chat
   models): the sampler already ends rows at EOS on device, so only the others need the host's cut (which pulls
-  the samples to the host)."""
+  the samples to the host, so a multi-process run refuses them)."""
   eos_text = tokenizer.decode([eos_id]) if eos_id >= 0 else None
-  return tuple(s for s in config.rl.stop_strings if s != eos_text)
+  stop = tuple(s for s in config.rl.stop_strings if s != eos_text)
+  if stop and jax.process_count() > 1:
+    raise models.ConfigError(f"config: field 'rl.stop_strings': {list(stop)} are cut on the host, which this "
+                             "multi-process run cannot do yet; end responses at EOS only (rl.stop_strings=[])")
+  return stop
 
 
 def check_context(config, model_cfg) -> None:

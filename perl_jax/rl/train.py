@@ -9,6 +9,7 @@ import pathlib
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from perl_jax import checkpoint, data, models, optimizer, runs, sharding, trainer
 from perl_jax.rl import evaluate, learner, roles, rollout, setup
@@ -62,9 +63,17 @@ def trim_samples(workdir, last_step: int | None) -> None:
 
 
 def _write_samples(workdir, step: int, batch, tokenizer, n: int) -> None:
-  if jax.process_index() != 0 or n <= 0:
+  """The first n rollout rows as text lines of samples.jsonl (process 0 writes; with several processes every one
+  takes part in gathering just those rows, since the batch is a global array)."""
+  if n <= 0:
     return
-  b = {k: np.asarray(batch[k][:n]) for k in ("prompt_BxP", "prompt_mask_BxP", "tokens_BxN", "mask_BxN", "score_B")}
+  keys = ("prompt_BxP", "prompt_mask_BxP", "tokens_BxN", "mask_BxN", "score_B")
+  if jax.process_count() > 1:
+    b = {k: np.asarray(multihost_utils.process_allgather(batch[k][:n], tiled=True)) for k in keys}
+  else:
+    b = {k: np.asarray(batch[k][:n]) for k in keys}
+  if jax.process_index() != 0:
+    return
   with open(pathlib.Path(workdir) / SAMPLES_FILE, "a") as f:
     for i in range(len(b["score_B"])):
       f.write(json.dumps({"step": step, "reward": float(b["score_B"][i]),
