@@ -50,10 +50,13 @@ def binary_metrics(score_N, label_N, threshold=0.0):
 
 def roc_auc_ci(score_N, label_N, n_boot=2000, confidence=0.95, seed=0) -> dict:
   """{"roc_auc_lo", "roc_auc_hi"}: the percentile bootstrap interval of the ROC-AUC. Each of `n_boot` resamples
-  draws N examples with replacement (numpy default_rng(seed).integers) and takes their ROC-AUC; resamples missing a
-  class are skipped. nan when no resample has both classes."""
+  draws N examples with replacement (numpy default_rng(seed).integers) from the examples sorted by (score, label),
+  so the interval does not depend on their order, and takes their ROC-AUC; resamples missing a class are skipped.
+  nan when no resample has both classes."""
   score_N = np.asarray(score_N, np.float64).reshape(-1)
   pos_N = np.asarray(label_N).reshape(-1).astype(bool)
+  order_N = np.lexsort((pos_N, score_N))
+  score_N, pos_N = score_N[order_N], pos_N[order_N]
   rng, n = np.random.default_rng(seed), len(score_N)
   aucs = [roc_auc(score_N[idx], pos_N[idx]) for idx in (rng.integers(0, n, n) for _ in range(n_boot if n else 0))]
   aucs = [a for a in aucs if not np.isnan(a)]

@@ -173,6 +173,10 @@ def test_roc_auc_ci_is_the_bootstrap_of_roc_auc_by_hand():
   rng = np.random.default_rng(3)
   label = rng.random(40) < 0.4
   score = label * 0.8 + rng.normal(size=40)
+  order = np.lexsort((label, score))
+  shuffled = rng.permutation(40)
+  assert stats.roc_auc_ci(score[shuffled], label[shuffled], n_boot=300) == stats.roc_auc_ci(score, label, n_boot=300)
+  score, label = score[order], label[order]  # The function resamples the examples sorted by (score, label).
   draws = np.random.default_rng(0)
   by_hand = []
   for _ in range(300):
