@@ -69,6 +69,8 @@ def cross_validate(x_NxD, y_N, *, s_N=None, fit_intercept: bool = True, cs=DEFAU
     losses = []
     for k in range(folds):
       tr, va = fold_N != k, fold_N == k
+      if not va.any() or not tr.any():  # Fewer examples than folds: that fold is empty.
+        continue
       w, b = logistic_fit(x_NxD[tr], y_N[tr], c=c, s_N=s[tr], fit_intercept=fit_intercept)
       losses.append(weighted_log_loss(x_NxD[va] @ w + b, y_N[va], s[va]))
     cv[float(c)] = float(np.mean(losses))
