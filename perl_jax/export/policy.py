@@ -15,7 +15,7 @@ import numpy as np
 from flax import traverse_util
 
 from perl_jax import models, runs
-from perl_jax.export import base, reward as export_reward
+from perl_jax.export import reward as export_reward
 from perl_jax.rl import roles
 from perl_jax.models import loading
 
@@ -87,7 +87,5 @@ def export_peft(policy, out, model_path: str, base_model: str = "") -> pathlib.P
   out.mkdir(parents=True, exist_ok=True)
   tree, rank = combined_adapter(adapter_sets(policy))
   tensors = export_reward.lora_tensors(policy.model_cfg, tree)
-  record = base.base_record(model_path, base_model)
-  export_reward.write_adapter(out, tensors, "CAUSAL_LM", record["base_model"], rank, rank)
-  base.write_record(out, record)
+  export_reward.write_adapter(out, tensors, "CAUSAL_LM", model_path, rank, rank, base_model=base_model)
   return out

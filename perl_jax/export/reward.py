@@ -102,16 +102,20 @@ def peft_state_dict(cfg: models.ModelConfig, trainable) -> dict[str, jax.Array]:
           **lora_tensors(cfg, trainable["lora"])}
 
 
-def write_adapter(out: pathlib.Path, tensors: dict, task: str, base_path: str, rank: int, alpha: float,
-                  modules_to_save=None) -> None:
-  """adapter_config.json + adapter_model.safetensors of a PEFT LoRA adapter."""
+def write_adapter(out: pathlib.Path, tensors: dict, task: str, model_path: str, rank: int, alpha: float,
+                  modules_to_save=None, base_model: str = "") -> None:
+  """adapter_config.json + adapter_model.safetensors of a PEFT LoRA adapter for the base model at `model_path`,
+  named by its Hub id (export.base; `base_model` overrides), plus perl_export.json (that base and its
+  quantization)."""
+  record = base.base_record(model_path, base_model)
   modules = sorted({name.split(".")[-3] for name in tensors if ".lora_A." in name})
   alpha = int(alpha) if float(alpha).is_integer() else float(alpha)
-  adapter = dict(peft_type="LORA", task_type=task, base_model_name_or_path=base_path, r=rank, lora_alpha=alpha,
-                 target_modules=modules, lora_dropout=0.0, bias="none", fan_in_fan_out=False, use_rslora=False,
-                 use_dora=False, modules_to_save=modules_to_save, inference_mode=True)
+  adapter = dict(peft_type="LORA", task_type=task, base_model_name_or_path=record["base_model"], r=rank,
+                 lora_alpha=alpha, target_modules=modules, lora_dropout=0.0, bias="none", fan_in_fan_out=False,
+                 use_rslora=False, use_dora=False, modules_to_save=modules_to_save, inference_mode=True)
   (out / "adapter_config.json").write_text(json.dumps(adapter, indent=1))
   save_safetensors(tensors, out / "adapter_model.safetensors")
+  base.write_record(out, record)
 
 
 def export_peft(rm: runs.Trained, out, base_model: str = "") -> pathlib.Path:
@@ -126,10 +130,8 @@ def export_peft(rm: runs.Trained, out, base_model: str = "") -> pathlib.Path:
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   tensors = peft_state_dict(rm.model_cfg, rm.trainable)
-  record = base.base_record(rm.model_path, base_model)
-  write_adapter(out, tensors, "SEQ_CLS", record["base_model"], rm.stage.lora_cfg.rank, rm.stage.lora_cfg.alpha,
-                ["score"])
-  base.write_record(out, record)
+  write_adapter(out, tensors, "SEQ_CLS", rm.model_path, rm.stage.lora_cfg.rank, rm.stage.lora_cfg.alpha, ["score"],
+                base_model)
   side = {"bias": head_bias(rm), "pad_token_id": _pad_for_export(rm.tokenizer), "step": rm.step}
   (out / SIDE_FILE).write_text(json.dumps(side, indent=1))
   return out
