@@ -21,6 +21,7 @@ import numpy as np
 
 log = logging.getLogger("perl_jax")
 _SOURCES = ("loading.py", "tokenizer.py", "config.py")
+MAX_PARAM_BYTES = 4 << 30  # Larger float32 models (over ~1B params) are not copied into the cache.
 
 
 def root() -> pathlib.Path | None:
@@ -77,14 +78,19 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def save_params(path, hf_config: dict, params: dict) -> None:
-  """Stores a GGUF's HF-style config dict and its assembled params (as float32)."""
+  """Stores a GGUF's HF-style config dict and its assembled params (as float32), unless they exceed
+  MAX_PARAM_BYTES."""
   folder = entry(path, "gguf_params")
   if folder is None or folder.is_dir():
+    return
+  flat = _flat(params)
+  if sum(a.nbytes for a in flat.values()) > MAX_PARAM_BYTES:
+    log.info("model cache: %s is over %d GiB as float32, not cached", path, MAX_PARAM_BYTES >> 30)
     return
   from safetensors.numpy import save_file
 
   def fill(tmp):
-    save_file(_flat(params), str(tmp / "params.safetensors"))
+    save_file(flat, str(tmp / "params.safetensors"))
     (tmp / "config.json").write_text(json.dumps(hf_config))
   _write(folder, fill)
 

@@ -208,13 +208,14 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def load_gguf(path: pathlib.Path, param_dtype=jnp.float32, **overrides):
-  """A GGUF file: metadata to config, tensors dequantized with the gguf package; both kept in the model cache
-  (models.cache), from which later loads of the same file read them."""
-  hit = cache.load_params(path)
+  """A GGUF file: metadata to config, tensors dequantized with the gguf package. Loaded as float32 params, both are
+  kept in the model cache (models.cache), from which later float32 loads of the same file read them; other
+  dtypes assemble straight into `param_dtype` (no float32 copy of the whole model)."""
+  cached = jnp.dtype(param_dtype) == jnp.float32
+  hit = cache.load_params(path) if cached else None
   if hit is not None:
     hf, params = hit
-    return (from_hf_dict(hf, where=str(path), **overrides),
-            jax.tree.map(lambda x: jnp.asarray(x, dtype=param_dtype), params))
+    return from_hf_dict(hf, where=str(path), **overrides), jax.tree.map(jnp.asarray, params)
   import gguf
   try:
     reader = gguf.GGUFReader(str(path))
@@ -246,9 +247,10 @@ def load_gguf(path: pathlib.Path, param_dtype=jnp.float32, **overrides):
       return _GGUF_LAYER[m.group(2)], int(m.group(1))
     return None
 
-  params = _assemble(cfg, tensors(), str(path), to_path, jnp.float32)
-  cache.save_params(path, hf, params)
-  return cfg, jax.tree.map(lambda x: x.astype(param_dtype), params)
+  params = _assemble(cfg, tensors(), str(path), to_path, param_dtype)
+  if cached:
+    cache.save_params(path, hf, params)
+  return cfg, params
 
 
 def load_pretrained(path, param_dtype=jnp.float32, *, revision: str = "", **overrides) -> tuple[ModelConfig, dict]:

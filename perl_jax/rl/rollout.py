@@ -15,9 +15,9 @@ import time
 from typing import Callable
 
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from perl_jax import losses, sampling, sharding
 from perl_jax.rl import roles
