@@ -2,7 +2,7 @@
 
   python scripts/eval_policy.py --workdir runs/rl_tm4_lora --data experiments/data/taskmaster4/dialogs.jsonl.gz \
       [--format FORMAT (data.PROMPT_FORMATS)] [--split eval|train|dev|all] [--max_prompts 128]
-      [--samples_per_prompt 1] [--judge_workdir OTHER_RM]
+      [--samples_per_prompt 1] [--judge_workdir OTHER_RM] [--texts_out responses.jsonl]
 JSON (docs/rl.md lists every key): reward_before (the SFT anchor) / reward_after (the policy) under the
 run's RM, reward_diff with its 95% paired-bootstrap interval [reward_diff_lo, reward_diff_hi], win_rate (policy
 over anchor on the same prompt, ties ½) with its 95% Wilson interval, kl (Σ_t log π − log π_ref per response,
@@ -28,11 +28,17 @@ _SAMPLES = flags.DEFINE_integer("samples_per_prompt", 1, "Samples of the policy 
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Prompts per generation batch.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step. Default: the latest.")
 _JUDGE = flags.DEFINE_string("judge_workdir", None, "A second RM run folder (same backbone) to judge with.")
+_TEXTS_OUT = flags.DEFINE_string("texts_out", None, "Also write the responses, one JSON line per prompt (prompt, "
+                                 "before, after, reward_before, reward_after, kl), e.g. for scripts/judge_texts.py.")
 flags.mark_flags_as_required(["workdir", "data"])
 
 
 def main(_):
   result, fmt = cli.run_or_exit(_evaluate)  # Progress on stderr; stdout holds the JSON alone.
+  texts = result.pop("texts", None)
+  if _TEXTS_OUT.value:
+    with open(_TEXTS_OUT.value, "w") as f:
+      f.writelines(json.dumps(row) + "\n" for row in texts)
   print(json.dumps({**result, "format": fmt, "split": _SPLIT.value}))
 
 
@@ -52,7 +58,7 @@ def _evaluate():
     judge = trained.restore_reward(_JUDGE.value, mesh=policy.mesh)
     evaluate.check_judge(policy, judge, _JUDGE.value)
   return evaluate.evaluate(policy, prompts, batch_size=_BATCH_SIZE.value, judge=judge,
-                           samples_per_prompt=_SAMPLES.value), fmt
+                           samples_per_prompt=_SAMPLES.value, with_texts=bool(_TEXTS_OUT.value)), fmt
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from perl_jax import data, heads, reward, sft, trained
@@ -127,7 +128,12 @@ def test_eval_policy_anchor_equality_and_judge(runs, tmp_path):
   policy = setup.restore(tmp_path / "rl0")
   prompts = evaluate.held_out_prompts(policy.config, "taskmaster4", runs / "tm4.jsonl", "all")[:6]
   judge = trained.restore_reward(runs / "rm", mesh=policy.mesh)
-  r = evaluate.evaluate(policy, prompts, batch_size=4, judge=judge, samples_per_prompt=2)
+  r = evaluate.evaluate(policy, prompts, batch_size=4, judge=judge, samples_per_prompt=2, with_texts=True)
+  texts = r.pop("texts")       # one row per prompt (6 prompts in batches of 4: the padded rows are left out)
+  assert len(texts) == 6 and all(len(t["before"]) == len(t["after"]) == 2 for t in texts)
+  assert [t["before"] for t in texts] == [t["after"] for t in texts]      # π = π_SFT, same rng: same responses
+  assert np.mean([t["reward_after"] for t in texts]) == pytest.approx(r["reward_after"], abs=1e-6)
+  assert len({t["prompt"] for t in texts}) == 6 and all(t["after"][0] for t in texts)
   assert r["num_prompts"] == 6 and r["step"] == 1 and r["samples_per_prompt"] == 2
   assert r["reward_after"] == r["reward_before"] and abs(r["kl"]) < 1e-5 and r["win_rate"] == 0.5
   assert r["reward_diff"] == r["reward_diff_lo"] == r["reward_diff_hi"] == 0.0     # identical samples: no spread
@@ -136,13 +142,16 @@ def test_eval_policy_anchor_equality_and_judge(runs, tmp_path):
   assert r["judge_reward_after"] == pytest.approx(r["reward_after"], abs=1e-5)
   assert r["response_length_after"] == r["response_length_before"] > 0
   cli = subprocess.run([sys.executable, "scripts/eval_policy.py", "--workdir", str(tmp_path / "rl0"), "--data",
-                        str(runs / "tm4.jsonl"), "--split", "all", "--max_prompts", "4", "--batch_size", "4"],
+                        str(runs / "tm4.jsonl"), "--split", "all", "--max_prompts", "4", "--batch_size", "4",
+                        "--texts_out", str(tmp_path / "texts.jsonl")],
                        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
   assert cli.returncode == 0, cli.stderr[-2000:]
   out = json.loads(cli.stdout)
   assert {"reward_before", "reward_after", "reward_diff_lo", "reward_diff_hi", "kl", "win_rate", "win_rate_lo",
           "win_rate_hi", "finished_fraction_after", "format", "split"} <= set(out)
-  assert out["format"] == "taskmaster4" and out["win_rate"] == 0.5
+  assert out["format"] == "taskmaster4" and out["win_rate"] == 0.5 and "texts" not in out
+  rows = [json.loads(line) for line in (tmp_path / "texts.jsonl").read_text().splitlines()]
+  assert [t["prompt"] for t in rows] == [t["prompt"] for t in texts[:4]]
 
 
 def test_policy_export_merged_and_peft_match_transformers(runs, tmp_path):

@@ -92,9 +92,11 @@ def _stats(prefix: str, after_NxK, before_NxK) -> dict:
 
 
 def evaluate(policy: runs.Trained, prompts: list, *, batch_size: int = 8, seed: int = 0,
-             judge: runs.Trained | None = None, samples_per_prompt: int = 1) -> dict:
+             judge: runs.Trained | None = None, samples_per_prompt: int = 1, with_texts: bool = False) -> dict:
   """Samples the policy and its anchor `samples_per_prompt` times on every prompt (same rng per batch), scores
-  both under the RM (and the judge), and returns the figures with their intervals (module docstring)."""
+  both under the RM (and the judge), and returns the figures with their intervals (module docstring).
+  with_texts: also "texts", one row per prompt: the prompt, the anchor's (before) and policy's (after) responses
+  with their rewards and the policy samples' KL (to judge them offline, e.g. scripts/judge_texts.py)."""
   n = samples_per_prompt
   arrays, n_trunc = data.encode_prompts(prompts, policy.tokenizer, policy.config.data.max_prompt_len)
   sampler, score_fn = _eval_fns(policy, n)
@@ -102,7 +104,7 @@ def evaluate(policy: runs.Trained, prompts: list, *, batch_size: int = 8, seed: 
   samplers = {"pol": sampler(policy.trainable), "anc": sampler(anchor)}
   judge_fn = None if judge is None else _judge_fn(judge)
   out = {k: [] for k in ("r_pol", "r_anc", "kl", "len_pol", "len_anc", "fin_pol", "fin_anc", "j_pol", "j_anc")}
-  sample = {}
+  sample, texts = {}, {"prompt": [], "before": [], "after": []}
   # Each process reads its rows of every global batch; the batch is one global array over the run's mesh (as in
   # training), and what comes back is gathered whole on every process (rollout.to_host).
   it = data.BatchIterator(arrays, batch_size, shuffle=False, num_epochs=1, drop_remainder=False,
@@ -124,6 +126,13 @@ def evaluate(policy: runs.Trained, prompts: list, *, batch_size: int = 8, seed: 
       if i == 0:  # The first prompt's responses, as text, before (anchor) and after (policy).
         sample["prompt"] = policy.tokenizer.decode(b["prompt_BxP"][0][b["prompt_mask_BxP"][0] > 0])
         sample["before" if name == "anc" else "after"] = policy.tokenizer.decode(b["tokens_BxN"][0][m[0] > 0])
+      if with_texts:
+        rows = np.flatnonzero(valid)
+        texts["before" if name == "anc" else "after"] += [policy.tokenizer.decode(b["tokens_BxN"][j][m[j] > 0])
+                                                          for j in rows]
+        if name == "pol":
+          texts["prompt"] += [policy.tokenizer.decode(b["prompt_BxP"][j][b["prompt_mask_BxP"][j] > 0])
+                              for j in rows[::n]]
       out[f"r_{name}"].append(b["score_B"][valid])
       out[f"len_{name}"].append(m.sum(1)[valid])
       out[f"fin_{name}"].append(b["finished_B"][valid])
@@ -146,6 +155,11 @@ def evaluate(policy: runs.Trained, prompts: list, *, batch_size: int = 8, seed: 
             "response_length_before": float(cat["len_anc"].mean()), "sample": sample}
   if judge_fn is not None:
     result.update(_stats("judge_", cat["j_pol"], cat["j_anc"]))
+  if with_texts:
+    result["texts"] = [{"prompt": p, "before": texts["before"][i * n:(i + 1) * n],
+                        "after": texts["after"][i * n:(i + 1) * n], "reward_before": cat["r_anc"][i].tolist(),
+                        "reward_after": cat["r_pol"][i].tolist(), "kl": cat["kl"][i].tolist()}
+                       for i, p in enumerate(texts["prompt"])]
   return result
 
 

@@ -127,8 +127,11 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
     """eval_policy's figures on the first `eval_prompts` held-out prompts: reward before / after, KL, win rate."""
     policy = runs.Trained(config, model_cfg, tokenizer, f, s["trainable"], int(s["step"]), mesh,
                           runs.model_path(config.model), rlcfg)
-    result = evaluate.evaluate(policy, held_out[:n_eval],
+    result = evaluate.evaluate(policy, held_out[:n_eval], with_texts=True,
                                batch_size=config.get("eval_batch_size", 0) or config.data.batch_size)
+    if jax.process_index() == 0:  # The responses themselves, to judge offline (scripts/judge_texts.py).
+      with open(pathlib.Path(workdir) / f"eval_texts_{int(s['step'])}.jsonl", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in result["texts"])
     return {k: v for k, v in result.items() if isinstance(v, (int, float))}
 
   with checkpoint.Checkpointer(pathlib.Path(workdir) / runs.CHECKPOINTS) as ckpt:
