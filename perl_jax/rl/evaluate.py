@@ -80,7 +80,7 @@ def _eval_fns(policy: runs.Trained, n: int):
   return sampler, lambda s, with_ref: score_jit(policy.frozen, s, with_ref)
 
 
-def _stats(prefix: str, after_NxK, before_NxK) -> dict:
+def paired_stats(prefix: str, after_NxK, before_NxK) -> dict:
   """{prefix}reward_before / _after, the paired difference with its 95% bootstrap interval, the win rate with
   its 95% Wilson interval (n = prompts)."""
   diff, lo, hi = stats.paired_bootstrap_ci(after_NxK - before_NxK)
@@ -148,13 +148,13 @@ def evaluate(policy: runs.Trained, prompts: list, *, batch_size: int = 8, seed: 
   cat = {k: np.concatenate(v).astype(np.float64).reshape(-1, n) if v else None for k, v in out.items()}
   kl, kl_lo, kl_hi = stats.paired_bootstrap_ci(cat["kl"])
   result = {"num_prompts": len(prompts), "samples_per_prompt": n, "num_truncated": int(n_trunc),
-            "step": policy.step, **_stats("", cat["r_pol"], cat["r_anc"]), "kl": kl, "kl_lo": kl_lo, "kl_hi": kl_hi,
+            "step": policy.step, **paired_stats("", cat["r_pol"], cat["r_anc"]), "kl": kl, "kl_lo": kl_lo, "kl_hi": kl_hi,
             "finished_fraction_after": float(cat["fin_pol"].mean()),
             "finished_fraction_before": float(cat["fin_anc"].mean()),
             "response_length_after": float(cat["len_pol"].mean()),
             "response_length_before": float(cat["len_anc"].mean()), "sample": sample}
   if judge_fn is not None:
-    result.update(_stats("judge_", cat["j_pol"], cat["j_anc"]))
+    result.update(paired_stats("judge_", cat["j_pol"], cat["j_anc"]))
   if with_texts:
     result["texts"] = [{"prompt": p, "before": texts["before"][i * n:(i + 1) * n],
                         "after": texts["after"][i * n:(i + 1) * n], "reward_before": cat["r_anc"][i].tolist(),
