@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from perl_jax import data, stats
-from perl_jax.analysis import bow_baseline, text_judge
+from perl_jax.analysis import text_judge
 from tests.conftest import ROOT
 from tests.helpers import head_lines
 
