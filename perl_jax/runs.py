@@ -62,8 +62,9 @@ def load_model(model_config: ml_collections.ConfigDict):
   """(model config, frozen base params, tokenizer) from config.model."""
   path = model_path(model_config)
   revision = model_config.get("revision", "")
-  cfg, params = models.load_pretrained(path, param_dtype=jnp.dtype(model_config.param_dtype), revision=revision,
-                                       dtype=model_config.dtype, remat=model_config.remat,
+  cfg, params = models.load_pretrained(path, param_dtype=jnp.dtype(models.resolve_dtype(model_config.param_dtype)),
+                                       revision=revision, dtype=models.resolve_dtype(model_config.dtype),
+                                       remat=model_config.remat,
                                        attention=model_config.get("attention", "auto"))
   return cfg, params, models.load_tokenizer(path, revision)
 
@@ -95,14 +96,16 @@ class Trained:
 
 
 def restore_stage(workdir, build: Callable, *, step: int | None = None, model_path: str | None = None,
-                  mesh=None) -> Trained:
+                  mesh=None, model_overrides: dict | None = None) -> Trained:
   """The run in WORKDIR with the trained params of checkpoint `step` (default latest); `model_path` replaces its
-  base model's path. build(config, mesh) -> (model_cfg, tokenizer, frozen, stage, like) is the stage's: it
+  base model's path and `model_overrides` its other config.model fields (run-time choices: dtype, remat, ...). build(config, mesh) -> (model_cfg, tokenizer, frozen, stage, like) is the stage's: it
   rebuilds what the params stand on, `like` being their expected shapes (checked before any data is read). Only
   the trained params are read, never the optimizer state."""
   config = read_config(workdir)
   if model_path is not None:
     config.model.path = model_path
+  for key, value in (model_overrides or {}).items():
+    config.model[key] = value
   mesh = mesh or sharding.make_mesh(-1, config.mesh.fsdp, config.mesh.tensor)
   model_cfg, tokenizer, frozen, stage, like = build(config, mesh)
   restored_step, trainable = restore_trainable(workdir, mesh, step=step, like=like)

@@ -1,8 +1,9 @@
 """Autoregressive sampling: one prefill over a left-padded prompt batch, then KV-cache decode steps in a while
 loop that ends once every row has hit EOS; `num_samples` draws k responses per prompt from that one prefill.
 
-Each token is drawn from logits / T, then top-k, then top-p (nucleus) filtering; rows stop at EOS, and
-`cut_at_stop_strings` (host side) ends responses at the token that completes a stop string. Adapters stay
+Each token is drawn from logits / T, then top-k, then top-p (nucleus) filtering; rows stop at EOS or, on device,
+once their last tokens equal one of `stop_sequences` (stop strings as token ids); `cut_at_stop_strings` (host side)
+ends responses at the token that completes a stop string as text. Adapters stay
 unmerged, so a policy LoRA samples on the one frozen backbone; `generate_fn` is the un-jitted core for callers
 that jit it with explicit shardings (the RL rollout).
 """
@@ -22,6 +23,7 @@ class Samples(NamedTuple):
   mask_BxN: jax.Array      # 1 up to and including the first EOS
   logp_BxN: jax.Array      # log-prob under the sampling distribution (T, top-k, top-p applied); diagnostics only
   steps: jax.Array | int = 0  # decode steps run: N − 1, or fewer once every row has hit EOS (max row length − 1)
+  done_B: jax.Array | None = None  # int32 1 where the row ended at EOS or a stop sequence (not at max_new_tokens)
 
 
 def top_k_filter(logits_BxV, k: int):
@@ -73,14 +75,33 @@ def repeat_cache(cache: dict, k: int) -> dict:
   return {name: x if x.ndim == 0 else jnp.repeat(x, k, axis=_CACHE_BATCH_AXIS[name]) for name, x in cache.items()}
 
 
+def stop_hit(tokens_RxN, mask_RxN, i, stop_sequences) -> jax.Array:
+  """Rows whose tokens 0..i end with one of `stop_sequences` (tuples of ids), every token of it sampled (mask 1)."""
+  hit_R = jnp.zeros(tokens_RxN.shape[0], bool)
+  for seq in stop_sequences:
+    n = len(seq)
+    if not n or n > tokens_RxN.shape[1]:
+      continue
+    start = jnp.maximum(i - n + 1, 0)
+    window_RxL = jax.lax.dynamic_slice_in_dim(tokens_RxN, start, n, axis=1)
+    valid_RxL = jax.lax.dynamic_slice_in_dim(mask_RxN, start, n, axis=1) > 0
+    hit_R |= (i + 1 >= n) & jnp.all((window_RxL == jnp.asarray(seq, jnp.int32)) & valid_RxL, axis=1)
+  return hit_R
+
+
 def generate_fn(cfg, params, lora_trees, prompt_BxT, prompt_mask_BxT, rng, *, scales, max_new_tokens,
-                temperature, eos_id, pad_id, cache_dtype, top_k=0, top_p=1.0, num_samples=1) -> Samples:
+                temperature, eos_id, pad_id, cache_dtype, top_k=0, top_p=1.0, num_samples=1,
+                stop_sequences=(), gather: Callable | None = None) -> Samples:
   """The un-jitted sampler: one prefill of the B prompts, then up to `max_new_tokens − 1` cached decode steps
   on R = B·k rows (k = num_samples; rows b*k .. b*k+k−1 are prompt b's samples), stopping once every row is done.
 
   Token i is drawn with `jax.random.split(rng, max_new_tokens)[i]`, so the result equals running all
-  `max_new_tokens − 1` steps on the prompts repeated k times; `steps` counts the decode steps actually run."""
+  `max_new_tokens − 1` steps on the prompts repeated k times; `steps` counts the decode steps actually run.
+  gather((params, lora_trees)) runs once before the prefill (e.g. a sharding constraint that all-gathers the FSDP
+  shards, sharding.gathered_shardings), so the decode loop reuses the gathered weights at every token."""
   b, t = prompt_BxT.shape
+  if gather is not None:
+    params, lora_trees = gather((params, list(lora_trees)))
   adapters = list(zip(lora_trees, scales))
   draw = functools.partial(sample_token, temperature=temperature, top_k=top_k, top_p=top_p)
   cache = models.init_cache(cfg, b, t + max_new_tokens, jnp.dtype(cache_dtype))
@@ -104,22 +125,26 @@ def generate_fn(cfg, params, lora_trees, prompt_BxT, prompt_mask_BxT, rng, *, sc
     nxt_R, logp_R = draw(rngs[i], out.logits[:, -1])
     valid_R = ~done_R
     nxt_R = jnp.where(valid_R, nxt_R, pad_id)
-    return (i + 1, out.cache, nxt_R, done_R | (nxt_R == eos_id), put(tokens_RxN, nxt_R, i),
-            put(mask_RxN, valid_R.astype(jnp.int32), i), put(logp_RxN, jnp.where(valid_R, logp_R, 0.0), i))
+    tokens_RxN, mask_RxN = put(tokens_RxN, nxt_R, i), put(mask_RxN, valid_R.astype(jnp.int32), i)
+    done_R = done_R | (nxt_R == eos_id) | stop_hit(tokens_RxN, mask_RxN, i, stop_sequences)
+    return (i + 1, out.cache, nxt_R, done_R, tokens_RxN, mask_RxN,
+            put(logp_RxN, jnp.where(valid_R, logp_R, 0.0), i))
 
-  carry = (jnp.ones((), jnp.int32), cache, tok_R, tok_R == eos_id, tokens_RxN, mask_RxN, logp_RxN)
-  i, *_, tokens_RxN, mask_RxN, logp_RxN = jax.lax.while_loop(running, step, carry)
-  return Samples(tokens_RxN, mask_RxN, logp_RxN, i - 1)
+  done_R = (tok_R == eos_id) | stop_hit(tokens_RxN, mask_RxN, 0, stop_sequences)
+  carry = (jnp.ones((), jnp.int32), cache, tok_R, done_R, tokens_RxN, mask_RxN, logp_RxN)
+  i, _, _, done_R, tokens_RxN, mask_RxN, logp_RxN = jax.lax.while_loop(running, step, carry)
+  return Samples(tokens_RxN, mask_RxN, logp_RxN, i - 1, done_R.astype(jnp.int32))
 
 
 _generate = jax.jit(generate_fn, static_argnames=("cfg", "max_new_tokens", "temperature", "eos_id", "pad_id",
-                                                  "scales", "cache_dtype", "top_k", "top_p", "num_samples"))
+                                                  "scales", "cache_dtype", "top_k", "top_p", "num_samples",
+                                                  "stop_sequences"))
 
 
 def generate(cfg: ModelConfig, params, prompt_BxT, prompt_mask_BxT, *, max_new_tokens: int,
              rng=None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, adapters: Sequence = (),
              eos_id: int | None = None, pad_id: int = 0, cache_dtype: str = "float32",
-             num_samples: int = 1) -> Samples:
+             num_samples: int = 1, stop_sequences: Sequence[Sequence[int]] = ()) -> Samples:
   """Continues left-padded prompts by `max_new_tokens` with zero or more adapter sets (e.g. the policy LoRA);
   `num_samples` = k samples per prompt from one prefill, as [B·k, N] rows (prompt b's in rows b*k .. b*k+k−1).
 
@@ -131,7 +156,7 @@ def generate(cfg: ModelConfig, params, prompt_BxT, prompt_mask_BxT, *, max_new_t
   return _generate(cfg, params, trees, prompt_BxT, prompt_mask_BxT, rng, scales=scales,
                    max_new_tokens=max_new_tokens, temperature=float(temperature), eos_id=-1 if eos is None else eos,
                    pad_id=pad_id, cache_dtype=cache_dtype, top_k=int(top_k), top_p=float(top_p),
-                   num_samples=int(num_samples))
+                   num_samples=int(num_samples), stop_sequences=tuple(tuple(map(int, s)) for s in stop_sequences))
 
 
 def stop_length(tokens_N, decode: Callable[[list], str], stop_strings: Sequence[str]) -> int | None:

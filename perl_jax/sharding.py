@@ -73,6 +73,17 @@ def shardings(tree, mesh: Mesh, rules=RULES):
                       is_leaf=lambda x: isinstance(x, P))
 
 
+def gathered_shardings(tree, mesh: Mesh, rules=RULES):
+  """The rules' shardings with the fsdp axis dropped: each leaf whole over fsdp (still split over tensor). The
+  sampler constrains its params to these once, before the prefill, so its decode loop does not all-gather every
+  layer's FSDP shards again at every token."""
+  def drop(axis):
+    if isinstance(axis, tuple):
+      return tuple(a for a in axis if a != "fsdp") or None
+    return None if axis == "fsdp" else axis
+  return shardings(tree, mesh, tuple((pattern, P(*map(drop, spec))) for pattern, spec in rules))
+
+
 def shard(tree, mesh: Mesh, rules=RULES):
   """Places a pytree on the mesh according to the rules."""
   return jax.device_put(tree, shardings(tree, mesh, rules))

@@ -180,16 +180,17 @@ def reward_backbone(config, mesh, check: bool = True):
 
 
 def restore_reward(workdir, *, step: int | None = None, model_path: str | None = None,
-                   mesh=None) -> runs.Trained:
+                   mesh=None, model_overrides: dict | None = None) -> runs.Trained:
   """An RM run as a `runs.Trained` (stage: its RewardConfig; frozen: the whole backbone it stands on, see
   load_backbone), checkpoint `step` (default latest). `model_path` replaces the run's base model path (e.g. when the
-  base moved since training)."""
+  base moved since training); `model_overrides` replaces other config.model fields (RL computes in its own dtype)."""
   def build(config, mesh):
     rcfg = reward_config(config)
     model_cfg, base, tokenizer = reward_backbone(config, mesh, check=model_path is None)
     like = jax.eval_shape(lambda b: init_reward(jax.random.key(0), rcfg, model_cfg, b), base)
     return model_cfg, tokenizer, base, rcfg, like
-  return runs.restore_stage(workdir, build=build, step=step, model_path=model_path, mesh=mesh)
+  return runs.restore_stage(workdir, build=build, step=step, model_path=model_path, mesh=mesh,
+                            model_overrides=model_overrides)
 
 
 def head_bias(rm: runs.Trained) -> float:

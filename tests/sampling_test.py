@@ -62,6 +62,35 @@ def test_eos_stops_rows_and_masks_the_rest():
     assert (toks[row, stop + 1:] == 0).all()
 
 
+def test_stop_sequences_end_rows_on_device_where_numpy_finds_them():
+  """A row ends right after the first place its free-running tokens spell a stop sequence (searched in numpy);
+  rows that never spell one run as before, and done_B marks the rows that ended (EOS or stop), not the cut ones."""
+  cfg = tiny_config()
+  params = models.init_params(cfg, jax.random.key(0))
+  ids, mask = random_batch(3, 4, 5, cfg.vocab_size)
+  n, rng = 8, jax.random.key(3)
+  free = np.asarray(sampling.generate(cfg, params, ids, mask, max_new_tokens=n, eos_id=-1, temperature=1.0,
+                                      rng=rng).tokens_BxN)
+  seqs = ((int(free[0, 2]), int(free[0, 3])), (int(free[1, 0]),))  # two tokens in row 0; the first token of row 1
+  out = sampling.generate(cfg, params, ids, mask, max_new_tokens=n, eos_id=-1, temperature=1.0, rng=rng,
+                          stop_sequences=seqs)
+  toks, m, done = np.asarray(out.tokens_BxN), np.asarray(out.mask_BxN), np.asarray(out.done_B)
+
+  def first_end(row):  # index of the token completing the first stop sequence, or None
+    for i in range(n):
+      if any(i + 1 >= len(s) and tuple(row[i + 1 - len(s): i + 1]) == s for s in seqs):
+        return i
+    return None
+
+  assert first_end(free[0]) is not None and first_end(free[1]) == 0
+  for r in range(4):
+    end = first_end(free[r])
+    stop = n - 1 if end is None else end
+    assert m[r, : stop + 1].all() and not m[r, stop + 1:].any(), r
+    np.testing.assert_array_equal(toks[r, : stop + 1], free[r, : stop + 1])
+    assert done[r] == (end is not None)
+
+
 def _scan_generate(cfg, params, adapters, ids, mask, rng, n, temperature, eos_id, pad_id=0):
   """The sampler before the early-exit while loop (git a646b0b): all n − 1 decode steps in a lax.scan."""
   b, t = ids.shape
@@ -297,12 +326,16 @@ def test_generate_on_2x2x2_mesh_equals_one_device():
   lp = jax.tree.map(lambda x: x + 0.1, lora.init(jax.random.key(1), params, lcfg))
   ids, mask = random_batch(4, 8, 5, cfg.vocab_size, left_pad=(0, 2, 1, 0, 3, 0, 0, 1))
   kw = dict(max_new_tokens=5, rng=jax.random.key(3), temperature=0.8, top_k=20, top_p=0.9, eos_id=-1)
+  free = np.asarray(sampling.generate(cfg, params, ids, mask, adapters=[(lp, 2.0)], **kw).tokens_BxN)
+  kw["stop_sequences"] = ((int(free[0, 1]), int(free[0, 2])), (int(free[5, 3]),))  # rows stop on device, sharded
   one = sampling.generate(cfg, params, ids, mask, adapters=[(lp, 2.0)], **kw)
+  assert np.asarray(one.done_B)[[0, 5]].all() and np.asarray(one.mask_BxN)[0, 3:].sum() == 0
   mesh = sharding.make_mesh(2, 2, 2)
   b_sh = sharding.batch_sharding(mesh)
   out = sampling.generate(cfg, sharding.shard(params, mesh), jax.device_put(ids, b_sh), jax.device_put(mask, b_sh),
                           adapters=[(sharding.shard(lp, mesh), 2.0)], **kw)
   np.testing.assert_array_equal(np.asarray(out.tokens_BxN), np.asarray(one.tokens_BxN))
+  np.testing.assert_array_equal(np.asarray(out.done_B), np.asarray(one.done_B))
   np.testing.assert_allclose(np.asarray(out.logp_BxN), np.asarray(one.logp_BxN), atol=1e-5)
 
 
@@ -319,3 +352,55 @@ def test_num_samples_on_2x2x2_mesh_equals_one_device():
   assert out.tokens_BxN.shape == (8, 5)
   np.testing.assert_array_equal(np.asarray(out.tokens_BxN), np.asarray(one.tokens_BxN))
   np.testing.assert_allclose(np.asarray(out.logp_BxN), np.asarray(one.logp_BxN), atol=1e-5)
+
+
+_COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def _collectives_in_loops(hlo: str) -> dict:
+  """Collective ops inside any while-loop body of compiled HLO text (the decode loop, the layer scans) and every
+  computation those bodies call."""
+  import re
+  comps, name = {}, None
+  for line in hlo.splitlines():
+    m = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if m:
+      name = m.group(1)
+      comps[name] = []
+    elif name is not None:
+      comps[name].append(line)
+  text = {n: "\n".join(body) for n, body in comps.items()}
+  called = {n: set(re.findall(r"(?:body|condition|to_apply|calls)=%?([\w.\-]+)", t)) for n, t in text.items()}
+  todo = [b for t in text.values() for b in re.findall(r"body=%?([\w.\-]+)", t)]
+  assert todo, "no while loop in the HLO"
+  seen = set()
+  while todo:
+    c = todo.pop()
+    if c in text and c not in seen:
+      seen.add(c)
+      todo += called[c]
+  return {k: sum(text[c].count(f" {k}(") + text[c].count(f" {k}-start(") for c in seen) for k in _COLLECTIVES}
+
+
+def test_fsdp_weights_are_gathered_once_outside_the_decode_loop():
+  """On a data × fsdp mesh the rollout's sampler gathers its FSDP-sharded weights once, before the prefill: the
+  compiled loops (decode steps, layer scans) hold no collective at all, where the plain sampler all-gathers and
+  all-reduces in them at every token. Same samples either way."""
+  from perl_jax import sharding
+  from perl_jax.rl import RLConfig, rollout
+  cfg = tiny_config()
+  params = models.init_params(cfg, jax.random.key(0))
+  mesh = sharding.make_mesh(2, 4, 1)
+  rlcfg = RLConfig(max_new_tokens=4, temperature=0.7, eos_id=-1)
+  ids, mask = random_batch(1, 8, 5, cfg.vocab_size)
+  p_sh, b_sh = sharding.shardings(params, mesh), sharding.batch_sharding(mesh)
+  out, loops = {}, {}
+  for name, m in (("plain", None), ("gathered", mesh)):
+    f = jax.jit(lambda p, i, mk, r, m=m: rollout.sample_with(cfg, rlcfg, p, [], i, mk, r, m),
+                in_shardings=(p_sh, b_sh, b_sh, None))
+    args = (jax.device_put(params, p_sh), jax.device_put(ids, b_sh), jax.device_put(mask, b_sh), jax.random.key(0))
+    loops[name] = _collectives_in_loops(f.lower(*args).compile().as_text())
+    out[name] = f(*args)
+  assert loops["plain"]["all-gather"] + loops["plain"]["all-reduce"] > 0, loops
+  assert sum(loops["gathered"].values()) == 0, loops
+  np.testing.assert_array_equal(np.asarray(out["gathered"]["tokens_BxN"]), np.asarray(out["plain"]["tokens_BxN"]))

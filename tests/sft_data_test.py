@@ -293,10 +293,15 @@ def test_dev_prompts_are_the_training_split_the_run_did_not_train_on(tmp_path):
 
 def test_only_stop_strings_other_than_eos_need_the_host(tok):
   """The default stop string "<|im_end|>" is SmolLM2's EOS token: the sampler ends rows there on device, so RL
-  cuts nothing on the host (which would pull every sample to one process); other stop strings stay."""
+  cuts nothing on the host (which would pull every sample to one process); other stop strings stay, and also end
+  rows on device as their token ids."""
   import ml_collections
   from perl_jax.rl import setup
   config = ml_collections.ConfigDict(dict(rl=dict(stop_strings=["<|im_end|>", "\nUser:"])))
   assert tok.decode([tok.eos_token_id]) == "<|im_end|>"
   assert setup.host_stop_strings(config, tok, tok.eos_token_id) == ("\nUser:",)
   assert setup.host_stop_strings(config, tok, -1) == ("<|im_end|>", "\nUser:")
+  # On device: each other stop string as its own tokenization, which decodes back to it.
+  seqs = setup.stop_sequences(config, tok, tok.eos_token_id)
+  assert len(seqs) == 1 and tok.decode(list(seqs[0])) == "\nUser:"
+  assert seqs[0] == tuple(tok("\nUser:", add_special_tokens=False)["input_ids"])

@@ -107,6 +107,25 @@ def test_missing_or_mismatched_runs_are_one_line_errors(runs, tmp_path):
   assert not (tmp_path / "cli" / "checkpoints").exists()
 
 
+def test_rl_config_decides_the_roles_precision_and_kv_cache(runs):
+  """The roles load with the RL config's run-time model fields, not the RM run's (float32): bf16 compute when asked,
+  "auto" = float32 on CPU; rl.cache_dtype "auto" follows the compute dtype; stop strings become device token ids."""
+  from perl_jax import sharding
+  mesh = sharding.make_mesh(-1, 1, 1)
+  c = _rl_config(runs)
+  assert c.model.dtype == "auto" and c.rl.cache_dtype == "auto"
+  c.rl.stop_strings = ["<|im_end|>", "\nUser:"]
+  r = setup.load_roles(c, mesh)
+  rlcfg = setup.config_from(c, r)
+  assert r.model_cfg.dtype == "float32" and rlcfg.cache_dtype == "float32"
+  assert r.tokenizer.decode(list(rlcfg.stop_ids[0])) == "\nUser:" and len(rlcfg.stop_ids) == 1
+  c.model.dtype, c.rl.cache_dtype = "bfloat16", "auto"
+  r = setup.load_roles(c, mesh)
+  assert r.model_cfg.dtype == "bfloat16" and setup.config_from(c, r).cache_dtype == "bfloat16"
+  c.rl.cache_dtype = "float32"
+  assert setup.config_from(c, r).cache_dtype == "float32"
+
+
 def test_prompts_longer_than_the_window_or_context_are_one_line_errors(runs, tmp_path):
   base = (f"--config.reward_workdir={runs / 'rm'}", f"--config.sft_workdir={runs / 'sft'}",
           f"--config.data.path={runs / 'tm4.jsonl'}", "--config.data.batch_size=8")
@@ -262,7 +281,9 @@ json.dump({"policy_abs_sum": float(sum(np.abs(np.asarray(x)).sum() for x in leav
 
 
 def _two_host_config(d):
-  return _rl_config(d, steps=2, num_sample_texts=3, eval_prompts=4, eval_batch_size=4)
+  c = _rl_config(d, steps=2, num_sample_texts=3, eval_prompts=4, eval_batch_size=4)
+  c.rl.stop_strings = ["<|im_end|>", "<|im_start|>"]  # a stop string besides EOS: on device, no longer refused
+  return c
 
 
 def test_two_process_rl_matches_one_process(runs, tmp_path):

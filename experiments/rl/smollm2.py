@@ -34,7 +34,9 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
   # remat "auto": "dots" on CPU (update 0.92x the time, step 0.76x the compiled peak of "none" at 8 x (192 + 48)).
   # path: "" = the embedded SmolLM2-135M-Instruct GGUF, else a .gguf file, an HF folder or a Hub id ("org/name",
   # resolved online or from the HF cache; revision: a Hub branch, tag or commit, "" = main).
-  c.model = dict(path="", revision="", param_dtype="float32", dtype="float32", remat="auto", attention="auto")
+  # dtype "auto": bf16 compute on GPU / TPU, float32 on CPU (the tests' oracles). The roles are loaded with these
+  # run-time fields, not the RM run's. param_dtype=bfloat16 also halves the frozen base's memory on an accelerator.
+  c.model = dict(path="", revision="", param_dtype="float32", dtype="auto", remat="auto", attention="auto")
   # Prompts: eval_fraction of conversations held out (split seed `seed`); batch_size prompts per RL step; prompts
   # left-padded to max_prompt_len; max_train_prompts > 0 keeps the first N training prompts.
   c.data = dict(eval_fraction=0.1, seed=0, batch_size=8, max_prompt_len=192, max_train_prompts=0,
@@ -47,7 +49,9 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
       kl_target=0.0, kl_horizon=20,  # kl_target 0 = fixed β; else β moves ≤ 0.2/kl_horizon per RL step toward it.
       # 64 new tokens fit 89% of Taskmaster-4's agent turns (API calls included; 48: 82%, 32: 54%).
       max_new_tokens=64, temperature=0.7,  # T > 0; RL refuses top_k / top_p (the learner would be off-policy).
-      top_k=0, top_p=1.0, stop_strings=["<|im_end|>"],
+      # Stop strings end rows on device (their token ids, on any number of processes); a single process also cuts
+      # at their text. "<|im_end|>" is SmolLM2's EOS. cache_dtype: the sampler's KV cache, "auto" = the compute dtype.
+      top_k=0, top_p=1.0, stop_strings=["<|im_end|>"], cache_dtype="auto",
       samples_per_prompt=4 if group else 1,  # k samples per prompt (one shared prefill); RLOO / GRPO need k >= 2.
       unfinished_reward=ml_collections.config_dict.placeholder(float),  # Reward of a response cut at max_new_tokens; None: the RM's.
       gamma=1.0, lam=0.95,

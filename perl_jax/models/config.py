@@ -57,7 +57,7 @@ class ModelConfig:
   pad_token_id: int | None = None
   max_position_embeddings: int | None = None  # The context the model was trained for (None: not given).
   # Run-time choices, not architecture.
-  dtype: str = "float32"                  # Compute dtype; params keep their own dtype.
+  dtype: str = "float32"                  # Compute dtype; params keep their own dtype (resolve_dtype: "auto").
   remat: str = "none"                     # "none" | "full" | "dots" (save matmul outputs) | "auto" (dots on
                                           # XLA:CPU, where recomputing beats storing activations; none elsewhere).
   scan_layers: bool = True
@@ -210,3 +210,12 @@ def to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
   else:
     d["hidden_act"] = "silu"
   return d
+
+
+def resolve_dtype(name: str) -> str:
+  """A config's dtype: "auto" is bfloat16 on GPU / TPU and float32 on CPU (where bf16 matmuls are slow and the
+  tests compare against float32 oracles); any other name is returned as it is."""
+  if name != "auto":
+    return name
+  import jax
+  return "float32" if jax.default_backend() == "cpu" else "bfloat16"

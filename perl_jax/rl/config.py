@@ -34,6 +34,8 @@ class RLConfig:
   top_p: float = 1.0
   eos_id: int = -1
   pad_id: int = 0
+  stop_ids: tuple = ()  # Stop strings as token-id tuples: a row ends on device once its last tokens spell one.
+  cache_dtype: str = "float32"  # The sampler's KV cache ("bfloat16" halves it on an accelerator).
   samples_per_prompt: int = 1
   unfinished_reward: float | None = None  # Reward of a response that hit max_new_tokens (None: the RM's score).
   # Advantages.

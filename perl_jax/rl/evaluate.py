@@ -55,7 +55,7 @@ def _eval_fns(policy: runs.Trained, n: int):
   rlcfg = sampling_config(policy.stage, n)
   merge = jax.jit(lambda tr, fr: roles.merged_policy(rlcfg, tr, fr))
   sample_jit = jax.jit(lambda params, ids, mask, rng: rollout.sample_with(policy.model_cfg, rlcfg, params, [], ids,
-                                                                          mask, rng))
+                                                                          mask, rng, policy.mesh))
 
   def score(fr, s, with_ref: bool):
     ids, mask = roles.sequence(s["prompt_BxP"], s["prompt_mask_BxP"], s["tokens_BxN"], s["mask_BxN"])

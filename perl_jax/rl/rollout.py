@@ -105,25 +105,35 @@ def score(model_cfg, rlcfg, trainable, frozen, kl_coef, samples: dict, reward_fn
           "advantages_BxN": adv_BxN, "returns_BxN": ret_BxN}
 
 
-def sample_with(model_cfg, rlcfg, params, adapters, prompt_BxP, prompt_mask_BxP, rng) -> dict:
+def gather_once(mesh) -> Callable | None:
+  """With an fsdp axis: a sharding constraint that gathers the sampler's weights whole over fsdp once, before the
+  prefill, so the decode loop does not all-gather them again at every token (sharding.gathered_shardings)."""
+  if mesh is None or mesh.shape["fsdp"] == 1:
+    return None
+  return lambda tree: jax.lax.with_sharding_constraint(tree, sharding.gathered_shardings(tree, mesh))
+
+
+def sample_with(model_cfg, rlcfg, params, adapters, prompt_BxP, prompt_mask_BxP, rng, mesh=None) -> dict:
   """k = samples_per_prompt samples of each left-padded prompt from `params` + `adapters` [(tree, scale)], rows
-  b·k … b·k+k−1, with the prompts repeated to match: the rollout's first half, as a dict."""
+  b·k … b·k+k−1, with the prompts repeated to match: the rollout's first half, as a dict. On a `mesh` with an
+  fsdp axis the weights are gathered once per call (gather_once)."""
   k = rlcfg.samples_per_prompt
   out = sampling.generate_fn(
       model_cfg, params, [t for t, _ in adapters], prompt_BxP, prompt_mask_BxP, rng,
       scales=tuple(float(s) for _, s in adapters), max_new_tokens=rlcfg.max_new_tokens,
       temperature=rlcfg.temperature, top_k=rlcfg.top_k, top_p=rlcfg.top_p, eos_id=rlcfg.eos_id,
-      pad_id=rlcfg.pad_id, cache_dtype="float32", num_samples=k)
-  finished_B = jnp.any((out.tokens_BxN == rlcfg.eos_id) & (out.mask_BxN > 0), axis=1)
+      pad_id=rlcfg.pad_id, cache_dtype=rlcfg.cache_dtype, num_samples=k, stop_sequences=rlcfg.stop_ids,
+      gather=gather_once(mesh))
+  finished_B = out.done_B  # Ended at EOS or at a stop sequence (not cut at max_new_tokens).
   return {"prompt_BxP": jnp.repeat(prompt_BxP, k, axis=0), "prompt_mask_BxP": jnp.repeat(prompt_mask_BxP, k, axis=0),
           "tokens_BxN": out.tokens_BxN, "mask_BxN": out.mask_BxN, "sampler_logp_BxN": out.logp_BxN,
           "finished_B": finished_B.astype(jnp.int32)}
 
 
-def sample(model_cfg, rlcfg, trainable, frozen, prompt_BxP, prompt_mask_BxP, rng) -> dict:
+def sample(model_cfg, rlcfg, trainable, frozen, prompt_BxP, prompt_mask_BxP, rng, mesh=None) -> dict:
   """The policy's samples (adapters unmerged, so the policy LoRA's gradient step is the only change per step)."""
   params, adapters = roles.policy_model(rlcfg, trainable, frozen)
-  return sample_with(model_cfg, rlcfg, params, adapters, prompt_BxP, prompt_mask_BxP, rng)
+  return sample_with(model_cfg, rlcfg, params, adapters, prompt_BxP, prompt_mask_BxP, rng, mesh)
 
 
 SAMPLE_KEYS = ("prompt_BxP", "prompt_mask_BxP", "tokens_BxN", "mask_BxN", "sampler_logp_BxN", "finished_B")
@@ -164,7 +174,7 @@ def make_rollout(model_cfg, rlcfg, *, mesh=None, trainable_sh=None, frozen_sh=No
   Two jitted programs (explicit shardings when `mesh` is given): sampling, then the scoring pass; between
   them, when `stop_strings` are given, the host cuts responses at the first stop string (needs `decode`).
   A `timings` dict gets sample_s and score_s (each waits for its program)."""
-  sample_fn = functools.partial(sample, model_cfg, rlcfg)
+  sample_fn = functools.partial(sample, model_cfg, rlcfg, mesh=mesh)
   score_fn = functools.partial(score, model_cfg, rlcfg, reward_fn=reward_fn)
   if mesh is None:
     sample_jit, score_jit = jax.jit(sample_fn), jax.jit(score_fn)

@@ -42,21 +42,37 @@ def config_from(config: ml_collections.ConfigDict, r_: Roles | None = None) -> R
   trained.check_mode(config)
   if r_ is None:
     r_ = Roles(None, None, None, None, 1.0, {}, 1.0, lora.config_from(config.lora))
-    eos_id, pad_id = -1, 0
+    eos_id, pad_id, stop_ids, compute = -1, 0, (), "float32"
   else:
     eos = r_.model_cfg.eos_token_id
     eos_id, pad_id = -1 if eos is None else eos, pipeline.pad_id(r_.tokenizer)
+    stop_ids, compute = stop_sequences(config, r_.tokenizer, eos_id), r_.model_cfg.dtype
+  cache = r.get("cache_dtype", "float32")
   return RLConfig(
       mode=config.mode, algorithm=r.algorithm, objective=r.objective, kl_coef=r.kl_coef,
       kl_estimator=r.kl_estimator, kl_target=r.kl_target or None, kl_horizon=r.kl_horizon,
       max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-      eos_id=eos_id, pad_id=pad_id,
+      eos_id=eos_id, pad_id=pad_id, stop_ids=stop_ids, cache_dtype=compute if cache == "auto" else cache,
       samples_per_prompt=r.get("samples_per_prompt", 1), unfinished_reward=r.get("unfinished_reward"),
       gamma=r.gamma, lam=r.lam, whiten_advantages=r.whiten_advantages, clip_eps=r.clip_eps,
       value_clip_eps=r.value_clip_eps or None, vf_coef=r.vf_coef, value_warmup_steps=r.get("value_warmup_steps", 0),
       ppo_epochs=r.ppo_epochs, num_minibatches=r.num_minibatches, num_microbatches=r.get("num_microbatches", 1),
       policy_lora=lora.config_from(config.lora), value_lora=value_lora_cfg(config, r_.reward_lora),
       value_init=r.value_init, sft_scale=r_.sft_scale, reward_scale=r_.reward_scale)
+
+
+def run_time_model(config) -> dict:
+  """The RL config's run-time model choices (compute and param dtype, remat, attention): the roles are loaded with
+  these, not with the RM run's, so an RL config decides its own precision (dtype "auto": bf16 on GPU / TPU)."""
+  return {k: config.model[k] for k in ("dtype", "param_dtype", "remat", "attention") if k in config.model}
+
+
+def stop_sequences(config, tokenizer, eos_id: int) -> tuple:
+  """config.rl.stop_strings as token-id sequences (each string's own tokenization), less the EOS token's text: the
+  sampler ends a row on device when its last tokens spell one (rl.sampling), on any number of processes."""
+  eos_text = tokenizer.decode([eos_id]) if eos_id >= 0 else None
+  return tuple(tuple(int(t) for t in tokenizer(s, add_special_tokens=False)["input_ids"])
+               for s in config.rl.stop_strings if s != eos_text)
 
 
 def value_lora_cfg(config, rm_lora_cfg) -> lora.LoraConfig:
@@ -82,7 +98,8 @@ def load_roles(config, mesh) -> Roles:
       raise models.ConfigError("config: field 'reward_workdir': required (an RM run folder)")
     if path:
       runs.require_run_folder(path, name)
-  rm = trained.restore_reward(config.reward_workdir, model_path=config.model.path or None, mesh=mesh)
+  rm = trained.restore_reward(config.reward_workdir, model_path=config.model.path or None, mesh=mesh,
+                              model_overrides=run_time_model(config))
   model_cfg, tokenizer, base = rm.model_cfg, rm.tokenizer, rm.frozen
   rm_params = dict(rm.trainable)
   rm_scale, rm_lora = lora.scale(rm.stage.lora_cfg), rm.stage.lora_cfg
@@ -112,14 +129,15 @@ def load_roles(config, mesh) -> Roles:
 
 
 def host_stop_strings(config, tokenizer, eos_id: int) -> tuple:
-  """config.rl.stop_strings less those that are the EOS token's own text (the default "<|im_end|>" for chat
-  models): the sampler already ends rows at EOS on device, so only the others need the host's cut (which pulls
-  the samples to the host, so a multi-process run refuses them)."""
+  """The stop strings the host also cuts at, as text (single process only). The sampler already ends rows on
+  device at EOS and at each stop string's own tokenization (stop_sequences); the host's text check also catches a
+  stop string the model spelled with other tokens. With several processes the device check is all there is (the
+  host cut would pull global samples to one process)."""
   eos_text = tokenizer.decode([eos_id]) if eos_id >= 0 else None
   stop = tuple(s for s in config.rl.stop_strings if s != eos_text)
   if stop and jax.process_count() > 1:
-    raise models.ConfigError(f"config: field 'rl.stop_strings': {list(stop)} are cut on the host, which this "
-                             "multi-process run cannot do yet; end responses at EOS only (rl.stop_strings=[])")
+    log.info("rl.stop_strings %s end rows on device at their own tokenization only (several processes)", list(stop))
+    return ()
   return stop
 
 
