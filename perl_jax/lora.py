@@ -82,6 +82,54 @@ def unmerge(params, lora_params, scale_: float):
   return _combine(params, lora_params, scale_, -1.0)
 
 
+def _members(trees) -> list[dict]:
+  """The K adapters flattened by path, checked to share their paths and shapes (a one-line ValueError otherwise)."""
+  if not trees:
+    raise ValueError("lora.average: no adapters to average (an empty list)")
+  flat = [traverse_util.flatten_dict(t, sep="/") for t in trees]
+  for k, f in enumerate(flat[1:], 1):
+    if set(f) != set(flat[0]) or any(f[p].shape != flat[0][p].shape for p in f):
+      raise ValueError(f"lora.average: adapter {k} does not match adapter 0 in paths or shapes")
+  return flat
+
+
+def average(trees, scales) -> dict:
+  """The exact average of K adapters' updates as ONE adapter of rank K·r, used with scale 1:
+
+      (1/K)·Σ_k s_k·A_k·B_k = [A_1 … A_K] · [s_1·B_1; …; s_K·B_K] / K
+
+  (A's concatenated on the rank axis, B's stacked on it, each scaled by s_k / K). The same model as averaging the
+  K merged weight updates, at K times the rank; `scales` are the members' α/r."""
+  flat = _members(trees)
+  if len(scales) != len(flat):
+    raise ValueError(f"lora.average: {len(scales)} scales for {len(flat)} adapters")
+  k, out = len(flat), {}
+  for path in flat[0]:
+    parts = [f[path].astype(jnp.float32) * (s / k if path.endswith("/b") else 1.0) for f, s in zip(flat, scales)]
+    out[path] = jnp.concatenate(parts, axis=-1 if path.endswith("/a") else -2)
+  return traverse_util.unflatten_dict(out, sep="/")
+
+
+def factor_average(trees) -> dict:
+  """The cheap average: mean of the A's and mean of the B's, rank r, used with the members' common scale. Not the
+  average of the updates: mean(A)·mean(B) = (1/K²)·Σ_j Σ_k A_j·B_k carries the cross terms j ≠ k, which are small only
+  when the members stay close to one another (WARM averages weights fine-tuned from one shared initialisation; LoRA
+  members with different A inits are not that). `factor_average_error` measures the gap."""
+  flat = _members(trees)
+  return traverse_util.unflatten_dict({p: jnp.mean(jnp.stack([f[p] for f in flat]), 0) for p in flat[0]}, sep="/")
+
+
+def factor_average_error(trees, scale_: float) -> dict:
+  """Per adapted kernel: ‖ΔW(factor_average) − mean_k ΔW_k‖_F / ‖mean_k ΔW_k‖_F (0 when the members are equal)."""
+  flat, avg = _members(trees), traverse_util.flatten_dict(factor_average(trees), sep="/")
+  out = {}
+  for path in sorted(p[: -len("/a")] for p in flat[0] if p.endswith("/a")):
+    exact = sum(delta(f[path + "/a"], f[path + "/b"], scale_) for f in flat) / len(flat)
+    gap = delta(avg[path + "/a"], avg[path + "/b"], scale_) - exact
+    out[path] = float(jnp.linalg.norm(gap) / jnp.maximum(jnp.linalg.norm(exact), 1e-30))
+  return out
+
+
 def closed_form_count(model_cfg, cfg: LoraConfig) -> int:
   """r·(in + out) per adapted kernel per layer: the count a reader can check by hand."""
   shapes = traverse_util.flatten_dict(models.param_shapes(model_cfg), sep="/")

@@ -145,3 +145,59 @@ def test_trainable_count_matches_closed_form():
     assert models.count_params(lp) == by_hand == lora.closed_form_count(cfg, lcfg)
   text = lora.summary(params, lp)
   assert text.startswith(f"trainable params: {by_hand:,} || all params: {models.count_params(params) + by_hand:,}")
+
+
+def _members(params, k=3, rank=2, seed=0):
+  """k adapters with random A and B (B nonzero), as K independently trained members would be."""
+  cfg = lora.LoraConfig(rank=rank, alpha=4.0)
+  keys = jax.random.split(jax.random.key(seed), 2 * k)
+  trees = [lora.init(keys[2 * i], params, cfg) for i in range(k)]
+  return [jax.tree.map(lambda x, key=keys[2 * i + 1]: x + 0.1 * jax.random.normal(key, x.shape), t)
+          for i, t in enumerate(trees)]
+
+
+def test_average_is_the_exact_mean_of_the_updates_as_one_rank_kr_adapter(setup):
+  """The rank-K·r adapter's update equals the dense mean of the members' updates (numpy, ≤ 1e-5); with it the model
+  gives the logits of the base with the mean update merged."""
+  cfg, params, ids, mask = setup
+  trees, scales = _members(params), (2.0, 1.0, 0.5)
+  avg = lora.average(trees, scales)
+  for path in ("q_proj", "k_proj", "v_proj", "o_proj"):
+    a = np.asarray(avg["layers"]["attn"][path]["a"])
+    b = np.asarray(avg["layers"]["attn"][path]["b"])
+    assert a.shape[-1] == b.shape[-2] == 3 * 2
+    dense = np.mean([s * np.einsum("lir,lro->lio", np.asarray(t["layers"]["attn"][path]["a"]),
+                                   np.asarray(t["layers"]["attn"][path]["b"])) for t, s in zip(trees, scales)], 0)
+    np.testing.assert_allclose(np.einsum("lir,lro->lio", a, b), dense, atol=1e-5)
+  merged = params
+  for t, s in zip(trees, scales):
+    merged = lora.merge(merged, t, s / 3)  # the mean update, merged member by member
+  want = models.forward(cfg, merged, ids, mask).logits
+  got = models.forward(cfg, params, ids, mask, adapters=[(avg, 1.0)]).logits
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4)
+
+
+def test_factor_average_differs_from_the_exact_average_by_the_cross_terms(setup):
+  """mean(A)·mean(B) carries the cross terms: its error against the exact mean is measured, and is 0 for equal
+  members (then both averages are the member itself)."""
+  _, params, _, _ = setup
+  trees = _members(params)
+  errors = lora.factor_average_error(trees, 2.0)
+  assert set(errors) == {f"layers/attn/{p}_proj" for p in "qkvo"} and all(e > 0.1 for e in errors.values())
+  same = [trees[0]] * 3
+  assert all(e < 1e-6 for e in lora.factor_average_error(same, 2.0).values())
+  fa = lora.factor_average(trees)
+  a = [np.asarray(t["layers"]["attn"]["q_proj"]["a"]) for t in trees]
+  np.testing.assert_allclose(np.asarray(fa["layers"]["attn"]["q_proj"]["a"]), np.mean(a, 0), atol=1e-7)
+
+
+def test_average_refuses_empty_and_mismatched_members(setup):
+  _, params, _, _ = setup
+  trees = _members(params, k=2)
+  with pytest.raises(ValueError, match="empty list"):
+    lora.average([], [])
+  other = lora.init(jax.random.key(9), params, lora.LoraConfig(rank=3))
+  with pytest.raises(ValueError, match="adapter 1 does not match adapter 0"):
+    lora.average([trees[0], other], [1.0, 1.0])
+  with pytest.raises(ValueError, match="2 scales for 3 adapters"):
+    lora.average(trees + trees[:1], [1.0, 1.0])
