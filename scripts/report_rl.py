@@ -8,7 +8,7 @@ a prompt's figure is the mean over its seeds, and intervals are 95% paired boots
 Wilson, n = prompts). Those intervals hold the seeds fixed; the per-seed figures beside them show the seed spread.
 "LoRA − full" pairs the two modes' policies on each prompt (same estimator, same seeds): the difference of their
 rewards, with its interval, and LoRA's win rate over full. Writes OUT/rl_quality.md, OUT/rl_quality.json and
-OUT/curves.png (train reward and KL against steps; RM and judge reward of the training samples against KL).
+OUT/curves.png (train reward and KL against steps; held-out RM and judge reward differences against KL).
 """
 import json
 import pathlib
@@ -146,29 +146,38 @@ def markdown(arms: list[dict], pairs: list[dict]) -> str:
 
 
 def plot(points: list[dict], path: pathlib.Path) -> None:
-  """2 × 2: train reward and KL against steps; RM and judge reward of each step's samples against its KL."""
+  """2 × 2. Top: the RM reward and KL of each step's training samples against steps (a step's prompts differ
+  from the next's). Bottom: each point's held-out eval, reward difference vs the anchor against KL (95% bootstrap
+  intervals), under the RM it trained against (left) and under the judge (right): Gao et al.'s over-optimisation
+  view, one marker per arm and seed."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(2, 2, figsize=(10, 7))
   colors = {arm: f"C{i}" for i, arm in enumerate(dict.fromkeys(p["arm"] for p in points))}
+  first_seed = min(q["seed"] for q in points)
   for p in points:
     m = [line for line in p["metrics"] if "train/reward_mean" in line]
-    kw = dict(color=colors[p["arm"]], ls="-" if p["seed"] == min(q["seed"] for q in points) else "--", lw=1.2)
+    kw = dict(color=colors[p["arm"]], ls="-" if p["seed"] == first_seed else "--", lw=1.2)
     label = f"{p['config']} seed {p['seed']}"
-    steps = [line["step"] for line in m]
-    kl = {line["step"]: line["train/kl_ref"] for line in m}
-    axes[0][0].plot(steps, [line["train/reward_mean"] for line in m], label=label, **kw)
-    axes[0][1].plot(steps, [kl[s] for s in steps], **kw)
-    js = [s for s in p["judge_samples"] if s["step"] in kl]
-    axes[1][0].plot([kl[s["step"]] for s in js], [s["reward_mean"] for s in js], marker=".", **kw)
-    axes[1][1].plot([kl[s["step"]] for s in js], [s["judge_mean"] for s in js], marker=".", **kw)
+    axes[0][0].plot([line["step"] for line in m], [line["train/reward_mean"] for line in m], label=label, **kw)
+    axes[0][1].plot([line["step"] for line in m], [line["train/kl_ref"] for line in m], **kw)
+    kl = float(np.mean(p["kl"]))
+    for ax, key in ((axes[1][0], "rm"), (axes[1][1], "judge")):
+      if f"{key}_after" not in p:
+        continue
+      d, lo, hi = stats.paired_bootstrap_ci(p[f"{key}_after"] - p[f"{key}_before"])
+      ax.errorbar([kl], [d], yerr=[[d - lo], [hi - d]], color=colors[p["arm"]], capsize=3,
+                  marker="o" if p["seed"] == first_seed else "s", label=label)
   titles = [("RM reward of the training samples", "RL step"), ("KL to the anchor (training samples)", "RL step"),
-            ("RM reward of the training samples", "KL to the anchor"), ("judge score of the training samples",
-                                                                         "KL to the anchor")]
+            ("held-out: RM reward − anchor's", "KL to the anchor (held-out)"),
+            ("held-out: judge score − anchor's", "KL to the anchor (held-out)")]
   for ax, (title, xlabel) in zip(axes.ravel(), titles):
     ax.set_title(title, fontsize=9)
     ax.set_xlabel(xlabel, fontsize=8)
+  for ax in axes[1]:
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set_xscale("symlog", linthresh=1.0)
   axes[0][0].legend(fontsize=6)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
