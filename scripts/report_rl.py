@@ -51,15 +51,13 @@ def load_points(workdir: pathlib.Path) -> list[dict]:
              "lr": p["overrides"].get("optim.lr"), "seed": p["overrides"].get("seed", 0),
              "summary": json.loads((folder / "summary.json").read_text()), "prompts": [r["prompt"] for r in rows],
              "rm_after": mean("reward_after"), "rm_before": mean("reward_before"), "kl": mean("kl"),
-             "metrics": _jsonl(folder / "metrics.jsonl") if (folder / "metrics.jsonl").exists() else [],
-             "judge_samples": []}
+             "metrics": _jsonl(folder / "metrics.jsonl") if (folder / "metrics.jsonl").exists() else []}
     point["arm"] = f"{config} lr={point['lr']}"
     if (folder / "judge.json").exists():
       judge = json.loads((folder / "judge.json").read_text())
       last = judge["eval"][str(int(re.findall(r"\d+", texts[-1].name)[-1]))]["per_prompt"]
       point["judge_after"] = np.mean(last["judge_after"], axis=1)
       point["judge_before"] = np.mean(last["judge_before"], axis=1)
-      point["judge_samples"] = judge["samples"]
     points.append(point)
   return points
 
