@@ -1,7 +1,7 @@
 """Judge RL runs' responses with an independent bag-of-words RM (perl_jax/analysis/text_judge.py); writes judge.json.
 
-  python scripts/judge_texts.py --runs runs/rl_quality/arms/*        # every run folder given (or a sweep's points)
-  python scripts/judge_texts.py --runs runs/demo/rl --data experiments/data/taskmaster4/reward.jsonl.gz
+  python scripts/judge_texts.py --sweep_dir runs/rl_quality      # every point of a sweep (scripts/ablate.py)
+  python scripts/judge_texts.py --runs runs/demo/rl [--runs OTHER] --data experiments/data/taskmaster4/reward.jsonl.gz
 Fits TF-IDF + logistic regression on the RM data's training split (settings by grouped CV inside it; the RM
 configs' split: eval_fraction 0.1, seed 0), then, for each run folder, scores its eval_texts_STEP.jsonl (written by
 train_rl's eval or eval_policy --texts_out) and samples.jsonl (every training sample written) and writes
@@ -19,11 +19,12 @@ from perl_jax import cli, data
 from perl_jax.analysis import bow_baseline, text_judge
 from perl_jax.errors import ConfigError
 
-_RUNS = flags.DEFINE_list("runs", None, "RL run folders (comma-separated; folders without eval texts are skipped).")
+_RUNS = flags.DEFINE_multi_string("runs", [], "An RL run folder (repeat the flag for several; folders without eval "
+                                  "texts are skipped).")
+_SWEEP = flags.DEFINE_string("sweep_dir", None, "A sweep folder (scripts/ablate.py): every point folder in it.")
 _DATA = flags.DEFINE_string("data", "experiments/data/taskmaster4/reward.jsonl.gz", "The judge's training data.")
 _FORMAT = flags.DEFINE_enum("format", "taskmaster4", sorted(data.READERS), "Its format (a reader).")
 _SKIP_INVALID = flags.DEFINE_bool("skip_invalid", False, "Skip invalid records (the HH configs do).")
-flags.mark_flags_as_required(["runs"])
 
 
 def _read_jsonl(path: pathlib.Path) -> list[dict]:
@@ -37,9 +38,13 @@ def main(_):
 def _run():
   bow_baseline._sklearn()
   folders = [pathlib.Path(r) for r in _RUNS.value]
+  if _SWEEP.value:
+    folders += sorted(f for f in pathlib.Path(_SWEEP.value).iterdir() if f.is_dir())
+  if not folders:
+    raise ConfigError("give --runs RUN (repeatable) or --sweep_dir SWEEP")
   todo = [f for f in folders if sorted(f.glob("eval_texts_*.jsonl"))]
   if not todo:
-    raise ConfigError(f"--runs: no eval_texts_STEP.jsonl in any of {', '.join(map(str, folders))} (train_rl writes "
+    raise ConfigError(f"no eval_texts_STEP.jsonl in any of {', '.join(map(str, folders))} (train_rl writes "
                       "them at its eval; eval_policy --texts_out)")
   model, info = text_judge.fit(_FORMAT.value, _DATA.value, skip_invalid=_SKIP_INVALID.value)
   print(json.dumps({"judge": info}), flush=True)

@@ -173,9 +173,11 @@ def plot(points: list[dict], path: pathlib.Path) -> None:
   for ax, (title, xlabel) in zip(axes.ravel(), titles):
     ax.set_title(title, fontsize=9)
     ax.set_xlabel(xlabel, fontsize=8)
+  top = max(float(np.mean(p["kl"])) for p in points)
   for ax in axes[1]:
     ax.axhline(0.0, color="grey", lw=0.8)
     ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlim(0.0, max(2.0, 1.6 * top))
   axes[0][0].legend(fontsize=6)
   fig.tight_layout()
   fig.savefig(path, dpi=120)

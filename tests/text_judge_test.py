@@ -79,11 +79,11 @@ def test_judge_texts_script_writes_judge_json(judge, tmp_path):
   rows = _rows(data.read_examples("taskmaster4", path)[:8], k=1)
   (run / "eval_texts_10.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   (run / "samples.jsonl").write_text(json.dumps({"step": 1, "prompt": "p", "response": "a latte", "reward": 1.0}) + "\n")
-  cmd = [sys.executable, "scripts/judge_texts.py", "--data", str(path), "--runs", f"{run},{empty}"]
+  cmd = [sys.executable, "scripts/judge_texts.py", "--data", str(path), "--sweep_dir", str(tmp_path)]
   r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ), timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
   out = json.loads((run / "judge.json").read_text())
   assert set(out["eval"]) == {"10"} and out["eval"]["10"]["num_prompts"] == 8 and len(out["samples"]) == 1
   assert f"{run}: judge reward" in r.stdout and not (empty / "judge.json").exists()
-  r = subprocess.run(cmd[:-1] + [str(empty)], cwd=ROOT, capture_output=True, text=True, env=dict(os.environ))
+  r = subprocess.run(cmd[:-2] + ["--runs", str(empty)], cwd=ROOT, capture_output=True, text=True, env=dict(os.environ))
   assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "no eval_texts_STEP.jsonl" in r.stderr
