@@ -98,9 +98,10 @@ class Trained:
 def restore_stage(workdir, build: Callable, *, step: int | None = None, model_path: str | None = None,
                   mesh=None, model_overrides: dict | None = None) -> Trained:
   """The run in WORKDIR with the trained params of checkpoint `step` (default latest); `model_path` replaces its
-  base model's path and `model_overrides` its other config.model fields (run-time choices: dtype, remat, ...). build(config, mesh) -> (model_cfg, tokenizer, frozen, stage, like) is the stage's: it
-  rebuilds what the params stand on, `like` being their expected shapes (checked before any data is read). Only
-  the trained params are read, never the optimizer state."""
+  base model's path and `model_overrides` its other config.model fields (run-time choices: dtype, remat, ...).
+  build(config, mesh) -> (model_cfg, tokenizer, frozen, stage, like) is the stage's: it rebuilds what the params
+  stand on, `like` being their expected shapes (checked before any data is read). Only the trained params are read,
+  never the optimizer state."""
   config = read_config(workdir)
   if model_path is not None:
     config.model.path = model_path

@@ -40,12 +40,13 @@ def load_points(workdir: pathlib.Path) -> list[dict]:
   points = []
   for p in spec["points"]:
     folder = workdir / p["name"]
-    texts = sorted(folder.glob("eval_texts_*.jsonl"), key=lambda f: int(re.findall(r"\d+", f.name)[-1]))
-    if not (folder / "summary.json").is_file() or not texts:
+    steps = sorted(int(re.fullmatch(r"eval_texts_(\d+)\.jsonl", f.name).group(1))
+                   for f in folder.glob("eval_texts_*.jsonl"))
+    if not (folder / "summary.json").is_file() or not steps:
       continue
     config = p["overrides"].get("config", p["config"]).rsplit(":", 1)[-1]
     parts = config.split("_")
-    rows = _jsonl(texts[-1])
+    rows = _jsonl(folder / f"eval_texts_{steps[-1]}.jsonl")
     mean = lambda key, src=rows: np.array([np.mean(r[key]) for r in src])
     point = {"name": p["name"], "config": config, "mode": parts[1], "estimator": (parts + ["paper"])[2],
              "lr": p["overrides"].get("optim.lr"), "seed": p["overrides"].get("seed", 0),
@@ -55,7 +56,7 @@ def load_points(workdir: pathlib.Path) -> list[dict]:
     point["arm"] = f"{config} lr={point['lr']}"
     if (folder / "judge.json").exists():
       judge = json.loads((folder / "judge.json").read_text())
-      last = judge["eval"][str(int(re.findall(r"\d+", texts[-1].name)[-1]))]["per_prompt"]
+      last = judge["eval"][str(steps[-1])]["per_prompt"]
       point["judge_after"] = np.mean(last["judge_after"], axis=1)
       point["judge_before"] = np.mean(last["judge_before"], axis=1)
     points.append(point)

@@ -4,11 +4,11 @@ over seeds, against one RM from one SFT anchor; every arm judged on the same hel
   python scripts/ablate.py --sweep experiments/sweeps/rl_quality.py --workdir runs/rl_quality \
       --set reward_workdir=runs/demo/rm --set sft_workdir=runs/demo/sft
   python scripts/judge_texts.py --sweep_dir runs/rl_quality   # the independent judge on every arm's texts
-  python scripts/report.py --workdir runs/rl_quality --out experiments/results/rl_quality
+  python scripts/report_rl.py --workdir runs/rl_quality --out experiments/results/rl_quality
 Points run seed-major (every arm of seed 0, then of seed 1), so a sweep cut short still pairs LoRA and full.
 Every arm draws 16 samples a step (REINFORCE: 16 prompts × 1; RLOO: 4 prompts × 4) of at most 64 new tokens after
-a 96-token prompt, for 10 RL steps, writes every training sample with its RM reward (samples.jsonl, for the
-judge-vs-KL curve) and ends with eval_policy's held-out eval on 128 prompts, texts kept (eval_texts_10.jsonl).
+a 96-token prompt, for 10 RL steps, writes every training sample with its RM reward (samples.jsonl; judge_texts
+scores them per step) and ends with eval_policy's held-out eval on 128 prompts, texts kept (eval_texts_10.jsonl).
 """
 import ml_collections
 

@@ -67,12 +67,18 @@ def run_time_model(config) -> dict:
   return {k: config.model[k] for k in ("dtype", "param_dtype", "remat", "attention") if k in config.model}
 
 
-def stop_sequences(config, tokenizer, eos_id: int) -> tuple:
-  """config.rl.stop_strings as token-id sequences (each string's own tokenization), less the EOS token's text: the
-  sampler ends a row on device when its last tokens spell one (rl.sampling), on any number of processes."""
+def _stop_strings_besides_eos(config, tokenizer, eos_id: int) -> tuple:
+  """config.rl.stop_strings less the EOS token's own text (the default "<|im_end|>" for chat models): rows already
+  end at EOS on device."""
   eos_text = tokenizer.decode([eos_id]) if eos_id >= 0 else None
+  return tuple(s for s in config.rl.stop_strings if s != eos_text)
+
+
+def stop_sequences(config, tokenizer, eos_id: int) -> tuple:
+  """The stop strings besides EOS as token-id sequences (each string's own tokenization): the sampler ends a row on
+  device when its last tokens spell one (sampling.stop_hit), on any number of processes."""
   return tuple(tuple(int(t) for t in tokenizer(s, add_special_tokens=False)["input_ids"])
-               for s in config.rl.stop_strings if s != eos_text)
+               for s in _stop_strings_besides_eos(config, tokenizer, eos_id))
 
 
 def value_lora_cfg(config, rm_lora_cfg) -> lora.LoraConfig:
@@ -133,8 +139,7 @@ def host_stop_strings(config, tokenizer, eos_id: int) -> tuple:
   device at EOS and at each stop string's own tokenization (stop_sequences); the host's text check also catches a
   stop string the model spelled with other tokens. With several processes the device check is all there is (the
   host cut would pull global samples to one process)."""
-  eos_text = tokenizer.decode([eos_id]) if eos_id >= 0 else None
-  stop = tuple(s for s in config.rl.stop_strings if s != eos_text)
+  stop = _stop_strings_besides_eos(config, tokenizer, eos_id)
   if stop and jax.process_count() > 1:
     log.info("rl.stop_strings %s end rows on device at their own tokenization only (several processes)", list(stop))
     return ()
