@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from perl_jax import models
+from perl_jax.models import quant
 
 ATTENTION = (r"layers/attn/(q|k|v|o)_proj/kernel",)
 ATTENTION_MLP = (r"layers/(attn/(q|k|v|o)|mlp/(gate|up|down))_proj/kernel",)
@@ -64,11 +65,14 @@ def delta(a_LxIxR, b_LxRxO, scale_: float):
 
 
 def _combine(params, lora_params, scale_: float, sign: float):
-  """W ← W + sign·ΔW for every kernel that `lora_params` adapts, computed in float32, stored in W's dtype."""
+  """W ← W + sign·ΔW for every kernel that `lora_params` adapts, computed in float32, stored in W's dtype (float32
+  for a quantized W, which is dequantized)."""
   flat = dict(traverse_util.flatten_dict(params, sep="/"))
   for path, ab in traverse_util.flatten_dict(lora_params, sep="/", is_leaf=lambda _, x: "a" in x).items():
     kernel = flat[path + "/kernel"]
-    flat[path + "/kernel"] = (kernel.astype(jnp.float32) + sign * delta(ab["a"], ab["b"], scale_)).astype(kernel.dtype)
+    dtype = jnp.float32 if quant.is_quantized(kernel) else kernel.dtype  # A quantized kernel merges to float32.
+    flat[path + "/kernel"] = (quant.dense_kernel(kernel, jnp.float32) + sign * delta(ab["a"], ab["b"], scale_)
+                              ).astype(dtype)
   return traverse_util.unflatten_dict(flat, sep="/")
 
 

@@ -92,17 +92,19 @@ def load_data(config, tokenizer, records: tuple[list, list] | None = None):
 def score_all(score_fn, trainable, base, arrays, batch_size: int, mesh,
               progress: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
   """score_fn over every example once, longest first in length buckets (the same outputs as full padding, fewer
-  pad tokens): (outputs, their labels or None), in that bucketed order, identical on every host. With
-  `progress`, logs "progress: done/total examples, ETA" about once a minute."""
-  it = data.pipeline.eval_iterator(arrays, batch_size)
+  pad tokens): (outputs, their labels or None) in the examples' own order, identical on every host, so two models'
+  scores of the same examples pair row by row. With `progress`, logs "progress: done/total examples, ETA" about
+  once a minute."""
+  it = data.pipeline.eval_iterator({**arrays, "example_index": np.arange(len(arrays["input_ids"]))}, batch_size)
   gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)) if jax.process_count() > 1 else x
-  outs, labels = [], []
+  outs, labels, index = [], [], []
   total, t0, t_log = len(arrays["input_ids"]), time.perf_counter(), time.perf_counter()
   for batch in it:
     valid = gather(batch["valid"]).astype(bool)
     r = np.asarray(score_fn(trainable, base, sharding.global_batch(
         {k: v for k, v in batch.items() if k in MODEL_KEYS}, mesh)))
     outs.append(r[valid])
+    index.append(gather(batch["example_index"])[valid])
     done, now = sum(len(o) for o in outs), time.perf_counter()
     if progress and (now - t_log > 60 or done == total):
       log.info("%s: %d/%d examples, %.0f s, ETA %.0f s (longest first)", progress, done, total, now - t0,
@@ -110,7 +112,8 @@ def score_all(score_fn, trainable, base, arrays, batch_size: int, mesh,
       t_log = now
     if "label" in batch:
       labels.append(gather(batch["label"])[valid])
-  return np.concatenate(outs), (np.concatenate(labels) if labels else None)
+  order = np.argsort(np.concatenate(index), kind="stable")
+  return np.concatenate(outs)[order], (np.concatenate(labels)[order] if labels else None)
 
 
 def evaluate(score_fn, trainable, base, arrays, batch_size: int, mesh, kind: str, progress: str | None = None) -> dict:

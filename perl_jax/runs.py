@@ -6,6 +6,7 @@ earlier run through here: `restore_stage` reads its config back, loads the model
 """
 import dataclasses
 import json
+import logging
 import pathlib
 from typing import Any, Callable
 
@@ -14,6 +15,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from perl_jax import checkpoint, models, sharding
+from perl_jax.models import quant
+
+log = logging.getLogger("perl_jax")
 
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
@@ -58,15 +62,37 @@ def same_path(a, b) -> bool:
   return pathlib.Path(a).resolve() == pathlib.Path(b).resolve()
 
 
-def load_model(model_config: ml_collections.ConfigDict):
-  """(model config, frozen base params, tokenizer) from config.model."""
+def load_model(model_config: ml_collections.ConfigDict, quantize: bool = True):
+  """(model config, frozen base params, tokenizer) from config.model; the base's layer kernels stored as
+  config.model.quant says ("none" | "int8" | "nf4" with blocks of config.model.quant_block | "gguf": a GGUF file's
+  own blocks) unless `quantize` is False (a caller that merges an adapter into the float base first, then
+  quantizes)."""
   path = model_path(model_config)
   revision = model_config.get("revision", "")
   cfg, params = models.load_pretrained(path, param_dtype=jnp.dtype(models.resolve_dtype(model_config.param_dtype)),
                                        revision=revision, dtype=models.resolve_dtype(model_config.dtype),
                                        remat=model_config.remat,
                                        attention=model_config.get("attention", "auto"))
+  if quantize:
+    gguf_file = path if str(path).endswith(".gguf") else None
+    params = quantize_base(model_config, params, gguf=(gguf_file, cfg) if gguf_file else None)
   return cfg, params, models.load_tokenizer(path, revision)
+
+
+def quantize_base(model_config: ml_collections.ConfigDict, params, gguf: tuple | None = None):
+  """The base as config.model.quant says (older run folders have no such field: "none"); "gguf" needs `gguf` =
+  (the .gguf file the float params were loaded from, its model config) and reads that file's blocks."""
+  kind = model_config.get("quant", "none")
+  if kind == "none":
+    return params
+  block = model_config.get("quant_block", quant.DEFAULT_BLOCK)
+  if kind == "gguf" and gguf is not None:
+    params = models.load_gguf_blocks(gguf[0], gguf[1], params)
+    log.info("frozen base: the GGUF file's own layer-kernel blocks, kept quantized")
+    return params
+  params = quant.quantize_base(params, kind, block)
+  log.info("frozen base quantized: layer kernels %s%s", kind, f" (blocks of {block})" if kind == "nf4" else "")
+  return params
 
 
 def latest_step(workdir) -> int | None:

@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from perl_jax import data, heads, lora, models, runs
+from perl_jax.models import quant
 from perl_jax.errors import ConfigError
 from perl_jax.models import ModelConfig
 
@@ -34,8 +35,14 @@ class PolicyConfig:
 
 
 def check_mode(config: ml_collections.ConfigDict) -> None:
+  """mode is "lora" | "full"; a quantized base (config.model.quant) is frozen, so only LoRA mode can stand on it."""
   if config.mode not in ("lora", "full"):
     raise ConfigError(f"config: field 'mode': must be 'lora' or 'full', got '{config.mode}'")
+  kind = config.model.get("quant", "none") if "model" in config else "none"
+  quant.check_kind(kind)
+  if kind != "none" and config.mode == "full":
+    raise ConfigError(f"config: field 'model.quant': '{kind}' stores the frozen base quantized, and full tuning "
+                      "(mode 'full') trains every base weight; use mode 'lora' or model.quant 'none'")
 
 
 def policy_config(config: ml_collections.ConfigDict) -> PolicyConfig:
@@ -66,11 +73,13 @@ def policy_params(pcfg: PolicyConfig, trainable, frozen) -> tuple[dict, list]:
 
 def merged_policy(pcfg: PolicyConfig, trainable, frozen, like: dict) -> dict:
   """The policy as one params tree in the dtypes of `like` (the base): base ⊕ (α/r)·A·B merged into the kernels
-  (LoRA, in float32) or the tuned backbone (full)."""
+  (LoRA, in float32) or the tuned backbone (full). A quantized base is dequantized first: its kernels come out in
+  float32."""
   params, adapters = policy_params(pcfg, trainable, frozen)
+  params = quant.dequantize_base(params)
   for tree, scale in adapters:
     params = lora.merge(params, tree, scale)
-  return jax.tree.map(lambda x, ref: x.astype(ref.dtype), params, like)
+  return jax.tree.map(lambda x, ref: x.astype(getattr(ref, "dtype", jnp.float32)), params, like)
 
 
 def restore_policy(workdir, *, step: int | None = None, model_path: str | None = None, mesh=None,
@@ -164,9 +173,10 @@ def batch_scores(model_cfg, rcfg, trainable, base_params, batch) -> jax.Array:
 def reward_backbone(config, mesh, check: bool = True):
   """(model config, base params, tokenizer) the RM is built on: config.model, or with config.init_from (an SFT run
   folder on that same model; `check` compares the two model paths) the SFT model: its adapter merged into the base,
-  or its tuned backbone. Training, restore, export and RL all rebuild the base through here, so they agree on it."""
-  model_cfg, base, tokenizer = runs.load_model(config.model)
+  or its tuned backbone. Training, restore, export and RL all rebuild the base through here, so they agree on it.
+  With config.model.quant the SFT model is quantized after its adapter is merged into the float base."""
   src = config.get("init_from", "")
+  model_cfg, base, tokenizer = runs.load_model(config.model, quantize=not src)
   if not src:
     return model_cfg, base, tokenizer
   runs.require_run_folder(src, "init_from")
@@ -176,7 +186,8 @@ def reward_backbone(config, mesh, check: bool = True):
                              f"({theirs}) than this reward model's ({ours})")
   sft_run = restore_policy(src, model_path=ours, mesh=mesh, loaded=(model_cfg, base, tokenizer))
   log.info("reward model starts from the SFT run %s (step %d, %s)", src, sft_run.step, sft_run.stage.mode)
-  return model_cfg, merged_policy(sft_run.stage, sft_run.trainable, sft_run.frozen, base), tokenizer
+  merged = merged_policy(sft_run.stage, sft_run.trainable, sft_run.frozen, base)
+  return model_cfg, runs.quantize_base(config.model, merged), tokenizer  # Quantized after the merge.
 
 
 def restore_reward(workdir, *, step: int | None = None, model_path: str | None = None,

@@ -29,6 +29,9 @@ FLAGS = flags.FlagValues()  # this script's own flags: tests load it by path and
 _PHASE = flags.DEFINE_enum("phase", "rm", ["rm", "rl"], "Training phase to rm_step.", flag_values=FLAGS)
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "Preset name or path to an HF folder / .gguf.", flag_values=FLAGS)
 _MODES = flags.DEFINE_string("modes", "full,lora", "Comma-separated modes: full, lora.", flag_values=FLAGS)
+_QUANT = flags.DEFINE_string("quant", "none", "Comma-separated frozen-base storage for the LoRA rows: none, int8, nf4 "
+                             "(one LoRA row each; full rows are always 'none').", flag_values=FLAGS)
+_QUANT_BLOCK = flags.DEFINE_integer("quant_block", 64, "nf4 block size (input rows per absmax).", flag_values=FLAGS)
 _BATCH = flags.DEFINE_integer("batch", None, "Pairs per step (default: 8, 2 for tiny).", flag_values=FLAGS)
 _SEQ = flags.DEFINE_integer("seq", None, "Tokens per sequence (default: 1024, 32 for tiny).", flag_values=FLAGS)
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Dtype policy.", flag_values=FLAGS)
@@ -66,13 +69,21 @@ def parse(argv):
   _no_positional(FLAGS([sys.argv[0], *argv]))
 
 
-def _isolated(argv, modes, out=None) -> list[dict]:
-  """Runs each mode in a child process (fresh allocator peak) and collects its rows, appending each mode's rows
-  to `out` as soon as its child ends (a time limit that kills a later mode keeps the earlier ones)."""
+def _units(modes, quants) -> list[tuple[str, str]]:
+  """(mode, quant) per row: full once, on its float base; LoRA once per --quant entry."""
+  from perl_jax.models import quant
+  for q in quants:
+    quant.check_kind(q, "--quant")
+  return [(m, q) for m in modes for q in (quants if m == "lora" else ["none"])]
+
+
+def _isolated(argv, units, out=None) -> list[dict]:
+  """Runs each (mode, quant) in a child process (fresh allocator peak) and collects its rows, appending each one's
+  rows to `out` as soon as its child ends (a time limit that kills a later mode keeps the earlier ones)."""
   rows = []
-  for mode in modes:
+  for mode, q in units:
     with tempfile.NamedTemporaryFile("r", suffix=".jsonl") as tmp:
-      child = [*argv, "--modes", mode, "--out", tmp.name, "--no-isolate"]
+      child = [*argv, "--modes", mode, "--quant", q, "--out", tmp.name, "--no-isolate"]
       proc = subprocess.run([sys.executable, os.path.abspath(__file__), *child], stdout=subprocess.DEVNULL)
       if proc.returncode:
         sys.exit(proc.returncode)
@@ -120,7 +131,8 @@ def run() -> list[dict]:
   pairs, seq, remat = rm_step.default_shape(name, total)
   cfg = dataclasses.replace(cfg, remat=_REMAT.value or remat, attention=_ATTENTION.value or cfg.attention)
   rows = []
-  for mode in _MODES.value.split(","):
+  for mode, q in _units(_MODES.value.split(","), _QUANT.value.split(",")):
+    qkw = dict(quant_kind=q, quant_block=_QUANT_BLOCK.value)
     if _PHASE.value == "rl":
       from perl_jax.bench import rl_step
       tiny = name == "tiny"
@@ -128,12 +140,12 @@ def run() -> list[dict]:
                                  prompt_len=_PROMPT_LEN.value or (16 if tiny else 256),
                                  new_tokens=_NEW_TOKENS.value or (8 if tiny else 256), dtype=_DTYPE.value,
                                  lora_cfg=lora_cfg, abstract=_ABSTRACT.value, steps=_STEPS.value,
-                                 cpu_no_hoist=not _CPU_HOIST.value)
+                                 cpu_no_hoist=not _CPU_HOIST.value, **qkw)
       row["remat"] = cfg.remat
     else:
       row = rm_step.measure(cfg, mode, name=name, pairs=_BATCH.value or pairs, seq=_SEQ.value or seq,
                               dtype=_DTYPE.value, lora_cfg=lora_cfg, abstract=_ABSTRACT.value, steps=_STEPS.value,
-                              base_params=base, cpu_no_hoist=not _CPU_HOIST.value)
+                              base_params=base, cpu_no_hoist=not _CPU_HOIST.value, **qkw)
     rows.append(row)
     _append_rows(_OUT.value, [row])
   return rows
@@ -153,9 +165,9 @@ def main(argv=None) -> int:
     return torch_compare.cli(model=_MODEL.value, pairs=_BATCH.value, seq=_SEQ.value, rank=_RANK.value,
                            alpha=_ALPHA.value, targets=targets, steps=_STEPS.value, out=_OUT.value,
                            attention=_ATTENTION.value, remat=_REMAT.value)
-  modes = _MODES.value.split(",")
-  if not _NO_ISOLATE.value and not _ABSTRACT.value and len(modes) > 1:
-    rows = _isolated(_strip(argv, ("--modes", "--out")), modes, _OUT.value)
+  units = _units(_MODES.value.split(","), _QUANT.value.split(","))
+  if not _NO_ISOLATE.value and not _ABSTRACT.value and len(units) > 1:
+    rows = _isolated(_strip(argv, ("--modes", "--quant", "--out")), units, _OUT.value)
   else:
     rows = run()
   if _PHASE.value == "rl":

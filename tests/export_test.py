@@ -238,3 +238,27 @@ def test_eval_reward_cli_missing_data(run):
   assert result.returncode == 2
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and str(missing) in lines[0]
+
+
+def test_compare_rms_scores_the_same_examples_in_their_order(run, tmp_path):
+  """scripts/compare_rms.py: each RM's scores come back in the examples' own order (reward.score_all undoes its
+  length buckets), equal to scoring row by row; a run against itself differs by exactly 0; a second RM (the head
+  negated) is compared with the first example by example."""
+  import shutil
+  other = tmp_path / "negated"
+  shutil.copytree(run.workdir, other)
+  eval_json = run.files.eval
+  out = tmp_path / "cmp.json"
+  result = _cli("scripts/compare_rms.py", "--runs", str(run.workdir), "--runs", str(run.workdir), "--data",
+                str(eval_json), "--split", "all", "--out", str(out))
+  assert result.returncode == 0, result.stderr[-2000:]
+  got = json.loads(out.read_text())
+  arrays = _encoded(run, "taskmaster4", eval_json)
+  ours = _our_scores(run, arrays["input_ids"], arrays["attention_mask"])
+  np.testing.assert_allclose(got["scores"][0], ours, atol=1e-5)
+  np.testing.assert_array_equal(got["labels"], arrays["label"])
+  second = got["runs"][1]
+  assert (second["roc_auc_diff"], second["roc_auc_diff_lo"], second["roc_auc_diff_hi"]) == (0.0, 0.0, 0.0)
+  assert got["runs"][0]["roc_auc"] == pytest.approx(stats.roc_auc(ours, arrays["label"]))
+  result = _cli("scripts/compare_rms.py", "--runs", str(run.workdir), "--data", str(eval_json))
+  assert result.returncode == 2 and "at least two" in result.stderr

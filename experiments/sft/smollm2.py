@@ -33,7 +33,10 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
   # "auto" ("dots" on CPU: 0.97x the step time, 0.72x the compiled peak of "none" at 8 x 256 there; "none" elsewhere).
   # path: "" = the embedded SmolLM2-135M-Instruct GGUF, else a .gguf file, an HF folder or a Hub id ("org/name",
   # resolved online or from the HF cache; revision: a Hub branch, tag or commit, "" = main).
-  c.model = dict(path="", revision="", param_dtype="float32", dtype="float32", remat="auto", attention="auto")
+  # quant: the frozen base's layer kernels stored "int8" (per output channel) or "nf4" (4-bit NormalFloat, blocks of
+  # quant_block input rows), dequantized one projection at a time in the forward; LoRA mode only. "none": as loaded.
+  c.model = dict(path="", revision="", param_dtype="float32", dtype="float32", remat="auto", attention="auto",
+                 quant="none", quant_block=64)
   c.data = dict(  # The SFT dialogs:
       eval_path="",  # A separate held-out file; empty = split data.path by conversation.
       eval_fraction=0.1,  # Held-out share of conversations (seeded hash of the conversation id).

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from perl_jax import checkpoint, heads, lora, models, optimizer, sharding, trainer
+from perl_jax.models import quant
 from perl_jax.bench import rm_step
 from perl_jax.rl import RLConfig, learner, roles, rollout
 from perl_jax.rl.step import RLStep
@@ -37,8 +38,9 @@ def build(cfg, rlcfg: RLConfig, base_params):
 
 def measure(cfg, mode: str, *, name: str, batch: int, prompt_len: int, new_tokens: int, dtype: str = "bfloat16",
             lora_cfg: lora.LoraConfig = lora.LoraConfig(), abstract: bool = False, steps: int = 3,
-            cpu_no_hoist: bool = True) -> dict:
-  """Compiles (and unless abstract, times rollout + update of) one RL step; returns one JSON-able row."""
+            cpu_no_hoist: bool = True, quant_kind: str = "none", quant_block: int = quant.DEFAULT_BLOCK) -> dict:
+  """Compiles (and unless abstract, times rollout + update of) one RL step; returns one JSON-able row. LoRA mode's
+  one base may be quantized (`quant_kind`)."""
   pol = rm_step.policy(dtype)
   cfg = dataclasses.replace(cfg, dtype=pol.compute)
   rlcfg = RLConfig(mode=mode, max_new_tokens=new_tokens, temperature=0.7, policy_lora=lora_cfg,
@@ -49,9 +51,17 @@ def measure(cfg, mode: str, *, name: str, batch: int, prompt_len: int, new_token
   if abstract:
     base = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, base_dtype), models.param_shapes(cfg),
                         is_leaf=lambda x: isinstance(x, tuple))
+  else:
+    base = models.init_params(cfg, jax.random.key(1), base_dtype)
+  if quant_kind != "none":
+    if mode != "lora":
+      raise quant.QuantError(f"config: field 'model.quant': '{quant_kind}' needs a frozen base (mode 'lora')")
+    qb = lambda b: quant.quantize_base(b, quant_kind, quant_block)
+    base = jax.eval_shape(qb, base) if abstract else qb(base)
+  if abstract:
     state, frozen = jax.eval_shape(lambda b: build(cfg, rlcfg, b), base)
   else:
-    state, frozen = build(cfg, rlcfg, models.init_params(cfg, jax.random.key(1), base_dtype))
+    state, frozen = build(cfg, rlcfg, base)
   state_sh, frozen_sh = sharding.shardings(state, mesh), sharding.shardings(frozen, mesh)
   _, optim = optimizer.make(_OPTIM, 1000)
   update = learner.jit_update(cfg, rlcfg, optim, state_sh, frozen_sh, mesh)
@@ -59,7 +69,9 @@ def measure(cfg, mode: str, *, name: str, batch: int, prompt_len: int, new_token
   compiled, perf = trainer.compile_step(update, checkpoint.abstract_like(state), checkpoint.abstract_like(frozen),
                                         rollout.batch_struct(batch, prompt_len, new_tokens), compiler_options=options)
   n_train, n_frozen = models.count_params(state["trainable"]), models.count_params(frozen)
-  row = dict(phase="rl", model=name, mode=mode, dtype=dtype, policy=pol.name, batch=batch, prompt_len=prompt_len,
+  row = dict(phase="rl", model=name, mode=mode, quant=quant_kind,
+             quant_block=quant_block if quant_kind == "nf4" else None, frozen_bytes=quant.tree_bytes(frozen),
+             dtype=dtype, policy=pol.name, batch=batch, prompt_len=prompt_len,
              new_tokens=new_tokens, seq=prompt_len + new_tokens, abstract=abstract,
              lora_rank=lora_cfg.rank if mode == "lora" else None, trainable_params=n_train, frozen_params=n_frozen,
              backbone_params=models.count_params(models.param_shapes(cfg)),
@@ -89,17 +101,19 @@ def measure(cfg, mode: str, *, name: str, batch: int, prompt_len: int, new_token
 
 
 def compare(rows: list[dict]) -> list[dict]:
-  """LoRA/full compiled-peak ratio and full/LoRA step-time speed-up per (model, dtype, shape)."""
+  """LoRA/full compiled-peak ratio and full/LoRA step-time speed-up per (model, dtype, shape), one per LoRA row (a
+  LoRA row on a quantized base is compared with the same full row)."""
   out = []
   key = lambda r: (r["model"], r["dtype"], r["batch"], r["prompt_len"], r["new_tokens"])
-  for k in dict.fromkeys(key(r) for r in rows):
-    by_mode = {r["mode"]: r for r in rows if key(r) == k}
-    if {"lora", "full"} <= set(by_mode):
-      lo, fu = by_mode["lora"], by_mode["full"]
-      speed = fu["step_s"] / lo["step_s"] if lo["step_s"] and fu["step_s"] else None
-      out.append(dict(zip(("model", "dtype", "batch", "prompt_len", "new_tokens"), k),
-                      memory_ratio=lo["compiled_peak_bytes"] / fu["compiled_peak_bytes"], speedup=speed,
-                      lora_peak_gib=lo["compiled_peak_bytes"] / 2**30, full_peak_gib=fu["compiled_peak_bytes"] / 2**30))
+  full = {key(r): r for r in rows if r["mode"] == "full"}
+  for lo in rows:
+    fu = full.get(key(lo))
+    if lo["mode"] != "lora" or fu is None:
+      continue
+    speed = fu["step_s"] / lo["step_s"] if lo["step_s"] and fu["step_s"] else None
+    out.append(dict(zip(("model", "dtype", "batch", "prompt_len", "new_tokens"), key(lo)), lora=rm_step.mode_label(lo),
+                    memory_ratio=lo["compiled_peak_bytes"] / fu["compiled_peak_bytes"], speedup=speed,
+                    lora_peak_gib=lo["compiled_peak_bytes"] / 2**30, full_peak_gib=fu["compiled_peak_bytes"] / 2**30))
   return out
 
 
@@ -112,10 +126,11 @@ def markdown(rows: list[dict]) -> str:
     step = f"{r['step_s']:.2f}" if r.get("step_s") else "–"
     phases = f"{r['rollout_s']:.2f} / {r['update_s']:.2f}" if r.get("update_s") else "–"
     tps = f"{r['response_tokens_per_s']:.1f}" if r.get("response_tokens_per_s") else "–"
-    lines.append(f"| {r['model']} | {r['mode']} | {r['dtype']} | {r['batch']} × ({r['prompt_len']} + "
+    lines.append(f"| {r['model']} | {rm_step.mode_label(r)} | {r['dtype']} | {r['batch']} × ({r['prompt_len']} + "
                  f"{r['new_tokens']}) | {r['trainable_params']:,} | {r['frozen_params']:,} | "
                  f"{r['compiled_peak_bytes'] / 2**30:.2f} | {step} | {phases} | {tps} |")
   for c in compare(rows):
     speed = f", full/LoRA step time {c['speedup']:.2f}×" if c["speedup"] else ""
-    lines.append(f"\n{c['model']} {c['dtype']}: LoRA/full compiled peak {c['memory_ratio']:.3f}{speed}")
+    label = "LoRA" if c["lora"] == "lora" else f"LoRA ({c['lora'].split('+')[1]} base)"
+    lines.append(f"\n{c['model']} {c['dtype']}: {label}/full compiled peak {c['memory_ratio']:.3f}{speed}")
   return "\n".join(lines)

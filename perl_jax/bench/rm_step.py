@@ -34,7 +34,7 @@ import numpy as np
 from flax import traverse_util
 
 from perl_jax import checkpoint, lora, models, optimizer, reward, sharding, trained, trainer
-from perl_jax.models import ModelConfig, Rope
+from perl_jax.models import ModelConfig, Rope, quant
 
 _LLAMA3_ROPE = Rope(theta=500000.0, kind="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                     original_max_position=8192)
@@ -141,10 +141,11 @@ def make_batch(pairs: int, seq: int, vocab: int, seed: int = 0, abstract: bool =
 
 
 def build(cfg: ModelConfig, mode: str, dtype: str, lora_cfg: lora.LoraConfig, abstract: bool,
-          base_params=None, seed: int = 0):
+          base_params=None, seed: int = 0, quant_kind: str = "none", quant_block: int = quant.DEFAULT_BLOCK):
   """(rcfg, optimizer, state, base) for one mode under the dtype policy; ShapeDtypeStructs if abstract.
 
-  Full mode trains a copy of the backbone (all but an unread untied LM head); LoRA keeps the base separate."""
+  Full mode trains a copy of the backbone (all but an unread untied LM head); LoRA keeps the base separate, its
+  layer kernels stored as `quant_kind` says (quant.quantize_base)."""
   pol = policy(dtype)
   rcfg = trained.RewardConfig(mode=mode, loss="bt", lora_cfg=lora_cfg)
   optim = optimizer.make_optimizer(optimizer.make_schedule(1e-5, 1000, 10))
@@ -154,6 +155,11 @@ def build(cfg: ModelConfig, mode: str, dtype: str, lora_cfg: lora.LoraConfig, ab
         cfg, jax.random.key(seed), jnp.dtype(base_dtype))
   else:
     base = jax.tree.map(lambda x: x.astype(base_dtype), base_params)
+  if quant_kind != "none":
+    if mode != "lora":
+      raise quant.QuantError(f"config: field 'model.quant': '{quant_kind}' needs a frozen base (mode 'lora')")
+    qb = lambda b: quant.quantize_base(b, quant_kind, quant_block)
+    base = jax.eval_shape(qb, base) if abstract else qb(base)
   make_state = lambda b: trainer.new_state(
       trained.init_reward(jax.random.key(seed + 1), rcfg, cfg, b), optim, jax.random.key(seed + 2))
   state = jax.eval_shape(make_state, base) if abstract else make_state(base)
@@ -181,7 +187,8 @@ class Prepared:
 
 def prepare(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dtype: str = "bfloat16",
             lora_cfg: lora.LoraConfig = lora.LoraConfig(), abstract: bool = False, base_params=None, mesh=None,
-            cpu_no_hoist: bool = True, compiler_options: dict | None = None) -> Prepared:
+            cpu_no_hoist: bool = True, compiler_options: dict | None = None, quant_kind: str = "none",
+            quant_block: int = quant.DEFAULT_BLOCK) -> Prepared:
   """Compiles reward.train_step for one mode (placing state, base and batch unless abstract); the row holds
   everything known before timing.
 
@@ -190,7 +197,8 @@ def prepare(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dty
   compiles with XLA's default passes, `compiler_options` replaces the options altogether."""
   cfg = dataclasses.replace(cfg, dtype=policy(dtype).compute)
   mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
-  rcfg, optim, state, base = build(cfg, mode, dtype, lora_cfg, abstract, base_params)
+  rcfg, optim, state, base = build(cfg, mode, dtype, lora_cfg, abstract, base_params, quant_kind=quant_kind,
+                                   quant_block=quant_block)
   batch = make_batch(pairs, seq, cfg.vocab_size, abstract=abstract)
   state_sh, base_sh = sharding.shardings(state, mesh), sharding.shardings(base, mesh)
   batch_sh = {k: sharding.batch_sharding(mesh, 3) for k in batch}
@@ -207,7 +215,9 @@ def prepare(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dty
   device = mesh.devices.flat[0]
   sequences = 2 * pairs
   flops = step_flops(cfg, mode, n_lora, sequences, seq, cfg.remat)
-  row = dict(phase="rm", model=name, mode=mode, dtype=dtype, policy=policy(dtype).name, pairs=pairs,
+  row = dict(phase="rm", model=name, mode=mode, quant=quant_kind,
+             quant_block=quant_block if quant_kind == "nf4" else None, frozen_bytes=quant.tree_bytes(base),
+             dtype=dtype, policy=policy(dtype).name, pairs=pairs,
              sequences=sequences, seq=seq, batch_note=f"{pairs} pairs = {sequences} sequences of {seq} tokens",
              remat=cfg.remat, attention=cfg.attention, lora_rank=lora_cfg.rank if mode == "lora" else None,
              lora_targets=list(lora_cfg.targets) if mode == "lora" else None, abstract=abstract,
@@ -224,10 +234,12 @@ def prepare(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dty
 
 def measure(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dtype: str = "bfloat16",
             lora_cfg: lora.LoraConfig = lora.LoraConfig(), abstract: bool = False, steps: int = 5,
-            base_params=None, mesh=None, cpu_no_hoist: bool = True) -> dict:
+            base_params=None, mesh=None, cpu_no_hoist: bool = True, quant_kind: str = "none",
+            quant_block: int = quant.DEFAULT_BLOCK) -> dict:
   """Compiles (and unless abstract, times) reward.train_step for one mode; returns one JSON-able row."""
   p = prepare(cfg, mode, name=name, pairs=pairs, seq=seq, dtype=dtype, lora_cfg=lora_cfg, abstract=abstract,
-              base_params=base_params, mesh=mesh, cpu_no_hoist=cpu_no_hoist)
+              base_params=base_params, mesh=mesh, cpu_no_hoist=cpu_no_hoist, quant_kind=quant_kind,
+              quant_block=quant_block)
   row = p.row
   if abstract:
     return row
@@ -247,7 +259,8 @@ def measure(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dty
 
 
 def compare(rows: list[dict]) -> list[dict]:
-  """LoRA vs full per (model, dtype, shape, remat): memory ratio, speed-up and its ceiling, vs targets."""
+  """LoRA vs full per (model, dtype, shape, remat): memory ratio, speed-up and its ceiling, vs targets; one per
+  LoRA row, so a LoRA row on a quantized base (`quant`) is compared with the same full row."""
   out = []
   key = lambda r: (r.get("model"), r["dtype"], r["pairs"], r["seq"], r["remat"], r["abstract"])
   full = {key(r): r for r in rows if r["mode"] == "full"}
@@ -255,8 +268,8 @@ def compare(rows: list[dict]) -> list[dict]:
     f = full.get(key(r))
     if r["mode"] != "lora" or f is None or not f["compiled_peak_bytes"]:
       continue
-    c = dict(model=r.get("model"), dtype=r["dtype"], pairs=r["pairs"], seq=r["seq"], remat=r["remat"],
-             abstract=r["abstract"], total_params=f["total_params"],
+    c = dict(model=r.get("model"), lora=mode_label(r), dtype=r["dtype"], pairs=r["pairs"], seq=r["seq"],
+             remat=r["remat"], abstract=r["abstract"], total_params=f["total_params"],
              memory_ratio=r["compiled_peak_bytes"] / f["compiled_peak_bytes"],
              memory_target=memory_target(f["total_params"]), paper_memory=PAPER["rm"]["memory"],
              speedup=f["step_s"] / r["step_s"] if r["step_s"] and f["step_s"] else None,
@@ -265,6 +278,12 @@ def compare(rows: list[dict]) -> list[dict]:
       c["measured_memory_ratio"] = r["peak_bytes_in_use"] / f["peak_bytes_in_use"]
     out.append(c)
   return out
+
+
+def mode_label(r) -> str:
+  """"lora", "full", or "lora+nf4" for a LoRA row on a quantized base."""
+  q = r.get("quant") or "none"
+  return r["mode"] if q == "none" else f"{r['mode']}+{q}"
 
 
 def _gib(b):
@@ -282,19 +301,20 @@ def markdown(rows: list[dict]) -> str:
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(
-        f"| {r.get('model')} | {r['mode']} | {r['dtype']} | {r['pairs']}x{r['seq']} ({r['sequences']}) "
+        f"| {r.get('model')} | {mode_label(r)} | {r['dtype']} | {r['pairs']}x{r['seq']} ({r['sequences']}) "
         f"| {r['remat']} | {r['trainable_params']:,} | {r['total_params']:,} | {_gib(r['compiled_peak_bytes'])} "
         f"| {_gib(r['argument_bytes'])} / {_gib(r['temp_bytes'])} | {_gib(r['peak_bytes_in_use'])} "
         f"| {r['compile_s']:.1f} | {_num(r['step_s'], '.3f')} | {_num(r['tokens_per_s'], ',.0f')} "
         f"| {_num(r['mfu'], '.1%')} |")
   comps = compare(rows)
   if comps:
-    lines += ["", "| model | dtype | pairs x T | remat | LoRA/full compiled peak | target | paper | speedup "
-              "| speedup ceiling | paper |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| model | LoRA row | dtype | pairs x T | remat | LoRA/full compiled peak | target | paper | speedup "
+              "| speedup ceiling | paper |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in comps:
       ok = "ok" if c["memory_ratio"] <= c["memory_target"] else "MISS"
       lines.append(
-          f"| {c['model']} | {c['dtype']} | {c['pairs']}x{c['seq']} | {c['remat']} | {c['memory_ratio']:.3f} "
+          f"| {c['model']} | {c['lora']} | {c['dtype']} | {c['pairs']}x{c['seq']} | {c['remat']} "
+          f"| {c['memory_ratio']:.3f} "
           f"| <= {c['memory_target']} ({ok}) | {c['paper_memory'][0]:.2f}-{c['paper_memory'][1]:.2f} "
           f"| {_num(c['speedup'], '.2f') + ('x' if c['speedup'] else '')} | {c['speedup_ceiling']:.2f}x "
           f"| {c['paper_speedup'][0]}-{c['paper_speedup'][1]}x |")

@@ -15,6 +15,7 @@ import numpy as np
 from flax import traverse_util
 
 from perl_jax import models, runs
+from perl_jax.models import quant
 from perl_jax.export import reward as export_reward
 from perl_jax.rl import roles
 from perl_jax.models import loading
@@ -32,7 +33,9 @@ def merged_params(policy) -> dict:
   """The policy as one params tree in float32: roles.merged_policy, with LoRA adapters merged into a float32 copy of
   the backbone (not into its stored dtype)."""
   f32 = lambda tree: jax.tree.map(lambda x: np.asarray(x, np.float32), tree)
-  frozen = {**policy.frozen, "base": f32(policy.frozen["base"])} if policy.stage.mode == "lora" else policy.frozen
+  frozen = policy.frozen
+  if policy.stage.mode == "lora":  # A quantized base is dequantized: the export is a float model.
+    frozen = {**frozen, "base": f32(quant.dequantize_base(frozen["base"]))}
   return f32(roles.merged_policy(policy.stage, policy.trainable, frozen))
 
 
@@ -87,5 +90,6 @@ def export_peft(policy, out, model_path: str, base_model: str = "") -> pathlib.P
   out.mkdir(parents=True, exist_ok=True)
   tree, rank = combined_adapter(adapter_sets(policy))
   tensors = export_reward.lora_tensors(policy.model_cfg, tree)
-  export_reward.write_adapter(out, tensors, "CAUSAL_LM", model_path, rank, rank, base_model=base_model)
+  export_reward.write_adapter(out, tensors, "CAUSAL_LM", model_path, rank, rank, base_model=base_model,
+                              model_config=policy.config.model)
   return out

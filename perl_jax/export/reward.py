@@ -17,6 +17,7 @@ import numpy as np
 from flax import traverse_util
 
 from perl_jax import data, lora, models, runs
+from perl_jax.models import quant
 from perl_jax.export import base
 from perl_jax.models import loading
 from perl_jax.trained import head_bias
@@ -57,7 +58,7 @@ def export_merged(rm: runs.Trained, out, dtype: str = "float32") -> pathlib.Path
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   if rm.stage.mode == "lora":
-    base32 = jax.tree.map(lambda x: np.asarray(x, np.float32), rm.frozen)
+    base32 = jax.tree.map(lambda x: np.asarray(x, np.float32), quant.dequantize_base(rm.frozen))
     params = lora.merge(base32, rm.trainable["lora"], lora.scale(rm.stage.lora_cfg))
   else:
     params = {**rm.frozen, **rm.trainable["backbone"]}
@@ -103,11 +104,13 @@ def peft_state_dict(cfg: models.ModelConfig, trainable) -> dict[str, jax.Array]:
 
 
 def write_adapter(out: pathlib.Path, tensors: dict, task: str, model_path: str, rank: int, alpha: float,
-                  modules_to_save=None, base_model: str = "") -> None:
+                  modules_to_save=None, base_model: str = "", model_config=None) -> None:
   """adapter_config.json + adapter_model.safetensors of a PEFT LoRA adapter for the base model at `model_path`,
-  named by its Hub id (export.base; `base_model` overrides), plus perl_export.json (that base and its
-  quantization)."""
+  named by its Hub id (export.base; `base_model` overrides), plus perl_export.json (that base, its quantization,
+  and how training stored it: base.training_storage of the run's `model_config`)."""
   record = base.base_record(model_path, base_model)
+  if model_config is not None:
+    record.update(base.training_storage(model_config))
   modules = sorted({name.split(".")[-3] for name in tensors if ".lora_A." in name})
   alpha = int(alpha) if float(alpha).is_integer() else float(alpha)
   adapter = dict(peft_type="LORA", task_type=task, base_model_name_or_path=record["base_model"], r=rank,
@@ -131,7 +134,7 @@ def export_peft(rm: runs.Trained, out, base_model: str = "") -> pathlib.Path:
   out.mkdir(parents=True, exist_ok=True)
   tensors = peft_state_dict(rm.model_cfg, rm.trainable)
   write_adapter(out, tensors, "SEQ_CLS", rm.model_path, rm.stage.lora_cfg.rank, rm.stage.lora_cfg.alpha, ["score"],
-                base_model)
+                base_model, model_config=rm.config.model)
   side = {"bias": head_bias(rm), "pad_token_id": _pad_for_export(rm.tokenizer), "step": rm.step}
   (out / SIDE_FILE).write_text(json.dumps(side, indent=1))
   return out

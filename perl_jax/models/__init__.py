@@ -4,7 +4,7 @@ import pathlib
 
 from perl_jax.models.config import (ConfigError, ModelConfig, Rope, from_hf_dict, load_hf_config, resolve_dtype,
                                     to_hf_dict)
-from perl_jax.models.loading import load_pretrained
+from perl_jax.models.loading import load_gguf_blocks, load_pretrained
 from perl_jax.models.tokenizer import load_tokenizer
 from perl_jax.models.transformer import (Output, apply, count_params, forward, init_cache, init_params,
                                          param_shapes, unembed)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perl_jax.models import cache, hub, transformer
+from perl_jax.models import cache, hub, quant, transformer
 from perl_jax.models.config import ConfigError, ModelConfig, from_hf_dict, load_hf_config
 
 _HF_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
@@ -251,6 +251,69 @@ def load_gguf(path: pathlib.Path, param_dtype=jnp.float32, **overrides):
   if cached:
     cache.save_params(path, hf, params)
   return cfg, params
+
+
+def _gguf_kernel_blocks(t, n_heads: int | None, quant):
+  """One layer kernel's ggml blocks as the file stores them, laid out [in/…, out] like our kernels; Q/K rows
+  un-permuted as in load_gguf (each output row's blocks move with it)."""
+  import gguf
+  out = int(t.shape[1])
+  raw = np.asarray(t.data, np.uint8).reshape(out, -1)
+  kind = t.tensor_type.name
+  half = lambda b: np.ascontiguousarray(b).view(np.float16)[..., 0]  # [out, B, 2] bytes -> [out, B]
+  if kind in ("Q4_0", "Q4_1"):
+    size = gguf.GGML_QUANT_SIZES[t.tensor_type][1]  # 18 or 20 bytes a block
+    blocks = raw.reshape(out, -1, size)
+    d = half(blocks[..., 0:2])
+    m = half(blocks[..., 2:4]) if kind == "Q4_1" else (-8 * d.astype(np.float32)).astype(np.float16)
+    qs = blocks[..., size - 16:]  # [out, B, 16]
+    parts = [qs, d, m]
+  elif kind == "Q8_0":
+    blocks = raw.reshape(out, -1, 34)
+    parts = [blocks[..., 2:].view(np.int8), half(blocks[..., 0:2])]
+  else:
+    raise ConfigError(f"tensor '{t.name}': model.quant 'gguf' keeps Q4_0, Q4_1 and Q8_0 blocks; this file stores "
+                      f"{kind} (use model.quant 'int8' or 'nf4')")
+  if n_heads:
+    parts = [_unpermute(x, n_heads) for x in parts]
+  if kind == "Q8_0":
+    codes, d = parts
+    return quant.GGUFQ8(codes.reshape(out, -1).T, d.T)
+  qs, d, m = parts
+  return quant.GGUFQ4(qs.reshape(out, -1).T, d.T, m.T)
+
+
+def load_gguf_blocks(path, cfg: ModelConfig, params: dict) -> dict:
+  """`params` (load_gguf's, from the same file) with every layer kernel replaced by the file's own ggml blocks
+  (quant.GGUFQ4 / GGUFQ8: their scales and mins, no dequantize-then-requantize). The forward dequantizes them one
+  projection at a time to the same float32 values load_gguf holds."""
+  import gguf
+  path = pathlib.Path(path)
+  reader = gguf.GGUFReader(str(path))
+  llama = reader.fields["general.architecture"].contents() == "llama"
+  per_layer: dict[tuple, list] = {}
+  kinds: dict[tuple, tuple] = {}  # (group, name) -> (the file's tensor name, its block type per layer)
+  for t in reader.tensors:
+    m = re.fullmatch(r"blk\.(\d+)\.(.+)", t.name)
+    if not (m and m.group(2).endswith(".weight") and _GGUF_LAYER.get(m.group(2), ("",))[-1] == "kernel"):
+      continue
+    heads = {"attn_q.weight": cfg.num_heads, "attn_k.weight": cfg.num_kv_heads}.get(m.group(2)) if llama else None
+    try:
+      blocks = _gguf_kernel_blocks(t, heads, quant)
+    except ConfigError as e:
+      raise ConfigError(f"{path}: {e}") from None
+    per_layer.setdefault(_GGUF_LAYER[m.group(2)], []).append((int(m.group(1)), blocks))
+    kinds.setdefault(_GGUF_LAYER[m.group(2)][:2], (m.group(2), []))[1].append(t.tensor_type.name)
+  layers = dict(params["layers"])
+  for (group, name, _), blocks in per_layer.items():
+    if len({type(b) for _, b in blocks}) > 1:
+      file_name, types = kinds[(group, name)]
+      raise ConfigError(f"{path}: tensors 'blk.*.{file_name}': model.quant 'gguf' stacks each projection's layers "
+                        f"into one array, and these mix block types ({', '.join(sorted(set(types)))}): use "
+                        "model.quant 'int8' or 'nf4'")
+    stacked = jax.tree.map(lambda *x: jnp.asarray(np.stack(x)), *[b for _, b in sorted(blocks, key=lambda ib: ib[0])])
+    layers[group] = {**layers[group], name: {**layers[group][name], "kernel": stacked}}
+  return {**params, "layers": layers}
 
 
 def load_pretrained(path, param_dtype=jnp.float32, *, revision: str = "", **overrides) -> tuple[ModelConfig, dict]:

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
+from perl_jax.models import quant
 from perl_jax.models.attention import attend, attention_masks
 from perl_jax.models.config import ModelConfig, Rope
 
@@ -69,8 +70,9 @@ def apply_rope(x_BxTxNxH, cos_BxTxh, sin_BxTxh):
 
 
 def dense(x, p: Params, loras: Sequence[tuple[Params, float]], dtype):
-  """x @ W (+ b) plus every adapter's low-rank update (x @ a) @ b * scale."""
-  y = jnp.einsum("...i,io->...o", x, p["kernel"].astype(dtype))
+  """x @ W (+ b) plus every adapter's low-rank update (x @ a) @ b * scale. A quantized W (quant.Int8 / NF4) is
+  dequantized here, one projection of one layer at a time."""
+  y = quant.matmul(x, p["kernel"], dtype)
   if "bias" in p:
     y = y + p["bias"].astype(dtype)
   for ab, scale in loras:
@@ -262,4 +264,5 @@ def init_params(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> Params:
 
 def count_params(tree) -> int:
   """Number of parameters in `tree`: the sum of sizes of its leaves, arrays, ShapeDtypeStructs or shape tuples."""
-  return sum(math.prod(x if _is_shape(x) else x.shape) for x in jax.tree.leaves(tree, is_leaf=_is_shape))
+  leaf = lambda x: _is_shape(x) or quant.is_quantized(x)  # A quantized kernel counts its float kernel's size.
+  return sum(math.prod(x if _is_shape(x) else x.shape) for x in jax.tree.leaves(tree, is_leaf=leaf))

@@ -50,12 +50,15 @@ def sampling_config(rlcfg: RLConfig, n: int) -> RLConfig:
 def _eval_fns(policy: runs.Trained, n: int):
   """(sampler(trainable) -> sample(ids, mask, rng), score(samples, with_ref) -> (RM score_B, ref log-probs_BxN or
   0)), jitted with params as arguments (a closure would bake them into the program as constants). A policy
-  samples from its adapters merged into the backbone (one set of weights per decode step, as for inference);
+  samples from its adapters merged into the backbone (one set of weights per decode step, as for inference; on a
+  quantized base the adapters stay separate, roles.sampling_model);
   scoring has no value pass, and the reference pass only where KL is reported (the policy's samples)."""
   rlcfg = sampling_config(policy.stage, n)
-  merge = jax.jit(lambda tr, fr: roles.merged_policy(rlcfg, tr, fr))
-  sample_jit = jax.jit(lambda params, ids, mask, rng: rollout.sample_with(policy.model_cfg, rlcfg, params, [], ids,
-                                                                          mask, rng, policy.mesh))
+  # (params, adapter trees) are jit arguments; the adapters' scales are constants of the run.
+  scales = [s for _, s in roles.sampling_model(rlcfg, policy.trainable, policy.frozen, merge=False)[1]]
+  merge = jax.jit(lambda tr, fr: (lambda p, a: (p, [t for t, _ in a]))(*roles.sampling_model(rlcfg, tr, fr)))
+  sample_jit = jax.jit(lambda model, ids, mask, rng: rollout.sample_with(
+      policy.model_cfg, rlcfg, model[0], list(zip(model[1], scales)), ids, mask, rng, policy.mesh))
 
   def score(fr, s, with_ref: bool):
     ids, mask = roles.sequence(s["prompt_BxP"], s["prompt_mask_BxP"], s["tokens_BxN"], s["mask_BxN"])
@@ -70,10 +73,10 @@ def _eval_fns(policy: runs.Trained, n: int):
   put = lambda x, k: jnp.asarray(x)
 
   def sampler(tr):
-    params = merge(tr, policy.frozen)
+    model = merge(tr, policy.frozen)
 
     def sample(ids, mask, rng):
-      out = sample_jit(params, ids, mask, rng)
+      out = sample_jit(model, ids, mask, rng)
       return rollout.apply_stop_strings(rlcfg, out, policy.tokenizer.decode, stop, put) if stop else out
     return sample
 

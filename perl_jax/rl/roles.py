@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from perl_jax import heads, lora, losses, models
+from perl_jax.models import quant
 from perl_jax.models import ModelConfig
 
 
@@ -34,6 +35,19 @@ def merged_policy(rlcfg, trainable, frozen):
   for tree, scale in adapters:
     params = lora.merge(params, tree, scale)
   return params
+
+
+def sampling_model(rlcfg, trainable, frozen, merge: bool = True):
+  """(params, adapters) an eval samples the policy from: its adapters merged (one set of weights per decode step),
+  except on a quantized base, where merging would make float copies of the adapted kernels: there the adapters
+  stay separate and each projection is dequantized as it is used. `merge=False` only says which adapters stay
+  separate (nothing is computed)."""
+  params, adapters = policy_model(rlcfg, trainable, frozen)
+  if quant.base_kind(params) != "none":
+    return params, adapters
+  if not merge:
+    return params, []
+  return merged_policy(rlcfg, trainable, frozen), []
 
 
 def reference_model(rlcfg, frozen):

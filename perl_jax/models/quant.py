@@ -1,0 +1,242 @@
+"""Weight-only quantization of the frozen layer kernels [L, in, out] for a QLoRA-style base (issue #33): the formats,
+their exact round trips, and the base as a params tree whose layer kernels are quantized (`quantize_base`).
+
+int8: symmetric, per output channel: scale_o = max_i |W_io| / 127, code = round(W / scale) in [−127, 127].
+nf4 (Dettmers et al. 2023): 4-bit NormalFloat codes, blockwise absmax. Each block is `block` consecutive input rows
+of one output column (the contracting axis, so a matmul dequantizes along what it reduces over):
+absmax_bo = max |W_bo|, code = the NF4 level nearest to W / absmax, two codes per byte (low nibble: even row).
+
+A quantized kernel is a NamedTuple of arrays in the kernel's place (a pytree node, so jit, scan and sharding see
+its arrays; the layer scan slices their leading L axis like any kernel's). `models.forward` dequantizes one
+projection at a time inside the layer loop (`dense_kernel`), so no whole-model float copy exists. Only the layer
+kernels are quantized: embeddings, LM head, norms, biases, LoRA adapters and heads keep their float dtypes.
+"""
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from perl_jax.errors import ConfigError
+
+# The 16 NF4 levels (bitsandbytes' table): quantiles of N(0, 1) normalised to [−1, 1], with an exact 0.
+NF4_LEVELS = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+], np.float32)
+KINDS = ("none", "int8", "nf4", "gguf")
+GGUF_BLOCK = 32  # ggml's Q4_0 / Q4_1 / Q8_0 blocks: 32 consecutive input rows of one output row.
+DEFAULT_BLOCK = 64
+
+
+class QuantError(ConfigError):
+  """A quantization setting that cannot apply (a one-line message naming the field)."""
+
+
+class Int8(NamedTuple):
+  codes_LxIxO: jnp.ndarray  # int8
+  scale_LxO: jnp.ndarray  # float32, per output channel
+
+  @property
+  def shape(self):
+    """The float kernel's shape."""
+    return tuple(self.codes_LxIxO.shape)
+
+  @property
+  def ndim(self):
+    return len(self.shape)
+
+
+class NF4(NamedTuple):
+  packed_LxHxO: jnp.ndarray  # uint8, H = in / 2: rows 2h (low nibble) and 2h + 1 (high nibble)
+  absmax_LxBxO: jnp.ndarray  # float32, B = in / block
+
+  @property
+  def shape(self):
+    """The float kernel's shape."""
+    *lead, h, o = self.packed_LxHxO.shape
+    return (*lead, 2 * h, o)
+
+  @property
+  def ndim(self):
+    return len(self.shape)
+
+
+class GGUFQ4(NamedTuple):
+  """ggml Q4_0 / Q4_1 blocks kept as the file stores them: w = d·q + m, q in 0..15 (Q4_0: m = −8·d)."""
+  packed_LxHxO: jnp.ndarray  # uint8, H = in / 2; block b's byte j: rows 32b + j (low nibble), 32b + 16 + j (high)
+  scale_LxBxO: jnp.ndarray  # float16 d, B = in / 32
+  min_LxBxO: jnp.ndarray  # float16 m
+
+  @property
+  def shape(self):
+    *lead, h, o = self.packed_LxHxO.shape
+    return (*lead, 2 * h, o)
+
+  @property
+  def ndim(self):
+    return len(self.shape)
+
+
+class GGUFQ8(NamedTuple):
+  """ggml Q8_0 blocks kept as the file stores them: w = d·q, q in −128..127."""
+  codes_LxIxO: jnp.ndarray  # int8
+  scale_LxBxO: jnp.ndarray  # float16 d, B = in / 32
+
+  @property
+  def shape(self):
+    return tuple(self.codes_LxIxO.shape)
+
+  @property
+  def ndim(self):
+    return len(self.shape)
+
+
+QUANTIZED = (Int8, NF4, GGUFQ4, GGUFQ8)
+
+
+def is_quantized(x) -> bool:
+  return isinstance(x, QUANTIZED)
+
+
+def quantize_int8(w_LxIxO) -> Int8:
+  w = jnp.asarray(w_LxIxO, jnp.float32)
+  scale = jnp.max(jnp.abs(w), axis=1) / 127.0
+  safe = jnp.where(scale > 0, scale, 1.0)
+  return Int8(jnp.clip(jnp.round(w / safe[:, None, :]), -127, 127).astype(jnp.int8), scale)
+
+
+def dequantize_int8(q: Int8, dtype=jnp.float32):
+  """codes · scale_o, for any leading axes (a whole [L,in,out] stack or one layer's [in,out])."""
+  return (q.codes_LxIxO.astype(jnp.float32) * q.scale_LxO[..., None, :]).astype(dtype)
+
+
+def check_block(shape, block: int, field: str = "model.quant_block") -> None:
+  """nf4 needs an even input size that `block` divides."""
+  d_in = shape[1]
+  if block < 2 or block % 2 or d_in % block:
+    raise QuantError(f"config: field '{field}': block {block} must be even and divide the kernel's input size "
+                     f"{d_in} (shape {tuple(shape)})")
+
+
+def quantize_nf4(w_LxIxO, block: int = DEFAULT_BLOCK) -> NF4:
+  check_block(w_LxIxO.shape, block)
+  w = jnp.asarray(w_LxIxO, jnp.float32)
+  l, d_in, d_out = w.shape
+  blocks = w.reshape(l, d_in // block, block, d_out)
+  absmax = jnp.max(jnp.abs(blocks), axis=2)
+  x = blocks / jnp.where(absmax > 0, absmax, 1.0)[:, :, None, :]
+  # The nearest level: the number of midpoints below x (a tie goes to the lower level, as argmin's first minimum).
+  mids = jnp.asarray((NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2)
+  codes = jnp.searchsorted(mids, x, side="left").astype(jnp.uint8).reshape(l, d_in, d_out)
+  return NF4((codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(jnp.uint8), absmax)
+
+
+def nf4_codes(q: NF4):
+  """The 4-bit codes [..., in, out] unpacked from their bytes."""
+  lo, hi = q.packed_LxHxO & 0xF, q.packed_LxHxO >> 4
+  *lead, h, o = q.packed_LxHxO.shape
+  return jnp.stack([lo, hi], axis=-2).reshape(*lead, 2 * h, o)
+
+
+def dequantize_nf4(q: NF4, dtype=jnp.float32):
+  """NF4_LEVELS[code] · absmax of the code's block, for any leading axes."""
+  codes = nf4_codes(q)
+  *lead, d_in, d_out = codes.shape
+  nb = q.absmax_LxBxO.shape[-2]
+  vals = jnp.asarray(NF4_LEVELS)[codes].reshape(*lead, nb, d_in // nb, d_out)
+  return (vals * q.absmax_LxBxO[..., None, :]).reshape(*lead, d_in, d_out).astype(dtype)
+
+
+def dequantize_gguf_q4(q: GGUFQ4, dtype=jnp.float32):
+  """d·q + m per block of 32 input rows (float32 arithmetic on the float16 d and m, as ggml and the gguf package
+  dequantize), for any leading axes."""
+  *lead, h, o = q.packed_LxHxO.shape
+  nb = h // (GGUF_BLOCK // 2)
+  p = q.packed_LxHxO.reshape(*lead, nb, GGUF_BLOCK // 2, o)
+  codes = jnp.concatenate([p & 0xF, p >> 4], axis=-2).astype(jnp.float32)  # [..., B, 32, O]
+  w = codes * q.scale_LxBxO.astype(jnp.float32)[..., None, :] + q.min_LxBxO.astype(jnp.float32)[..., None, :]
+  return w.reshape(*lead, nb * GGUF_BLOCK, o).astype(dtype)
+
+
+def dequantize_gguf_q8(q: GGUFQ8, dtype=jnp.float32):
+  """d·q per block of 32 input rows, for any leading axes."""
+  *lead, d_in, o = q.codes_LxIxO.shape
+  nb = d_in // GGUF_BLOCK
+  codes = q.codes_LxIxO.astype(jnp.float32).reshape(*lead, nb, GGUF_BLOCK, o)
+  return (codes * q.scale_LxBxO.astype(jnp.float32)[..., None, :]).reshape(*lead, d_in, o).astype(dtype)
+
+
+_DEQUANTIZE = {Int8: dequantize_int8, NF4: dequantize_nf4, GGUFQ4: dequantize_gguf_q4, GGUFQ8: dequantize_gguf_q8}
+
+
+def dense_kernel(w, dtype):
+  """A kernel as a float array in `dtype`: dequantized when quantized, else cast. The one place the forward reads a
+  kernel, so a quantized base is expanded one projection at a time, inside the layer loop."""
+  if is_quantized(w):
+    return _DEQUANTIZE[type(w)](w, dtype)
+  return w.astype(dtype)
+
+
+def matmul(x, w, dtype):
+  """x @ W over the last axis of x, W a float or a quantized kernel [in, out] (dequantized to `dtype`). With a
+  quantized W the product is rematerialised from (x, codes): otherwise, with no remat policy, autodiff keeps each
+  layer's dequantized kernel for the backward pass (a residual of the layer scan: a float copy of the whole base)."""
+  mm = lambda x_, w_: jnp.einsum("...i,io->...o", x_, dense_kernel(w_, dtype))
+  if not is_quantized(w):
+    return mm(x, w)
+  return jax.checkpoint(mm, policy=jax.checkpoint_policies.nothing_saveable)(x, w)
+
+
+def check_kind(kind: str, field: str = "model.quant") -> None:
+  if kind not in KINDS:
+    raise QuantError(f"config: field '{field}': unknown quantization '{kind}' (one of {', '.join(KINDS)})")
+
+
+def _layer_kernel(path: str, leaf) -> bool:
+  return path.startswith("layers/") and path.endswith("/kernel") and getattr(leaf, "ndim", 0) == 3
+
+
+def quantize_base(params, kind: str, block: int = DEFAULT_BLOCK):
+  """The params tree with every layer kernel [L,in,out] quantized (`kind` "int8" | "nf4"; "none" returns it as it
+  is). nf4's `block` must divide every kernel's input size (a one-line QuantError naming model.quant_block).
+  "gguf" is not a quantizer: a GGUF file's own blocks are loaded as they are (models.load_gguf_blocks)."""
+  check_kind(kind)
+  if kind == "none":
+    return params
+  if kind == "gguf":
+    raise QuantError("config: field 'model.quant': 'gguf' keeps a GGUF file's own blocks, so it needs the base "
+                     "loaded from that file (model.path a .gguf, or the embedded default), not float weights")
+  flat = traverse_util.flatten_dict(params, sep="/")
+  for path, leaf in flat.items():
+    if kind == "nf4" and _layer_kernel(path, leaf):
+      check_block(leaf.shape, block)
+  fn = quantize_int8 if kind == "int8" else lambda w: quantize_nf4(w, block)
+  out = {p: fn(leaf) if _layer_kernel(p, leaf) else leaf for p, leaf in flat.items()}
+  return traverse_util.unflatten_dict(out, sep="/")
+
+
+def dequantize_base(params, dtype=jnp.float32):
+  """Every quantized kernel back to a float array in `dtype` (other leaves unchanged): for a merged export."""
+  return jax.tree.map(lambda x: dense_kernel(x, dtype) if is_quantized(x) else x, params, is_leaf=is_quantized)
+
+
+def base_kind(params) -> str:
+  """ "int8" | "nf4" | "gguf" when the tree holds quantized kernels, else "none"."""
+  names = {Int8: "int8", NF4: "nf4", GGUFQ4: "gguf", GGUFQ8: "gguf"}
+  for leaf in jax.tree.leaves(params, is_leaf=is_quantized):
+    if is_quantized(leaf):
+      return names[type(leaf)]
+  return "none"
+
+
+def quantized_bytes(q) -> int:
+  """Bytes the quantized kernel holds (codes and scales)."""
+  return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in q)
+
+
+def tree_bytes(tree) -> int:
+  """Bytes of every array in a pytree (of arrays or ShapeDtypeStructs), quantized kernels as stored."""
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
