@@ -31,6 +31,8 @@ _MODEL = flags.DEFINE_string("model", "smollm2-135m", "Preset name or path to an
 _MODES = flags.DEFINE_string("modes", "full,lora", "Comma-separated modes: full, lora.", flag_values=FLAGS)
 _QUANT = flags.DEFINE_string("quant", "none", "Comma-separated frozen-base storage for the LoRA rows: none, int8, nf4 "
                              "(one LoRA row each; full rows are always 'none').", flag_values=FLAGS)
+flags.register_validator("quant", lambda v: set(v.split(",")) <= {"none", "int8", "nf4"},
+                         "--quant: comma-separated none, int8, nf4", flag_values=FLAGS)
 _QUANT_BLOCK = flags.DEFINE_integer("quant_block", 64, "nf4 block size (input rows per absmax).", flag_values=FLAGS)
 _BATCH = flags.DEFINE_integer("batch", None, "Pairs per step (default: 8, 2 for tiny).", flag_values=FLAGS)
 _SEQ = flags.DEFINE_integer("seq", None, "Tokens per sequence (default: 1024, 32 for tiny).", flag_values=FLAGS)
@@ -71,9 +73,6 @@ def parse(argv):
 
 def _units(modes, quants) -> list[tuple[str, str]]:
   """(mode, quant) per row: full once, on its float base; LoRA once per --quant entry."""
-  from perl_jax.models import quant
-  for q in quants:
-    quant.check_kind(q, "--quant")
   return [(m, q) for m in modes for q in (quants if m == "lora" else ["none"])]
 
 

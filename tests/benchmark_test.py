@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import flags
 
 from perl_jax import lora, models, trainer
 from perl_jax.bench import rm_step
@@ -209,3 +210,23 @@ def test_isolated_modes_keep_finished_rows_when_a_later_mode_dies(tmp_path, monk
     cli.main(["--model", "tiny", "--modes", "full,lora", "--out", str(out)])
   assert e.value.code == 137 and calls == ["full", "lora"]
   assert [json.loads(line) for line in out.read_text().splitlines()] == [{"mode": "full", "step_s": 0.5}]
+
+
+def test_cli_quant_rows_store_the_lora_base_quantized(tmp_path, capsys):
+  """--quant adds one LoRA row per storage (full rows stay float): the frozen base's bytes shrink to the codes and
+  scales (nf4 ≈ 1/8 of float32 on the layer kernels), the compiled arguments with them, and each LoRA row is
+  compared with the one full row. An unknown kind is a one-line flag error."""
+  out = tmp_path / "q.jsonl"
+  assert _cli().main(["--model", "tiny", "--abstract", "--dtype", "float32", "--quant", "none,int8,nf4",
+                      "--quant_block", "16", "--out", str(out)]) == 0
+  rows = {(r["mode"], r["quant"]): r for r in map(json.loads, out.read_text().splitlines())}
+  assert set(rows) == {("full", "none"), ("lora", "none"), ("lora", "int8"), ("lora", "nf4")}
+  kernels = models.count_params(models.param_shapes(rm_step.preset("tiny"))["layers"]["mlp"]) * 4
+  f32, i8, nf4 = (rows[("lora", q)] for q in ("none", "int8", "nf4"))
+  assert f32["frozen_bytes"] > i8["frozen_bytes"] > nf4["frozen_bytes"]
+  assert f32["frozen_bytes"] - nf4["frozen_bytes"] > 0.5 * kernels  # at least the MLP kernels shrank 8x
+  assert f32["argument_bytes"] > i8["argument_bytes"] > nf4["argument_bytes"]
+  table = capsys.readouterr().out
+  assert "| tiny | lora+nf4 |" in table and "| tiny | lora+int8 | float32 |" in table
+  with pytest.raises(flags.IllegalFlagValueError, match="--quant: comma-separated none, int8, nf4"):
+    _cli().main(["--model", "tiny", "--abstract", "--quant", "fp4"])

@@ -269,3 +269,24 @@ def test_gguf_quant_without_a_gguf_file_or_with_mixed_block_types_is_a_one_line_
   with pytest.raises(models.ConfigError, match=r"mixed.gguf: tensors 'blk.\*.attn_q.weight': .*\(Q4_1, Q8_0\)") as e:
     models.load_gguf_blocks(path, cfg, params)
   assert "\n" not in str(e.value)
+
+
+def test_quant_error_figures_by_hand():
+  """scripts/quant_error.py's figures: equal logits give no error and full agreement; logits shifted by a constant
+  per position keep every softmax (KL 0, same argmax) with absolute error that constant; a swapped argmax at one of
+  four real tokens (the pad ignored) is 3/4 agreement."""
+  from tests.helpers import load_script
+  qe = load_script("quant_error")
+  ref = np.random.default_rng(0).normal(size=(2, 3, 5)).astype(np.float32)
+  mask = np.array([[1, 1, 0], [1, 1, 1]])
+  same = qe.error_stats(ref, ref.copy(), mask)
+  assert same["mean_abs_logit_error"] == 0 and same["kl_per_token"] == 0 and same["top1_agreement"] == 1
+  shifted = qe.error_stats(ref, ref + 0.5, mask)
+  assert shifted["mean_abs_logit_error"] == pytest.approx(0.5) and shifted["kl_per_token"] == pytest.approx(0, abs=1e-6)
+  assert shifted["top1_agreement"] == 1
+  got = ref.copy()
+  got[1, 2] = -ref[1, 2]  # a different argmax at one real token of text 1 (unless the row is constant)
+  row = qe.error_stats(ref, got, mask)
+  assert row["top1_agreement"] == pytest.approx((1 + 2 / 3) / 2)  # mean over texts of each text's agreement
+  p, q = jax.nn.softmax(ref[1, 2]), jax.nn.softmax(got[1, 2])
+  assert row["kl_per_token"] == pytest.approx(float(jnp.sum(p * (jnp.log(p) - jnp.log(q)))) / 3 / 2, rel=1e-5)
