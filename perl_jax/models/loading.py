@@ -253,7 +253,7 @@ def load_gguf(path: pathlib.Path, param_dtype=jnp.float32, **overrides):
   return cfg, params
 
 
-def _gguf_kernel_blocks(t, n_heads: int | None, quant):
+def _gguf_kernel_blocks(t, n_heads: int | None):
   """One layer kernel's ggml blocks as the file stores them, laid out [in/…, out] like our kernels; Q/K rows
   un-permuted as in load_gguf (each output row's blocks move with it)."""
   import gguf
@@ -299,7 +299,7 @@ def load_gguf_blocks(path, cfg: ModelConfig, params: dict) -> dict:
       continue
     heads = {"attn_q.weight": cfg.num_heads, "attn_k.weight": cfg.num_kv_heads}.get(m.group(2)) if llama else None
     try:
-      blocks = _gguf_kernel_blocks(t, heads, quant)
+      blocks = _gguf_kernel_blocks(t, heads)
     except ConfigError as e:
       raise ConfigError(f"{path}: {e}") from None
     per_layer.setdefault(_GGUF_LAYER[m.group(2)], []).append((int(m.group(1)), blocks))
@@ -311,7 +311,8 @@ def load_gguf_blocks(path, cfg: ModelConfig, params: dict) -> dict:
       raise ConfigError(f"{path}: tensors 'blk.*.{file_name}': model.quant 'gguf' stacks each projection's layers "
                         f"into one array, and these mix block types ({', '.join(sorted(set(types)))}): use "
                         "model.quant 'int8' or 'nf4'")
-    stacked = jax.tree.map(lambda *x: jnp.asarray(np.stack(x)), *[b for _, b in sorted(blocks, key=lambda ib: ib[0])])
+    in_order = [b for _, b in sorted(blocks, key=lambda ib: ib[0])]
+    stacked = jax.tree.map(lambda *x: jnp.asarray(np.stack(x)), *in_order)
     layers[group] = {**layers[group], name: {**layers[group][name], "kernel": stacked}}
   return {**params, "layers": layers}
 

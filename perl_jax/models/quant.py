@@ -5,10 +5,12 @@ int8: symmetric, per output channel: scale_o = max_i |W_io| / 127, code = round(
 nf4 (Dettmers et al. 2023): 4-bit NormalFloat codes, blockwise absmax. Each block is `block` consecutive input rows
 of one output column (the contracting axis, so a matmul dequantizes along what it reduces over):
 absmax_bo = max |W_bo|, code = the NF4 level nearest to W / absmax, two codes per byte (low nibble: even row).
+gguf: a GGUF file's own Q4_0 / Q4_1 / Q8_0 blocks (32 input rows, float16 scale and min), read by
+models.load_gguf_blocks and dequantized exactly as ggml does.
 
 A quantized kernel is a NamedTuple of arrays in the kernel's place (a pytree node, so jit, scan and sharding see
 its arrays; the layer scan slices their leading L axis like any kernel's). `models.forward` dequantizes one
-projection at a time inside the layer loop (`dense_kernel`), so no whole-model float copy exists. Only the layer
+projection at a time inside the layer loop (`matmul`), so no whole-model float copy exists. Only the layer
 kernels are quantized: embeddings, LM head, norms, biases, LoRA adapters and heads keep their float dtypes.
 """
 from typing import NamedTuple
