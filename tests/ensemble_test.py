@@ -87,3 +87,19 @@ def test_bad_members_are_one_line_errors(setup):
   with pytest.raises(ValueError, match="member 1 does not match member 0") as e:
     ensemble.stack([members[0], other])
   assert "\n" not in str(e.value)
+
+
+def test_scoring_benchmark_holds_one_backbone_against_k_full_rms():
+  """bench/ensemble_scoring from shapes: going from K = 1 to 4, the LoRA arm's compiled arguments grow by three
+  members' adapters and heads, the full arm's by three backbones; the table prints one line per K."""
+  from perl_jax.bench import ensemble_scoring, rm_step
+  cfg = rm_step.preset("tiny")
+  rows = {(r["k"], r["arm"]): r for r in ensemble_scoring.measure(cfg, name="tiny", ks=(1, 4), batch=2, seq=16,
+                                                                   dtype="float32")}
+  member = 4 * (lora.closed_form_count(cfg, lora.LoraConfig()) + cfg.hidden_size + 1)  # float32 adapters + head
+  backbone = 4 * models.count_params({k: v for k, v in models.param_shapes(cfg).items() if k != "lm_head"})
+  grow = lambda arm: rows[(4, arm)]["argument_bytes"] - rows[(1, arm)]["argument_bytes"]
+  assert grow("lora_members") == 3 * member
+  assert 3 * backbone <= grow("full_rms") <= 3 * (backbone + member)
+  table = ensemble_scoring.markdown(list(rows.values()))
+  assert "| tiny | 1 |" in table and "| tiny | 4 |" in table
