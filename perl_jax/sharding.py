@@ -10,9 +10,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")
 
-# A quantized kernel (perl_jax.models.quant) is split like the float kernel it stands for: its codes [L,in,out] (4-bit: packed
-# [L,in/2,out]) and block scales / mins [L,in/block,out] on the same axes, int8's per-channel scales [L,out] on the
-# output's.
+# A quantized kernel (perl_jax.models.quant) is split like the float kernel it stands for: its codes [L,in,out]
+# (4-bit: packed [L,in/2,out]) and block scales / mins [L,in/block,out] on the same axes, int8's per-channel scales
+# [L,out] on the output's.
 _KERNEL_ARRAYS = r"(/codes_LxIxO|/packed_LxHxO|/absmax_LxBxO|/scale_LxBxO|/min_LxBxO)?$"
 
 # First matching regex wins; searched anywhere in the path so optimizer states (".../mu/layers/...") match.
