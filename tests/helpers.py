@@ -55,6 +55,30 @@ def head_lines(src, dst, n, start=0):
     f.writelines(lines)
   return dst
 
+def tiny_rm_and_sft_runs(d, model: dict | None = None, optim: dict | None = None):
+  """In folder d: a tiny HF model (d/model), 48 Taskmaster-4 RM lines and 16 of its dialogs, a 2-step LoRA RM run
+  (d/rm) and a 2-step LoRA SFT run (d/sft), with `model` / `optim` config fields set on both. Returns d."""
+  from perl_jax import reward, sft
+  from experiments.rm import smollm2 as rm_configs
+  from experiments.sft import smollm2 as sft_configs
+  root = pathlib.Path(__file__).resolve().parents[1]
+  d = pathlib.Path(d)
+  make_tiny_hf_folder(d / "model")
+  head_lines(root / "experiments/data/taskmaster4/reward.jsonl.gz", d / "tm4.jsonl", 48)
+  head_lines(root / "experiments/data/taskmaster4/dialogs.jsonl.gz", d / "dialogs.jsonl", 16)
+  for name, configs, path in (("rm", rm_configs, "tm4.jsonl"), ("sft", sft_configs, "dialogs.jsonl")):
+    c = configs.get_config("tm4_lora")
+    c.model.update(path=str(d / "model"), **(model or {}))
+    c.data.path = str(d / path)
+    c.data.update(max_len=64, batch_size=8, eval_batch_size=8, eval_fraction=0.25)
+    if name == "rm":
+      c.data.min_prompt_tokens = 16
+    c.optim.update(optim or {})
+    c.update(steps=2, log_every=1, eval_every=2, checkpoint_every=2)
+    (reward if name == "rm" else sft).train(c, d / name)
+  return d
+
+
 
 def run_two_hosts(script_text: str, tmp_path, *args, timeout: int = 400):
   """Runs `script_text` as processes 0 and 1 (argv: process id, coordinator port, *args) from the repo root,

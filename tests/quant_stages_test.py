@@ -10,17 +10,15 @@ import jax
 import numpy as np
 import pytest
 
-from perl_jax import lora, models, reward, sft, trained
+from perl_jax import lora, models, trained
 from perl_jax.models import quant
 from perl_jax.rl import setup
 from perl_jax.rl import train as rl_train
 from perl_jax.export.policy import adapter_sets
 from tests.conftest import ROOT
-from tests.helpers import head_lines, make_tiny_hf_folder
+from tests.helpers import tiny_rm_and_sft_runs
 
 from experiments.rl import smollm2 as rl_configs  # noqa: E402
-from experiments.rm import smollm2 as rm_configs  # noqa: E402
-from experiments.sft import smollm2 as sft_configs  # noqa: E402
 
 QUANT = dict(quant="nf4", quant_block=16)  # The tiny model's kernels have 32 or 64 input rows.
 
@@ -28,20 +26,8 @@ QUANT = dict(quant="nf4", quant_block=16)  # The tiny model's kernels have 32 or
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   """2-step LoRA SFT and RM runs on an nf4 base, then a 2-step RL run (REINFORCE + value) on it."""
-  d = tmp_path_factory.mktemp("quant_stages")
-  make_tiny_hf_folder(d / "model")
-  head_lines(ROOT / "experiments/data/taskmaster4/reward.jsonl.gz", d / "tm4.jsonl", 48)
-  head_lines(ROOT / "experiments/data/taskmaster4/dialogs.jsonl.gz", d / "dialogs.jsonl", 16)
-  for name, configs, path in (("rm", rm_configs, "tm4.jsonl"), ("sft", sft_configs, "dialogs.jsonl")):
-    c = configs.get_config("tm4_lora")
-    c.model.update(path=str(d / "model"), **QUANT)
-    c.data.path = str(d / path)
-    c.data.update(max_len=64, batch_size=8, eval_batch_size=8, eval_fraction=0.25)
-    if name == "rm":
-      c.data.min_prompt_tokens = 16
-    c.optim.update(lr=0.05, warmup_steps=1)
-    c.update(steps=2, log_every=1, eval_every=2, checkpoint_every=2)
-    (reward if name == "rm" else sft).train(c, d / name)
+  d = tiny_rm_and_sft_runs(tmp_path_factory.mktemp("quant_stages"), model=QUANT,
+                           optim=dict(lr=0.05, warmup_steps=1))
   c = rl_configs.get_config("tm4_lora")
   c.model.update(**QUANT)
   c.reward_workdir, c.sft_workdir, c.data.path = str(d / "rm"), str(d / "sft"), str(d / "tm4.jsonl")

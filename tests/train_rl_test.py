@@ -14,11 +14,10 @@ from perl_jax import data, heads, reward, sft, trained
 from perl_jax.rl import setup
 from perl_jax.rl import train as rl_train
 from tests.conftest import ROOT
-from tests.helpers import head_lines, load_script, make_tiny_hf_folder
+from tests.helpers import load_script, tiny_rm_and_sft_runs
 
 from experiments.rl import smollm2 as rl_configs  # noqa: E402
 from experiments.rm import smollm2 as rm_configs  # noqa: E402
-from experiments.sft import smollm2 as sft_configs  # noqa: E402
 
 LOGGED = ("reward_mean", "reward_std", "kl_ref", "entropy", "value_loss", "explained_variance", "clip_fraction",
           "response_length", "finished_fraction", "sample_tokens_per_s", "update_tokens_per_s", "sample_s", "score_s",
@@ -28,19 +27,7 @@ LOGGED = ("reward_mean", "reward_std", "kl_ref", "entropy", "value_loss", "expla
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   """A tiny HF model, a 2-step LoRA RM run on Taskmaster-4 lines and a 2-step LoRA SFT run on its dialogs."""
-  d = tmp_path_factory.mktemp("rl")
-  make_tiny_hf_folder(d / "model")
-  head_lines(ROOT / "experiments/data/taskmaster4/reward.jsonl.gz", d / "tm4.jsonl", 48)
-  head_lines(ROOT / "experiments/data/taskmaster4/dialogs.jsonl.gz", d / "dialogs.jsonl", 16)
-  for name, configs, path in (("rm", rm_configs, "tm4.jsonl"), ("sft", sft_configs, "dialogs.jsonl")):
-    c = configs.get_config("tm4_lora")
-    c.model.path, c.data.path = str(d / "model"), str(d / path)
-    c.data.update(max_len=64, batch_size=8, eval_batch_size=8, eval_fraction=0.25)
-    if name == "rm":
-      c.data.min_prompt_tokens = 16
-    c.update(steps=2, log_every=1, eval_every=2, checkpoint_every=2)
-    (reward if name == "rm" else sft).train(c, d / name)
-  return d
+  return tiny_rm_and_sft_runs(tmp_path_factory.mktemp("rl"))
 
 
 def _rl_config(d, **over):

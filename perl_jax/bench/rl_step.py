@@ -53,11 +53,7 @@ def measure(cfg, mode: str, *, name: str, batch: int, prompt_len: int, new_token
                         is_leaf=lambda x: isinstance(x, tuple))
   else:
     base = models.init_params(cfg, jax.random.key(1), base_dtype)
-  if quant_kind != "none":
-    if mode != "lora":
-      raise quant.QuantError(f"config: field 'model.quant': '{quant_kind}' needs a frozen base (mode 'lora')")
-    qb = lambda b: quant.quantize_base(b, quant_kind, quant_block)
-    base = jax.eval_shape(qb, base) if abstract else qb(base)
+  base = quant.frozen_base(base, mode, quant_kind, quant_block, abstract)
   if abstract:
     state, frozen = jax.eval_shape(lambda b: build(cfg, rlcfg, b), base)
   else:

@@ -155,11 +155,7 @@ def build(cfg: ModelConfig, mode: str, dtype: str, lora_cfg: lora.LoraConfig, ab
         cfg, jax.random.key(seed), jnp.dtype(base_dtype))
   else:
     base = jax.tree.map(lambda x: x.astype(base_dtype), base_params)
-  if quant_kind != "none":
-    if mode != "lora":
-      raise quant.QuantError(f"config: field 'model.quant': '{quant_kind}' needs a frozen base (mode 'lora')")
-    qb = lambda b: quant.quantize_base(b, quant_kind, quant_block)
-    base = jax.eval_shape(qb, base) if abstract else qb(base)
+  base = quant.frozen_base(base, mode, quant_kind, quant_block, abstract)
   make_state = lambda b: trainer.new_state(
       trained.init_reward(jax.random.key(seed + 1), rcfg, cfg, b), optim, jax.random.key(seed + 2))
   state = jax.eval_shape(make_state, base) if abstract else make_state(base)

@@ -37,33 +37,32 @@ class QuantError(ConfigError):
   """A quantization setting that cannot apply (a one-line message naming the field)."""
 
 
+def _codes_shape(q):
+  """The float kernel's shape: that of the codes (one per weight)."""
+  return tuple(q[0].shape)
+
+
+def _packed_shape(q):
+  """The float kernel's shape: the packed codes' with the input axis doubled (two codes a byte)."""
+  *lead, h, o = q[0].shape
+  return (*lead, 2 * h, o)
+
+
+_ndim = property(lambda q: len(q.shape))
+
+
 class Int8(NamedTuple):
   codes_LxIxO: jnp.ndarray  # int8
   scale_LxO: jnp.ndarray  # float32, per output channel
-
-  @property
-  def shape(self):
-    """The float kernel's shape."""
-    return tuple(self.codes_LxIxO.shape)
-
-  @property
-  def ndim(self):
-    return len(self.shape)
+  shape = property(_codes_shape)
+  ndim = _ndim
 
 
 class NF4(NamedTuple):
   packed_LxHxO: jnp.ndarray  # uint8, H = in / 2: rows 2h (low nibble) and 2h + 1 (high nibble)
   absmax_LxBxO: jnp.ndarray  # float32, B = in / block
-
-  @property
-  def shape(self):
-    """The float kernel's shape."""
-    *lead, h, o = self.packed_LxHxO.shape
-    return (*lead, 2 * h, o)
-
-  @property
-  def ndim(self):
-    return len(self.shape)
+  shape = property(_packed_shape)
+  ndim = _ndim
 
 
 class GGUFQ4(NamedTuple):
@@ -71,29 +70,16 @@ class GGUFQ4(NamedTuple):
   packed_LxHxO: jnp.ndarray  # uint8, H = in / 2; block b's byte j: rows 32b + j (low nibble), 32b + 16 + j (high)
   scale_LxBxO: jnp.ndarray  # float16 d, B = in / 32
   min_LxBxO: jnp.ndarray  # float16 m
-
-  @property
-  def shape(self):
-    *lead, h, o = self.packed_LxHxO.shape
-    return (*lead, 2 * h, o)
-
-  @property
-  def ndim(self):
-    return len(self.shape)
+  shape = property(_packed_shape)
+  ndim = _ndim
 
 
 class GGUFQ8(NamedTuple):
   """ggml Q8_0 blocks kept as the file stores them: w = d·q, q in −128..127."""
   codes_LxIxO: jnp.ndarray  # int8
   scale_LxBxO: jnp.ndarray  # float16 d, B = in / 32
-
-  @property
-  def shape(self):
-    return tuple(self.codes_LxIxO.shape)
-
-  @property
-  def ndim(self):
-    return len(self.shape)
+  shape = property(_codes_shape)
+  ndim = _ndim
 
 
 QUANTIZED = (Int8, NF4, GGUFQ4, GGUFQ8)
@@ -218,6 +204,17 @@ def quantize_base(params, kind: str, block: int = DEFAULT_BLOCK):
   fn = quantize_int8 if kind == "int8" else lambda w: quantize_nf4(w, block)
   out = {p: fn(leaf) if _layer_kernel(p, leaf) else leaf for p, leaf in flat.items()}
   return traverse_util.unflatten_dict(out, sep="/")
+
+
+def frozen_base(base, mode: str, kind: str, block: int = DEFAULT_BLOCK, abstract: bool = False):
+  """The benchmarks' frozen base stored as `kind` (quantize_base; shapes only when `abstract`); a one-line error for
+  a quantized base under full tuning."""
+  if kind == "none":
+    return base
+  if mode != "lora":
+    raise QuantError(f"config: field 'model.quant': '{kind}' needs a frozen base (mode 'lora')")
+  fn = lambda b: quantize_base(b, kind, block)
+  return jax.eval_shape(fn, base) if abstract else fn(base)
 
 
 def dequantize_base(params, dtype=jnp.float32):

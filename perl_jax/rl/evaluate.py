@@ -56,7 +56,10 @@ def _eval_fns(policy: runs.Trained, n: int):
   rlcfg = sampling_config(policy.stage, n)
   # (params, adapter trees) are jit arguments; the adapters' scales are constants of the run.
   scales = [s for _, s in roles.sampling_model(rlcfg, policy.trainable, policy.frozen, merge=False)[1]]
-  merge = jax.jit(lambda tr, fr: (lambda p, a: (p, [t for t, _ in a]))(*roles.sampling_model(rlcfg, tr, fr)))
+  def model_arrays(tr, fr):
+    params, adapters = roles.sampling_model(rlcfg, tr, fr)
+    return params, [tree for tree, _ in adapters]
+  merge = jax.jit(model_arrays)
   sample_jit = jax.jit(lambda model, ids, mask, rng: rollout.sample_with(
       policy.model_cfg, rlcfg, model[0], list(zip(model[1], scales)), ids, mask, rng, policy.mesh))
 
