@@ -13,7 +13,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from perl_jax import heads, models
+from perl_jax import heads, lora, models, runs
 
 COMBINE = ("mean", "min", "mean_minus_std")
 
@@ -59,3 +59,37 @@ def combine(r_KxB, how: str = "mean", lam: float = 1.0):
   if how == "mean_minus_std":
     return jnp.mean(r_KxB, axis=0) - lam * jnp.std(r_KxB, axis=0)
   raise ValueError(f"config: field 'rl.reward_ensemble': must be one of {', '.join(COMBINE)}, got '{how}'")
+
+
+def member_mismatch(first, other) -> str:
+  """Why the RM run configured by `other` cannot join `first`'s ensemble on one backbone and tokenizer: its mode,
+  base model, SFT start (init_from) or adapter shape differs ('' when it can)."""
+  if other.mode != "lora":
+    return f"it is a {other.mode}-mode RM; ensemble members are LoRA RMs on one backbone"
+  a, b = runs.model_path(first.model), runs.model_path(other.model)
+  if not runs.same_path(a, b):
+    return f"it was trained on another backbone and tokenizer ({b}) than the first member ({a})"
+  a, b = first.get("init_from") or "", other.get("init_from") or ""
+  if (a or b) and not (a and b and runs.same_path(a, b)):
+    return f"it starts from another SFT run (init_from '{b}') than the first member ('{a}')"
+  if lora.config_from(first.lora) != lora.config_from(other.lora):
+    return f"its adapter ({dict(other.lora)}) differs from the first member's ({dict(first.lora)})"
+  return ""
+
+
+AVERAGES = ("exact", "factor")
+
+
+def average(members: Sequence[dict], scale: float, how: str = "exact") -> tuple[dict, float]:
+  """One RM {"lora", "head"} from K LoRA members (WARM-style weight averaging) and the scale it is used with:
+    exact   the average of the K updates, (1/K)·Σ_k s·A_k·B_k, as one adapter of rank K·r (lora.average), scale 1;
+    factor  mean of the A's and of the B's, rank r, scale s: not the updates' average (lora.factor_average).
+  The heads are averaged in both. A one-line ValueError for an unknown `how` or members that do not match."""
+  if how not in AVERAGES:
+    raise ValueError(f"ensemble.average: 'how' must be one of {', '.join(AVERAGES)}, got '{how}'")
+  stack(members)  # The paths-and-shapes check.
+  adapters = [m["lora"] for m in members]
+  tree, out_scale = ((lora.average(adapters, [scale] * len(members)), 1.0) if how == "exact"
+                     else (lora.factor_average(adapters), scale))
+  head = jax.tree.map(lambda *h: jnp.mean(jnp.stack(h), axis=0), *[m["head"] for m in members])
+  return {"lora": tree, "head": head}, out_scale

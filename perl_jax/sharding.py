@@ -63,15 +63,22 @@ def _path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
+def _rule_spec(name: str, shape: tuple[int, ...], mesh: Mesh, rules) -> P:
+  """The first matching rule's spec for `name`; under a "members" key (an ensemble's stacked members,
+  perl_jax.ensemble) the leading member axis is replicated and the rest split as one member's leaf."""
+  if re.search(r"(^|/)members/", name):
+    inner = _rule_spec(re.sub(r"(^|/)members/", r"\1", name, count=1), shape[1:], mesh, rules)
+    return _fit(P(None, *inner), shape, mesh)
+  for pattern, s in rules:
+    if re.search(pattern, name):
+      return _fit(s, shape, mesh)
+  return P()
+
+
 def partition_specs(tree, mesh: Mesh, rules=RULES):
   """A PartitionSpec per leaf from the first rule whose regex matches its path."""
-  def spec(path, leaf):
-    name = _path_str(path)
-    for pattern, s in rules:
-      if re.search(pattern, name):
-        return _fit(s, tuple(getattr(leaf, "shape", ())), mesh)
-    return P()
-  return jax.tree_util.tree_map_with_path(spec, tree)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: _rule_spec(_path_str(path), tuple(getattr(leaf, "shape", ())), mesh, rules), tree)
 
 
 def shardings(tree, mesh: Mesh, rules=RULES):

@@ -83,6 +83,29 @@ def paired_roc_auc_diff(score_a_N, score_b_N, label_N, n_boot=2000, confidence=0
           "roc_auc_diff_hi": float(hi)}
 
 
+def expected_calibration_error(prob_N, label_N, bins: int = 10) -> float:
+  """ECE = Σ_b (n_b / N)·|mean(label | b) − mean(prob | b)| over `bins` equal-width bins of the predicted
+  probability of label 1 on [0, 1] (bin b holds b/bins ≤ p < (b+1)/bins; p = 1 falls in the last)."""
+  prob_N = np.asarray(prob_N, np.float64).reshape(-1)
+  label_N = np.asarray(label_N, np.float64).reshape(-1)
+  bin_N = np.minimum((prob_N * bins).astype(int), bins - 1)
+  total = 0.0
+  for b in np.unique(bin_N):
+    sel = bin_N == b
+    total += sel.sum() / len(prob_N) * abs(label_N[sel].mean() - prob_N[sel].mean())
+  return float(total)
+
+
+def expected_calibration_error_ci(prob_N, label_N, bins: int = 10, n_boot=1000, confidence=0.95, seed=0) -> dict:
+  """{"ece_lo", "ece_hi"}: the percentile bootstrap interval of expected_calibration_error (examples resampled with
+  replacement, numpy default_rng(seed).integers)."""
+  prob_N, label_N = np.asarray(prob_N).reshape(-1), np.asarray(label_N).reshape(-1)
+  rng, n = np.random.default_rng(seed), len(prob_N)
+  eces = [expected_calibration_error(prob_N[i], label_N[i], bins) for i in (rng.integers(0, n, n) for _ in range(n_boot))]
+  lo, hi = np.quantile(eces, [(1 - confidence) / 2, (1 + confidence) / 2])
+  return {"ece_lo": float(lo), "ece_hi": float(hi)}
+
+
 def pairwise_metrics(r_chosen_N, r_rejected_N):
   """Preference accuracy (strict r_c > r_r), mean margin and Bradley–Terry loss."""
   margin_N = (np.asarray(r_chosen_N, np.float64).reshape(-1)

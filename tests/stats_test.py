@@ -218,3 +218,15 @@ def test_paired_roc_auc_diff_by_hand_and_narrower_than_unpaired():
   assert same == {"roc_auc_diff": 0.0, "roc_auc_diff_lo": 0.0, "roc_auc_diff_hi": 0.0}
   with pytest.raises(ValueError, match="one row per example"):
     stats.paired_roc_auc_diff(a, b[:-1], label)
+
+
+def test_expected_calibration_error_by_hand():
+  """Two bins used of 10: [0.1, 0.2) holds p = 0.1, 0.15 with labels 0, 1 (|0.5 − 0.125| = 0.375, weight 2/5);
+  [0.9, 1] holds p = 0.9, 0.95, 1.0 with labels 1, 1, 0 (|2/3 − 0.95| = 0.2833…, weight 3/5)."""
+  p = np.array([0.1, 0.15, 0.9, 0.95, 1.0])
+  y = np.array([0, 1, 1, 1, 0])
+  want = 2 / 5 * abs(0.5 - 0.125) + 3 / 5 * abs(2 / 3 - 0.95)
+  assert stats.expected_calibration_error(p, y) == pytest.approx(want, abs=1e-12)
+  assert stats.expected_calibration_error(np.array([0.0, 1.0]), np.array([0, 1])) == 0.0
+  ci = stats.expected_calibration_error_ci(p, y, n_boot=200)
+  assert 0 <= ci["ece_lo"] <= ci["ece_hi"] <= 1

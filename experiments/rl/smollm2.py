@@ -29,7 +29,8 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # Seeds the trainable init and the run's RNG (sampling).
   c.mode = mode  # "lora": policy / value LoRA on the one frozen backbone; "full": trainable backbone copies.
-  c.reward_workdir = ""  # An RM run folder (required).
+  # An RM run folder (required). An ensemble: K LoRA RM folders joined by ':', each may be a glob ('runs/ens/seed=*').
+  c.reward_workdir = ""
   c.sft_workdir = ""  # An SFT run folder; empty = the base model is the policy's anchor.
   # remat "auto": "dots" on CPU (update 0.92x the time, step 0.76x the compiled peak of "none" at 8 x (192 + 48)).
   # path: "" = the embedded SmolLM2-135M-Instruct GGUF, else a .gguf file, an HF folder or a Hub id ("org/name",
@@ -61,6 +62,9 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
       whiten_advantages=not group,  # Whiten over the batch's tokens (RLOO / GRPO baselines are already centred).
       clip_eps=0.2, value_clip_eps=0.0, vf_coef=0.1,  # value_clip_eps 0 = off.
       value_init="zero",  # "zero": fresh value LoRA + zero head; "reward": value LoRA + head copied from the RM; "fresh".
+      # K reward_workdir runs combined per row: "mean", "min" or "mean_minus_std" (mean − λ·std over members, λ =
+      # reward_ensemble_lam); "none": one RM.
+      reward_ensemble="none", reward_ensemble_lam=1.0,
       value_warmup_steps=0 if group else 2,  # First RL steps train only the value role (none under RLOO / GRPO).
       ppo_epochs=2 if algorithm == "ppo" else 1, num_minibatches=2 if algorithm == "ppo" else 1,
       num_microbatches=1)  # Gradient accumulation per update: rows / num_microbatches at a time (memory).

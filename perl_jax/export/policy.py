@@ -17,7 +17,7 @@ from flax import traverse_util
 from perl_jax import models, runs
 from perl_jax.models import quant
 from perl_jax.export import reward as export_reward
-from perl_jax.rl import roles
+from perl_jax.rl import roles, setup
 from perl_jax.models import loading
 
 CAUSAL_LM = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
@@ -81,9 +81,10 @@ def export_peft(policy, out, model_path: str, base_model: str = "") -> pathlib.P
   overrides), plus perl_export.json (the base and its quantization)."""
   if policy.stage.mode != "lora":
     raise models.ConfigError(f"mode '{policy.stage.mode}' trains no adapter: export it with --format merged")
-  rm_config = runs.read_config(policy.config.reward_workdir)
+  rm_dir = setup.reward_folders(policy.config)[0]  # Ensemble members share one base (rl.setup checks).
+  rm_config = runs.read_config(rm_dir)
   if rm_config.mode == "lora" and rm_config.get("init_from"):
-    raise models.ConfigError(f"{policy.config.reward_workdir}: this policy stands on the SFT model of "
+    raise models.ConfigError(f"{rm_dir}: this policy stands on the SFT model of "
                              f"{rm_config.init_from} (its reward model starts there), not on the base model a PEFT "
                              "adapter is for: export it with --format merged")
   out = pathlib.Path(out)

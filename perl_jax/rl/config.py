@@ -1,7 +1,7 @@
 """Static RL settings: one frozen, hashable dataclass (safe to close over in jit), checked when built."""
 import dataclasses
 
-from perl_jax import lora
+from perl_jax import ensemble, lora
 from perl_jax.errors import ConfigError
 
 ALGORITHMS = ("reinforce", "ppo", "rloo", "grpo")
@@ -9,6 +9,7 @@ GROUP_ALGORITHMS = ("rloo", "grpo")   # Baseline from the other samples of the s
 OBJECTIVES = ("perl", "standard")
 MODES = ("lora", "full")
 VALUE_INITS = ("zero", "reward", "fresh")
+REWARD_ENSEMBLES = ("none",) + ensemble.COMBINE  # "none": one RM.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,10 +57,14 @@ class RLConfig:
   value_init: str = "zero"  # "zero": fresh value LoRA + zero head; "reward": copies of the RM's; "fresh": random head.
   sft_scale: float = 2.0
   reward_scale: float = 2.0
+  # The reward: one RM ("none"), or K LoRA RMs on the one backbone combined per row (perl_jax.ensemble.combine).
+  reward_ensemble: str = "none"
+  reward_ensemble_lam: float = 1.0  # λ of "mean_minus_std".
 
   def __post_init__(self):
     for name, allowed in (("mode", MODES), ("algorithm", ALGORITHMS), ("objective", OBJECTIVES),
-                          ("value_init", VALUE_INITS), ("kl_estimator", ("k1", "k2", "k3"))):
+                          ("value_init", VALUE_INITS), ("kl_estimator", ("k1", "k2", "k3")),
+                          ("reward_ensemble", REWARD_ENSEMBLES)):
       if getattr(self, name) not in allowed:
         raise ConfigError(f"config: field 'rl.{name}': must be one of {allowed}, got {getattr(self, name)!r}")
     problems = [
@@ -78,6 +83,8 @@ class RLConfig:
         ("kl_horizon", self.kl_horizon < 1, "must be >= 1 RL step"),
         ("value_warmup_steps", self.value_warmup_steps and not self.uses_value,
          f"algorithm '{self.algorithm}' has no value role to warm up"),
+        ("reward_ensemble", self.reward_ensemble != "none" and self.mode != "lora",
+         "an ensemble of reward adapters shares LoRA-mode RL's one backbone; full-mode RL takes one RM"),
     ]
     for field, bad, why in problems:
       if bad:

@@ -4,6 +4,8 @@ LoRA mode (PERL) — one backbone `base`, adapter sets stacked per role (sets AD
   policy    = base + SFT (frozen) + policy LoRA          reference = base + SFT (policy LoRA not passed)
   value     = base + SFT + value LoRA + scalar head       reward    = base + RM LoRA + RM head (frozen)
   trainable = {"policy": lora, "value": {"lora", "head"}};  frozen = {"base", "sft" (or None), "reward"}
+  An ensemble reward (rl.reward_ensemble): frozen["reward"] = {"members": K RM {"lora", "head"} stacked}, scored in
+  one pass over the base and combined per row (perl_jax.ensemble).
 Full mode (the full-tuning comparison arm): trainable = {"policy": backbone, "value": {"backbone", "head"}}
   (float32 copies);
   frozen = {"reference": params, "reward": {"backbone", "head"}} — four backbones in all.
@@ -13,7 +15,7 @@ predicted by the hidden state at P−1+n, so per-token log-probs and values read
 import jax
 import jax.numpy as jnp
 
-from perl_jax import heads, lora, losses, models
+from perl_jax import ensemble, heads, lora, losses, models
 from perl_jax.models import quant
 from perl_jax.models import ModelConfig
 
@@ -120,7 +122,12 @@ def values(model_cfg: ModelConfig, rlcfg, trainable, frozen, ids_BxS, mask_BxS, 
 
 
 def rewards(model_cfg: ModelConfig, rlcfg, frozen, ids_BxS, mask_BxS):
-  """r(x, y) [B]: the RM head at each row's last real token, i.e. the final response token."""
+  """r(x, y) [B]: the RM head at each row's last real token, i.e. the final response token; an ensemble's members'
+  rewards combined per row (rl.reward_ensemble)."""
+  if "members" in frozen["reward"]:
+    r_KxB = ensemble.member_scores(model_cfg, rlcfg.reward_scale, frozen["reward"]["members"], frozen["base"],
+                                   ids_BxS, mask_BxS)
+    return ensemble.combine(r_KxB, rlcfg.reward_ensemble, rlcfg.reward_ensemble_lam)
   params, adapters, head = reward_model(rlcfg, frozen)
   hidden = models.forward(model_cfg, params, ids_BxS, mask_BxS, adapters=adapters, return_logits=False).hidden
   return heads.head_scores(head, hidden, mask_BxS)
@@ -153,8 +160,11 @@ def reward_backbone(rlcfg, base_params, reward_params):
 def init_trainable(rng, model_cfg: ModelConfig, rlcfg, base_params, sft_lora=None, reward_params=None) -> dict:
   """{"policy"[, "value"]}: a fresh policy LoRA (B = 0, so π = π_SFT at start) or a float32 copy of the SFT model;
   when the algorithm has a value role, a value LoRA / backbone + head: fresh with a zero head (value_init "zero",
-  so V = 0 until the value warm-up teaches it), copied from the RM ("reward") or fresh with a random head."""
+  so V = 0 until the value warm-up teaches it), copied from the RM ("reward"; an ensemble's first member) or fresh
+  with a random head."""
   k_policy, k_value, k_head = jax.random.split(rng, 3)
+  if reward_params is not None and "members" in reward_params:
+    reward_params = jax.tree.map(lambda x: x[0], reward_params["members"])
   policy = (lora.init(k_policy, base_params, rlcfg.policy_lora) if rlcfg.mode == "lora"
             else _copy(sft_params(rlcfg, base_params, sft_lora)))
   if not rlcfg.uses_value:
@@ -176,7 +186,7 @@ def frozen_params(rlcfg, base_params, sft_lora=None, reward_params=None) -> dict
   """LoRA: {"base", "sft", "reward": {"lora", "head"}} — the one backbone; full: {"reference", "reward":
   {"backbone", "head"}}. reward_params None leaves the reward role out (a programmatic reward_fn scores)."""
   if rlcfg.mode == "lora":
-    if reward_params is not None and "lora" not in reward_params:
+    if reward_params is not None and not {"lora", "members"} & set(reward_params):
       raise ValueError("LoRA-mode RL holds one backbone: the reward model must be a LoRA RM on it")
     return {"base": base_params, "sft": sft_lora, "reward": reward_params}
   keep_dtype_copy = lambda tree: jax.tree.map(lambda x: jnp.array(x, copy=True), tree)

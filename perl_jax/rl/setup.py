@@ -3,18 +3,21 @@ a `Roles` record), the RLConfig they fix (`config_from`), the checks made before
 finished RL run (`restore`). Training, evaluation and export all go through here.
 
 RM / SFT folders that are missing, or trained on another backbone or tokenizer, are a ConfigError (the script
-prints one line and exits 2). LoRA mode keeps one base: the RM's; the SFT run contributes only its adapter
+prints one line and exits 2). `reward_workdir` may name K LoRA RM runs (an ensemble, rl.reward_ensemble): their
+adapters and heads are stacked as the reward role's "members" on the one backbone (perl_jax.ensemble). LoRA mode keeps one base: the RM's; the SFT run contributes only its adapter
 (an RM trained from an SFT run, `init_from`, already stands on that SFT model: it is the base and the anchor).
 The base model is loaded once: the RM's restore loads it and the SFT run is restored onto it.
 """
 import dataclasses
+import glob
 import logging
+import os
 from typing import Any
 
 import jax
 import ml_collections
 
-from perl_jax import lora, models, runs, trained
+from perl_jax import ensemble, lora, models, runs, trained
 from perl_jax.data import pipeline
 from perl_jax.rl import RLConfig, roles
 
@@ -29,7 +32,7 @@ class Roles:
   base: dict  # The one backbone (LoRA mode), or the model the full-mode copies start from.
   sft_lora: dict | None  # The SFT adapter stacked under the policy (LoRA SFT), else None.
   sft_scale: float
-  reward: dict  # The RM's trained params: {"lora" | "backbone", "head"}.
+  reward: dict  # The RM's trained params: {"lora" | "backbone", "head"}, or an ensemble's {"members": stacked}.
   reward_scale: float
   reward_lora: lora.LoraConfig  # The RM adapter's shape (value_init "reward" copies it).
 
@@ -58,7 +61,8 @@ def config_from(config: ml_collections.ConfigDict, r_: Roles | None = None) -> R
       value_clip_eps=r.value_clip_eps or None, vf_coef=r.vf_coef, value_warmup_steps=r.get("value_warmup_steps", 0),
       ppo_epochs=r.ppo_epochs, num_minibatches=r.num_minibatches, num_microbatches=r.get("num_microbatches", 1),
       policy_lora=lora.config_from(config.lora), value_lora=value_lora_cfg(config, r_.reward_lora),
-      value_init=r.value_init, sft_scale=r_.sft_scale, reward_scale=r_.reward_scale)
+      value_init=r.value_init, sft_scale=r_.sft_scale, reward_scale=r_.reward_scale,
+      reward_ensemble=r.get("reward_ensemble", "none"), reward_ensemble_lam=r.get("reward_ensemble_lam", 1.0))
 
 
 def run_time_model(config) -> dict:
@@ -91,28 +95,61 @@ def value_lora_cfg(config, rm_lora_cfg) -> lora.LoraConfig:
 def _anchor_is_rm_start(config, rm_start) -> None:
   sft_dir = config.get("sft_workdir") or ""
   if sft_dir and not runs.same_path(sft_dir, rm_start):
-    raise models.ConfigError(f"{sft_dir}: the reward model {config.reward_workdir} starts from the SFT run "
+    raise models.ConfigError(f"{sft_dir}: the reward model {reward_folders(config)[0]} starts from the SFT run "
                              f"{rm_start}, so RL's anchor is that run; config field 'sft_workdir' must name it or "
                              "be empty")
   log.info("the reward model starts from the SFT run %s: the SFT model (merged) is the backbone and the anchor",
            rm_start)
 
 
+def reward_folders(config) -> list[str]:
+  """config.reward_workdir as RM run folders: one folder, or several joined by os.pathsep (':'), each of which may
+  be a glob pattern (its matches sorted), e.g. 'runs/rm_ensemble/seed=*' for a sweep's K members. A pattern that
+  matches nothing is a one-line ConfigError."""
+  folders = []
+  for part in filter(None, (config.get("reward_workdir") or "").split(os.pathsep)):
+    matches = sorted(glob.glob(part)) if glob.has_magic(part) else [part]
+    if not matches:
+      raise models.ConfigError(f"config: field 'reward_workdir': '{part}' matches no folder")
+    folders += [m for m in matches if m not in folders]
+  if not folders:
+    raise models.ConfigError("config: field 'reward_workdir': required (an RM run folder)")
+  return folders
+
+
+def _ensemble_members(folders: list[str], rm: runs.Trained, mesh) -> dict:
+  """{"members": the K RMs' {"lora", "head"} stacked}; member 0 is `rm` (already restored on the base)."""
+  like = jax.eval_shape(lambda: rm.trainable)
+  members = [rm.trainable]
+  for folder in folders[1:]:
+    problem = ensemble.member_mismatch(runs.read_config(folders[0]), runs.read_config(folder))
+    if problem:
+      raise models.ConfigError(f"{folder}: cannot join the reward ensemble (config field 'reward_workdir'): {problem}")
+    members.append(runs.restore_trainable(folder, mesh, like=like)[1])
+  log.info("reward ensemble: %d LoRA RMs on one backbone (%s)", len(members), ", ".join(folders))
+  return {"members": ensemble.stack(members)}
+
+
 def load_roles(config, mesh) -> Roles:
-  """The RM run (config.reward_workdir) and the SFT run (config.sft_workdir, optional) as one Roles record."""
-  for name in ("reward_workdir", "sft_workdir"):
-    path = config.get(name) or ""
-    if name == "reward_workdir" and not path:
-      raise models.ConfigError("config: field 'reward_workdir': required (an RM run folder)")
-    if path:
-      runs.require_run_folder(path, name)
-  rm = trained.restore_reward(config.reward_workdir, model_path=config.model.path or None, mesh=mesh,
+  """The RM run(s) (config.reward_workdir) and the SFT run (config.sft_workdir, optional) as one Roles record."""
+  folders = reward_folders(config)
+  how = config.rl.get("reward_ensemble", "none")
+  if len(folders) > 1 and how == "none":
+    raise models.ConfigError(f"config: field 'reward_workdir': names {len(folders)} RM runs; set rl.reward_ensemble "
+                             f"to one of {', '.join(ensemble.COMBINE)} to combine them")
+  for folder in folders:
+    runs.require_run_folder(folder, "reward_workdir")
+  if config.get("sft_workdir"):
+    runs.require_run_folder(config.sft_workdir, "sft_workdir")
+  rm = trained.restore_reward(folders[0], model_path=config.model.path or None, mesh=mesh,
                               model_overrides=run_time_model(config))
   model_cfg, tokenizer, base = rm.model_cfg, rm.tokenizer, rm.frozen
   rm_params = dict(rm.trainable)
   rm_scale, rm_lora = lora.scale(rm.stage.lora_cfg), rm.stage.lora_cfg
   if "backbone" in rm_params and config.mode == "lora":
-    raise models.ConfigError(f"{config.reward_workdir}: LoRA-mode RL needs a LoRA reward model (one backbone)")
+    raise models.ConfigError(f"{folders[0]}: LoRA-mode RL needs a LoRA reward model (one backbone)")
+  if how != "none":
+    rm_params = _ensemble_members(folders, rm, mesh)
   if "backbone" in rm_params and rm.config.get("init_from"):  # A full RM's own backbone is its trainable copy;
     model_cfg, base, _ = runs.load_model(rm.config.model)      # the roles start from the plain base model.
   elif rm.config.get("init_from"):  # A LoRA RM on an SFT model: that SFT model is the one backbone and the anchor.
