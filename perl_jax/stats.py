@@ -101,7 +101,8 @@ def expected_calibration_error_ci(prob_N, label_N, bins: int = 10, n_boot=1000, 
   replacement, numpy default_rng(seed).integers)."""
   prob_N, label_N = np.asarray(prob_N).reshape(-1), np.asarray(label_N).reshape(-1)
   rng, n = np.random.default_rng(seed), len(prob_N)
-  eces = [expected_calibration_error(prob_N[i], label_N[i], bins) for i in (rng.integers(0, n, n) for _ in range(n_boot))]
+  draws = (rng.integers(0, n, n) for _ in range(n_boot))
+  eces = [expected_calibration_error(prob_N[i], label_N[i], bins) for i in draws]
   lo, hi = np.quantile(eces, [(1 - confidence) / 2, (1 + confidence) / 2])
   return {"ece_lo": float(lo), "ece_hi": float(hi)}
 
