@@ -5,7 +5,8 @@ finished RL run (`restore`). Training, evaluation and export all go through here
 RM / SFT folders that are missing, or trained on another backbone or tokenizer, are a ConfigError (the script
 prints one line and exits 2). `reward_workdir` may name K LoRA RM runs (an ensemble, rl.reward_ensemble): their
 adapters and heads are stacked as the reward role's "members" on the one backbone (perl_jax.ensemble).
-LoRA mode keeps one base: the RM's; the SFT run contributes only its adapter (an RM trained from an SFT run, `init_from`, already stands on that SFT model: it is the base and the anchor).
+LoRA mode keeps one base: the RM's; the SFT run contributes only its adapter (an RM trained from an SFT run,
+`init_from`, already stands on that SFT model: it is the base and the anchor).
 The base model is loaded once: the RM's restore loads it and the SFT run is restored onto it.
 """
 import dataclasses
