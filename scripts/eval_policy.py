@@ -56,7 +56,7 @@ def _evaluate():
   judge = None
   if _JUDGE.value:
     judge = trained.restore_reward(_JUDGE.value, mesh=policy.mesh)
-    evaluate.check_judge(policy, judge, _JUDGE.value)
+    evaluate.check_judge(policy.model_cfg, policy.tokenizer, judge, _JUDGE.value)
   return evaluate.evaluate(policy, prompts, batch_size=_BATCH_SIZE.value, judge=judge,
                            samples_per_prompt=_SAMPLES.value, with_texts=bool(_TEXTS_OUT.value)), fmt
 

@@ -34,9 +34,10 @@ def d(tmp_path_factory):
   return d
 
 
-def _config(d, reward_workdir, how="none", **rl):
+def _config(d, reward_workdir, how="none", judge_workdir="", **rl):
   c = rl_configs.get_config("tm4_lora")
   c.reward_workdir, c.sft_workdir, c.data.path = reward_workdir, str(d / "sft"), str(d / "tm4.jsonl")
+  c.judge_workdir = judge_workdir
   c.data.update(batch_size=8, max_prompt_len=48, eval_fraction=0.5)
   c.rl.update(max_new_tokens=6, reward_ensemble=how, **rl)
   c.update(steps=1, log_every=1, checkpoint_every=1, eval_prompts=4)
@@ -93,6 +94,20 @@ def test_rl_run_on_an_ensemble_trains_restores_and_copies_member_0_into_the_valu
   for got, want in zip(jax.tree.leaves(fresh["value"]), jax.tree.leaves({"head": member0["head"],
                                                                          "lora": member0["lora"]})):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_judge_rm_is_scored_at_each_eval(d, tmp_path):
+  """train_rl with judge_workdir: a copy of the RM itself as the judge gives judge figures equal to the RM's (two
+  code paths, trained.scores and the RL reward role, on the same samples); the RM itself is refused as a judge."""
+  copy = tmp_path / "judge"
+  shutil.copytree(d / "rm", copy)
+  _, ev = rl_train.train(_config(d, str(d / "rm"), judge_workdir=str(copy)), tmp_path / "rl")
+  for key in ("reward_after", "reward_before", "reward_diff"):
+    assert ev[f"judge_{key}"] == pytest.approx(ev[key], abs=1e-5)
+  texts = [json.loads(x) for x in (tmp_path / "rl" / "eval_texts_1.jsonl").read_text().splitlines()]
+  np.testing.assert_allclose([t["judge_after"] for t in texts], [t["reward_after"] for t in texts], atol=1e-5)
+  with pytest.raises(ConfigError, match="names a reward model the policy trains against"):
+    rl_train.train(_config(d, str(d / "rm*"), "mean", judge_workdir=str(d / "rm2")), tmp_path / "rl2")
 
 
 def _edited_copy(d, name, **fields):

@@ -32,6 +32,7 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
   # An RM run folder (required). An ensemble: K LoRA RM folders joined by ':', each may be a glob ('runs/ens/seed=*').
   c.reward_workdir = ""
   c.sft_workdir = ""  # An SFT run folder; empty = the base model is the policy's anchor.
+  c.judge_workdir = ""  # An RM run the policy does not train against: each eval also reports its judge_* figures.
   # remat "auto": "dots" on CPU (update 0.92x the time, step 0.76x the compiled peak of "none" at 8 x (192 + 48)).
   # path: "" = the embedded SmolLM2-135M-Instruct GGUF, else a .gguf file, an HF folder or a Hub id ("org/name",
   # resolved online or from the HF cache; revision: a Hub branch, tag or commit, "" = main).

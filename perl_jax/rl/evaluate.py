@@ -164,7 +164,9 @@ def evaluate(policy: runs.Trained, prompts: list, *, batch_size: int = 8, seed: 
   if with_texts:
     result["texts"] = [{"prompt": p, "before": texts["before"][i * n:(i + 1) * n],
                         "after": texts["after"][i * n:(i + 1) * n], "reward_before": cat["r_anc"][i].tolist(),
-                        "reward_after": cat["r_pol"][i].tolist(), "kl": cat["kl"][i].tolist()}
+                        "reward_after": cat["r_pol"][i].tolist(), "kl": cat["kl"][i].tolist(),
+                        **({} if judge_fn is None else {"judge_before": cat["j_anc"][i].tolist(),
+                                                        "judge_after": cat["j_pol"][i].tolist()})}
                        for i, p in enumerate(texts["prompt"])]
   return result
 
@@ -185,10 +187,9 @@ def held_out_prompts(config, fmt: str, path, split: str = "eval", skip_invalid: 
   return held if split == "eval" else train
 
 
-def check_judge(policy: runs.Trained, judge: runs.Trained, where: str) -> None:
+def check_judge(model_cfg, tokenizer, judge: runs.Trained, where: str) -> None:
   """A judge RM must score sequences of the policy's tokenizer on the same backbone shape."""
-  same = dataclasses.replace(judge.model_cfg, dtype=policy.model_cfg.dtype, remat=policy.model_cfg.remat,
-                             attention=policy.model_cfg.attention)
-  if same != policy.model_cfg or judge.tokenizer.get_vocab() != policy.tokenizer.get_vocab():
+  same = dataclasses.replace(judge.model_cfg, dtype=model_cfg.dtype, remat=model_cfg.remat,
+                             attention=model_cfg.attention)
+  if same != model_cfg or judge.tokenizer.get_vocab() != tokenizer.get_vocab():
     raise models.ConfigError(f"{where}: the judge RM has another backbone or tokenizer than the policy")
-

@@ -1,6 +1,7 @@
 """The RL stage over the shared loop: its roles from `setup`, prompts read and split, RLStep run in trainer.run
 (resume, cadence, metrics.jsonl / TensorBoard, checkpoints, summary), sample texts logged, the held-out eval of
-`evaluate` at eval steps.
+`evaluate` at eval steps: under the RM, and under config.judge_workdir's RM (one the policy does not train against)
+when named, so eval/reward_diff and eval/judge_reward_diff against eval/kl trace over-optimisation (Gao et al.).
 """
 import json
 import logging
@@ -11,7 +12,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from perl_jax import checkpoint, data, models, optimizer, runs, sharding, trainer
+from perl_jax import checkpoint, data, models, optimizer, runs, sharding, trained, trainer
 from perl_jax.rl import evaluate, learner, roles, rollout, setup
 from perl_jax.rl.step import RLStep
 
@@ -81,6 +82,21 @@ def _write_samples(workdir, step: int, batch, tokenizer, n: int) -> None:
                           "response": tokenizer.decode(b["tokens_BxN"][i][b["mask_BxN"][i] > 0])}) + "\n")
 
 
+def load_judge(config, model_cfg, tokenizer, mesh) -> runs.Trained | None:
+  """config.judge_workdir's RM (None when empty), on the policy's backbone and tokenizer and not one the policy
+  trains against; restored with its own copy of the base model."""
+  folder = config.get("judge_workdir") or ""
+  if not folder:
+    return None
+  runs.require_run_folder(folder, "judge_workdir")
+  if any(runs.same_path(folder, f) for f in setup.reward_folders(config)):
+    raise models.ConfigError(f"{folder}: config field 'judge_workdir' names a reward model the policy trains "
+                             "against (in 'reward_workdir'); a judge must be another RM")
+  judge = trained.restore_reward(folder, mesh=mesh, model_overrides=setup.run_time_model(config))
+  evaluate.check_judge(model_cfg, tokenizer, judge, folder)
+  return judge
+
+
 def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = None):
   """Trains (or resumes) the RL policy described by `config` in `workdir`; returns (final state, eval)."""
   sharding.initialize_distributed(config.multihost)
@@ -91,6 +107,7 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
   model_cfg, tokenizer, base = r.model_cfg, r.tokenizer, r.base
   rlcfg = setup.config_from(config, r)
   setup.check_context(config, model_cfg)
+  judge = load_judge(config, model_cfg, tokenizer, mesh)
   arrays, held_out, info = load_prompts(config, tokenizer, records)
   schedule, optim = optimizer.make(config.optim, config.steps, rlcfg.num_updates)
   trainable = roles.init_trainable(jax.random.key(config.seed), model_cfg, rlcfg, base, r.sft_lora, r.reward)
@@ -127,7 +144,7 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
     """eval_policy's figures on the first `eval_prompts` held-out prompts: reward before / after, KL, win rate."""
     policy = runs.Trained(config, model_cfg, tokenizer, f, s["trainable"], int(s["step"]), mesh,
                           runs.model_path(config.model), rlcfg)
-    result = evaluate.evaluate(policy, held_out[:n_eval], with_texts=True,
+    result = evaluate.evaluate(policy, held_out[:n_eval], with_texts=True, judge=judge,
                                batch_size=config.get("eval_batch_size", 0) or config.data.batch_size)
     if jax.process_index() == 0:  # The responses themselves, to judge offline (scripts/judge_texts.py).
       with open(pathlib.Path(workdir) / f"eval_texts_{int(s['step'])}.jsonl", "w") as f:
