@@ -4,7 +4,9 @@ A sweep file (experiments/sweeps/*.py) defines `get_config()` returning an ml_co
   script   the stage each point runs, e.g. "scripts/train_reward.py"
   config   the base config, "experiments/rm/smollm2.py:tm4_lora"
   axes     a list of axes; each axis a list of override dicts {"lora.rank": 4, ...}; the grid is their product.
-           The key "config" in an override swaps the base config (e.g. another data set or mode).
+           The key "config" in an override swaps the base config (e.g. another data set or mode); the key "_name"
+           names that override dict in the point's folder name instead of its keys and values (an arm whose
+           values are long paths), and is not passed to the stage.
   fixed    (optional) a list of override dicts every point gets, not part of its name (a shared budget, a dev
            split, ...; a point's own axis value for the same key wins); a list because ConfigDict fields cannot
            hold dotted keys directly
@@ -63,8 +65,8 @@ def _value_name(value) -> str:
 
 def point_name(overrides: dict) -> str:
   """Folder name from overrides: the last component of each key, '=' its value, ',' between them; a swapped
-  base config appears as its argument alone ("hh_lora,rank=4,seed=1")."""
-  parts = [_value_name(v) if k == "config" else f"{k.rsplit('.', 1)[-1]}={_value_name(v)}"
+  base config appears as its argument alone ("hh_lora,rank=4,seed=1"), and so does a "_name" label."""
+  parts = [_value_name(v) if k == "config" or k.startswith("_name") else f"{k.rsplit('.', 1)[-1]}={_value_name(v)}"
            for k, v in overrides.items()]
   return ",".join(parts) or "base"
 
@@ -76,10 +78,12 @@ def expand(sweep: ml_collections.ConfigDict, common: dict | None = None) -> list
   fixed = {k: v for part in (sweep.get("fixed", None) or []) for k, v in dict(part).items()}
   points = []
   for i, combo in enumerate(itertools.product(*[list(axis) for axis in sweep.axes])):
-    overrides = {}
-    for part in combo:
-      overrides.update(dict(part))
-    name = point_name(overrides)
+    overrides, named = {}, {}
+    for j, part in enumerate(map(dict, combo)):
+      label = part.pop("_name", None)
+      overrides.update(part)
+      named.update({f"_name{j}": label} if label is not None else part)
+    name = point_name(named)
     base = overrides.pop("config", sweep.config)
     points.append(Point(i, name, base, {**fixed, **overrides, **dict(common or {})}))
   names = [p.name for p in points]

@@ -164,3 +164,13 @@ def test_two_point_sweep_runs_skips_when_done_and_reports_its_summaries(tmp_path
   lines = clash.stderr.strip().splitlines()
   assert clash.returncode == 2 and len(lines) == 1
   assert str(shard / "sweep.json") in lines[0] and str(wd / "sweep.json") in lines[0] and names[1] in lines[0]
+
+
+def test_a_name_label_names_the_point_and_is_not_passed():
+  """An override dict's "_name" stands for its keys in the folder name (an arm of long paths) and is no override."""
+  points = sweeps.expand(sweeps.load(ROOT / "experiments/sweeps/rl_ensemble.py"))
+  assert [p.name for p in points[:4]] == ["seed=0,single", "seed=0,ensemble_mean", "seed=0,ensemble_mean_minus_std",
+                                          "seed=0,warm_exact"]
+  assert all("_name" not in p.overrides for p in points)
+  assert points[1].overrides["reward_workdir"] == "runs/rm_ensemble/seed=[0-3],*"
+  assert points[1].overrides["rl.reward_ensemble"] == "mean" and "rl.reward_ensemble" not in points[0].overrides
