@@ -192,7 +192,8 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
     log.info("full reward model: trainable params %s", f"{models.count_params(state['trainable']):,}")
 
   step_fn, perf, batch_sh = trainer.array_step(functools.partial(loss_fn, model_cfg, rcfg), optim, state, state_sh,
-                                               base, base_sh, train_arrays, MODEL_KEYS, mesh, config.data.batch_size)
+                                               base, base_sh, train_arrays, MODEL_KEYS, mesh, config.data.batch_size,
+                                               config.get("num_microbatches", 1))
   score_fn = jit_scores(model_cfg, rcfg, state_sh["trainable"], base_sh, batch_sh, sharding.replicated(mesh))
   if config.get("head_init", "random") == "probe" and runs.latest_step(workdir) is None:  # A resumed run restores its fitted head.
     feature_fn = jit_scores(model_cfg, rcfg, state_sh["trainable"], base_sh, batch_sh, sharding.replicated(mesh),

@@ -90,9 +90,11 @@ def train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, state
   return {**state, "step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}, step_metrics
 
 
-def jit_step(loss_fn: Callable, optimizer, state_shardings, frozen_shardings, batch_shardings, mesh):
-  """train_step jitted with explicit in/out shardings (metrics replicated); the old state's buffers are donated."""
-  return jax.jit(functools.partial(train_step, loss_fn, optimizer),
+def jit_step(loss_fn: Callable, optimizer, state_shardings, frozen_shardings, batch_shardings, mesh,
+             num_microbatches: int = 1):
+  """train_step jitted with explicit in/out shardings (metrics replicated); the old state's buffers are donated.
+  num_microbatches > 1 accumulates the gradient over equal microbatches (loss_fn a mean over rows)."""
+  return jax.jit(functools.partial(train_step, loss_fn, optimizer, num_microbatches=num_microbatches),
                  in_shardings=(state_shardings, frozen_shardings, batch_shardings),
                  out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
@@ -157,12 +159,12 @@ def compile_by_length(jitted, model_batch: Callable, state, frozen, first_host_b
 
 
 def array_step(loss_fn: Callable, optimizer, state, state_sh, frozen, frozen_sh, arrays: dict, keys, mesh,
-               batch_size: int) -> tuple[Callable, dict, dict]:
+               batch_size: int, num_microbatches: int = 1) -> tuple[Callable, dict, dict]:
   """For stages trained on encoded arrays (RM, SFT): (step_fn for `run`, perf, batch shardings of `keys`). The
   jitted step over `loss_fn` is compiled per sequence length; perf adds trainable and total parameter counts."""
   batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in arrays.items() if k in keys}
   model_batch = lambda b: sharding.global_batch({k: b[k] for k in keys if k in b}, mesh)
-  step = jit_step(loss_fn, optimizer, state_sh, frozen_sh, batch_sh, mesh)
+  step = jit_step(loss_fn, optimizer, state_sh, frozen_sh, batch_sh, mesh, num_microbatches)
   first = {k: v[: batch_size // jax.process_count()] for k, v in arrays.items()}
   step_fn, perf = compile_by_length(step, model_batch, state, frozen, first)
   n_trainable = models.count_params(state["trainable"])
@@ -171,12 +173,17 @@ def array_step(loss_fn: Callable, optimizer, state, state_sh, frozen, frozen_sh,
 
 
 def check_batch_sizes(config, mesh) -> None:
-  """data.batch_size and data.eval_batch_size must divide over the data x fsdp devices: one line otherwise."""
+  """data.batch_size and data.eval_batch_size must divide over the data x fsdp devices, and the batch over them
+  times num_microbatches (where the stage has that field): one line otherwise."""
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   for field in ("batch_size", "eval_batch_size"):
     if config.data[field] % shards:
       raise ConfigError(f"config: field 'data.{field}': {config.data[field]} is not divisible by "
                         f"data x fsdp = {shards} devices")
+  m = config.get("num_microbatches", 1)
+  if m < 1 or config.data.batch_size % (shards * m):
+    raise ConfigError(f"config: field 'num_microbatches': {m} must be >= 1 and divide data.batch_size "
+                      f"({config.data.batch_size}) over data x fsdp = {shards} devices")
 
 
 def itstime(step: int, every: int, total_steps: int, *, first: bool = False, last: bool = True) -> bool:

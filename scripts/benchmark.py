@@ -35,6 +35,8 @@ flags.register_validator("quant", lambda v: set(v.split(",")) <= {"none", "int8"
                          "--quant: comma-separated none, int8, nf4", flag_values=FLAGS)
 _QUANT_BLOCK = flags.DEFINE_integer("quant_block", 64, "nf4 block size (input rows per absmax).", flag_values=FLAGS)
 _BATCH = flags.DEFINE_integer("batch", None, "Pairs per step (default: 8, 2 for tiny).", flag_values=FLAGS)
+_MICRO = flags.DEFINE_integer("microbatches", 1, "RM: each step's pairs in N equal microbatches, gradient accumulated "
+                              "(num_microbatches of the RM config).", lower_bound=1, flag_values=FLAGS)
 _SEQ = flags.DEFINE_integer("seq", None, "Tokens per sequence (default: 1024, 32 for tiny).", flag_values=FLAGS)
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Dtype policy.", flag_values=FLAGS)
 _REMAT = flags.DEFINE_enum("remat", None, ["none", "full", "dots", "auto"], "Default: full from 1B params, else none.",
@@ -144,7 +146,8 @@ def run() -> list[dict]:
     else:
       row = rm_step.measure(cfg, mode, name=name, pairs=_BATCH.value or pairs, seq=_SEQ.value or seq,
                               dtype=_DTYPE.value, lora_cfg=lora_cfg, abstract=_ABSTRACT.value, steps=_STEPS.value,
-                              base_params=base, cpu_no_hoist=not _CPU_HOIST.value, **qkw)
+                              base_params=base, cpu_no_hoist=not _CPU_HOIST.value, microbatches=_MICRO.value,
+                              **qkw)
     rows.append(row)
     _append_rows(_OUT.value, [row])
   return rows

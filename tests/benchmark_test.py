@@ -230,3 +230,18 @@ def test_cli_quant_rows_store_the_lora_base_quantized(tmp_path, capsys):
   assert "| tiny | lora+nf4 |" in table and "| tiny | lora+int8 | float32 |" in table
   with pytest.raises(flags.IllegalFlagValueError, match="--quant: comma-separated none, int8, nf4"):
     _cli().main(["--model", "tiny", "--abstract", "--quant", "fp4"])
+
+
+def test_cli_microbatches_cut_the_rm_steps_activation_memory(tmp_path):
+  """--microbatches 4: the same step over 4 accumulated microbatches; its temporaries (activations) shrink, its
+  arguments do not, and the row is labelled and compared only with rows of the same accumulation."""
+  import json
+  out = tmp_path / "rows.jsonl"
+  for m in ("1", "4"):
+    assert _cli().main(["--model", "tiny", "--modes", "lora", "--abstract", "--dtype", "float32", "--batch", "8",
+                        "--seq", "256", "--microbatches", m, "--out", str(out)]) == 0
+  one, four = [json.loads(line) for line in out.read_text().splitlines()]
+  assert (one["microbatches"], four["microbatches"]) == (1, 4)
+  assert four["argument_bytes"] == one["argument_bytes"] and four["temp_bytes"] < 0.5 * one["temp_bytes"]
+  from perl_jax.bench import rm_step
+  assert rm_step.mode_label(four) == "lora (4 mb)" and rm_step.compare([one, four]) == []

@@ -4,6 +4,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from perl_jax import heads, lora, losses, models, optimizer, reward, trained, trainer
@@ -131,3 +132,25 @@ def test_probe_features_rows_match_the_rm_heads_own_reading(rm):
                              heads.head_scores(head, jnp.asarray(hidden), jnp.asarray(mask)), atol=1e-4)
   for i, n in enumerate(lengths):
     np.testing.assert_allclose(feats[i, 1], hidden[i, n // 2:n].mean(0), atol=1e-4)
+
+
+@pytest.mark.parametrize("loss", ["bt", "bce"])
+def test_microbatched_rm_step_equals_the_whole_batch(rm, loss):
+  """num_microbatches = 2 (gradient accumulated over halves) gives the whole batch's update: both losses are means
+  over rows (BCE's pos_weight inside the mean), so equal microbatches weigh equally."""
+  cfg, base, rcfg, tr = rm
+  seqs = [[5, 9, 17], [7, 8, 30], [3, 4], [9, 9, 9, 9], [11, 2, 6], [4, 4], [8, 1, 2, 3], [6, 5]]
+  ids, mask = _pad(seqs, 6, "left")
+  r = trained.RewardConfig(mode="lora", loss=loss, lora_cfg=rcfg.lora_cfg, pos_weight=3.0)
+  if loss == "bt":
+    batch = {"input_ids": ids.reshape(4, 2, 6), "attention_mask": mask.reshape(4, 2, 6)}
+  else:
+    batch = {"input_ids": ids, "attention_mask": mask, "label": jnp.array([1, 0, 0, 1, 0, 0, 0, 1])}
+  opt = optax.sgd(1.0)  # The update is the gradient itself (Adam's first step would hide it behind g / |g|).
+  state = trainer.new_state(tr, opt, jnp.zeros(2, jnp.uint32))
+  out = {m: jax.jit(lambda s, x, m=m: trainer.train_step(functools.partial(reward.loss_fn, cfg, r), opt, s, base, x,
+                                                         num_microbatches=m))(state, batch) for m in (1, 2)}
+  np.testing.assert_allclose(float(out[2][1]["loss"]), float(out[1][1]["loss"]), rtol=1e-6)
+  np.testing.assert_allclose(float(out[2][1]["grad_norm"]), float(out[1][1]["grad_norm"]), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(out[2][0]["trainable"]), jax.tree.leaves(out[1][0]["trainable"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)  # float32 summation order

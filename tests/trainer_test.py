@@ -117,3 +117,14 @@ def test_resume_after_a_kill_past_the_checkpoint_logs_each_step_once(tmp_path):
   trainer.run(config, tmp_path / "b", state=state, batches=batches(), **kw)
   assert records(tmp_path / "b") == records(tmp_path / "a")
   assert [r["step"] for r in records(tmp_path / "a")] == [2, 4, 4, 6, 8, 8]
+
+
+def test_check_batch_sizes_names_num_microbatches():
+  from perl_jax import sharding
+  from perl_jax.errors import ConfigError
+  mesh = sharding.make_mesh(devices=jax.devices()[:2])
+  c = ml_collections.ConfigDict({"data": {"batch_size": 16, "eval_batch_size": 8}, "num_microbatches": 4})
+  trainer.check_batch_sizes(c, mesh)  # 16 rows = 2 devices x 4 microbatches x 2
+  c.num_microbatches = 3
+  with pytest.raises(ConfigError, match=r"field 'num_microbatches': 3 must be >= 1 and divide data.batch_size \(16\)"):
+    trainer.check_batch_sizes(c, mesh)

@@ -184,7 +184,7 @@ class Prepared:
 def prepare(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dtype: str = "bfloat16",
             lora_cfg: lora.LoraConfig = lora.LoraConfig(), abstract: bool = False, base_params=None, mesh=None,
             cpu_no_hoist: bool = True, compiler_options: dict | None = None, quant_kind: str = "none",
-            quant_block: int = quant.DEFAULT_BLOCK) -> Prepared:
+            quant_block: int = quant.DEFAULT_BLOCK, microbatches: int = 1) -> Prepared:
   """Compiles reward.train_step for one mode (placing state, base and batch unless abstract); the row holds
   everything known before timing.
 
@@ -198,7 +198,8 @@ def prepare(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dty
   batch = make_batch(pairs, seq, cfg.vocab_size, abstract=abstract)
   state_sh, base_sh = sharding.shardings(state, mesh), sharding.shardings(base, mesh)
   batch_sh = {k: sharding.batch_sharding(mesh, 3) for k in batch}
-  step = trainer.jit_step(functools.partial(reward.loss_fn, cfg, rcfg), optim, state_sh, base_sh, batch_sh, mesh)
+  step = trainer.jit_step(functools.partial(reward.loss_fn, cfg, rcfg), optim, state_sh, base_sh, batch_sh, mesh,
+                          microbatches)
   if compiler_options is None:
     compiler_options = trainer.default_compiler_options() if cpu_no_hoist else {}
   compiled, perf = trainer.compile_step(step, *checkpoint.abstract_like((state, base, batch)),
@@ -214,7 +215,9 @@ def prepare(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dty
   row = dict(phase="rm", model=name, mode=mode, quant=quant_kind,
              quant_block=quant_block if quant_kind == "nf4" else None, frozen_bytes=quant.tree_bytes(base),
              dtype=dtype, policy=policy(dtype).name, pairs=pairs,
-             sequences=sequences, seq=seq, batch_note=f"{pairs} pairs = {sequences} sequences of {seq} tokens",
+             sequences=sequences, seq=seq, microbatches=microbatches,
+             batch_note=f"{pairs} pairs = {sequences} sequences of {seq} tokens"
+             + (f", {microbatches} microbatches" if microbatches > 1 else ""),
              remat=cfg.remat, attention=cfg.attention, lora_rank=lora_cfg.rank if mode == "lora" else None,
              lora_targets=list(lora_cfg.targets) if mode == "lora" else None, abstract=abstract,
              trainable_params=n_trainable, total_params=n_total, tokens_per_step=sequences * seq,
@@ -231,11 +234,11 @@ def prepare(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dty
 def measure(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dtype: str = "bfloat16",
             lora_cfg: lora.LoraConfig = lora.LoraConfig(), abstract: bool = False, steps: int = 5,
             base_params=None, mesh=None, cpu_no_hoist: bool = True, quant_kind: str = "none",
-            quant_block: int = quant.DEFAULT_BLOCK) -> dict:
+            quant_block: int = quant.DEFAULT_BLOCK, microbatches: int = 1) -> dict:
   """Compiles (and unless abstract, times) reward.train_step for one mode; returns one JSON-able row."""
   p = prepare(cfg, mode, name=name, pairs=pairs, seq=seq, dtype=dtype, lora_cfg=lora_cfg, abstract=abstract,
               base_params=base_params, mesh=mesh, cpu_no_hoist=cpu_no_hoist, quant_kind=quant_kind,
-              quant_block=quant_block)
+              quant_block=quant_block, microbatches=microbatches)
   row = p.row
   if abstract:
     return row
@@ -258,7 +261,8 @@ def compare(rows: list[dict]) -> list[dict]:
   """LoRA vs full per (model, dtype, shape, remat): memory ratio, speed-up and its ceiling, vs targets; one per
   LoRA row, so a LoRA row on a quantized base (`quant`) is compared with the same full row."""
   out = []
-  key = lambda r: (r.get("model"), r["dtype"], r["pairs"], r["seq"], r["remat"], r["abstract"])
+  key = lambda r: (r.get("model"), r["dtype"], r["pairs"], r["seq"], r["remat"], r["abstract"],
+                   r.get("microbatches", 1))
   full = {key(r): r for r in rows if r["mode"] == "full"}
   for r in rows:
     f = full.get(key(r))
@@ -277,9 +281,10 @@ def compare(rows: list[dict]) -> list[dict]:
 
 
 def mode_label(r) -> str:
-  """"lora", "full", or "lora+nf4" for a LoRA row on a quantized base."""
-  q = r.get("quant") or "none"
-  return r["mode"] if q == "none" else f"{r['mode']}+{q}"
+  """"lora", "full", or "lora+nf4" for a LoRA row on a quantized base; " (4 mb)" when its step accumulates over 4
+  microbatches."""
+  q, mb = r.get("quant") or "none", r.get("microbatches", 1)
+  return (r["mode"] if q == "none" else f"{r['mode']}+{q}") + (f" ({mb} mb)" if mb > 1 else "")
 
 
 def _gib(b):
