@@ -85,6 +85,9 @@ def test_rl_run_on_an_ensemble_trains_restores_and_copies_member_0_into_the_valu
   assert np.isfinite(ev["reward_after"]) and np.isfinite(ev["kl"])
   rows = [json.loads(x) for x in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
   assert np.isfinite([r["train/reward_mean"] for r in rows if "train/reward_mean" in r]).all()
+  assert runs.read_config(tmp_path / "rl").reward_workdir == f"{d / 'rm'}:{d / 'rm2'}"  # the glob's matches
+  with pytest.raises(ConfigError, match="this run started against the reward model"):  # resumed on another reward
+    rl_train.train(_config(d, str(d / "rm"), "mean_minus_std", value_init="reward"), tmp_path / "rl")
   run = setup.restore(tmp_path / "rl")
   assert jax.tree.leaves(run.frozen["reward"]["members"])[0].shape[0] == 2
   r = setup.load_roles(config, sharding.make_mesh())

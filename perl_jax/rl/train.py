@@ -5,6 +5,7 @@ when named, so eval/reward_diff and eval/judge_reward_diff against eval/kl trace
 """
 import json
 import logging
+import os
 import pathlib
 
 import jax
@@ -102,6 +103,15 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
   sharding.initialize_distributed(config.multihost)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   setup.check_batch(config, setup.config_from(config), mesh)  # The config's own checks, before any loading.
+  folders = setup.reward_folders(config)
+  if os.pathsep.join(folders) != config.reward_workdir:  # A glob: run.json names the folders it matched today.
+    config = config.copy_and_resolve_references()
+    config.reward_workdir = os.pathsep.join(folders)
+  if (pathlib.Path(workdir) / runs.RUN_FILE).is_file():  # A resumed run keeps the reward it started with.
+    started = setup.reward_folders(runs.read_config(workdir))
+    if [str(pathlib.Path(f).resolve()) for f in started] != [str(pathlib.Path(f).resolve()) for f in folders]:
+      raise models.ConfigError(f"{workdir}: this run started against the reward model(s) {os.pathsep.join(started)}; "
+                               f"config field 'reward_workdir' now names {config.reward_workdir}")
   records = read_prompts(config)
   r = setup.load_roles(config, mesh)
   model_cfg, tokenizer, base = r.model_cfg, r.tokenizer, r.base
