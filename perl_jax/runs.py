@@ -4,6 +4,7 @@ Every stage (reward model, SFT, RL) writes the same layout, so a later stage, an
 earlier run through here: `restore_stage` reads its config back, loads the model and tokenizer it was trained on
 (once), and restores its trained params into a `Trained` record.
 """
+import contextlib
 import dataclasses
 import json
 import logging
@@ -62,20 +63,34 @@ def same_path(a, b) -> bool:
   return pathlib.Path(a).resolve() == pathlib.Path(b).resolve()
 
 
+def on_host_if_quantized(model_config: ml_collections.ConfigDict):
+  """A context in which a base that config.model.quant will quantize is loaded (and merged, and quantized): the
+  host's CPU device, so an accelerator never holds the float copy (a 7B base in bf16 beside its codes would not fit
+  a 16 GB chip); the quantized base is placed on the mesh afterwards. No-op for quant "none" or without a CPU
+  backend (JAX_PLATFORMS without cpu)."""
+  if model_config.get("quant", "none") == "none":
+    return contextlib.nullcontext()
+  try:
+    return jax.default_device(jax.devices("cpu")[0])
+  except RuntimeError:
+    return contextlib.nullcontext()
+
+
 def load_model(model_config: ml_collections.ConfigDict, quantize: bool = True):
   """(model config, frozen base params, tokenizer) from config.model; the base's layer kernels stored as
   config.model.quant says ("none" | "int8" | "nf4" with blocks of config.model.quant_block | "gguf": a GGUF file's
   own blocks) unless `quantize` is False (a caller that merges an adapter into the float base first, then
-  quantizes)."""
+  quantizes). A base to be quantized is loaded and quantized on the host (on_host_if_quantized)."""
   path = model_path(model_config)
   revision = model_config.get("revision", "")
-  cfg, params = models.load_pretrained(path, param_dtype=jnp.dtype(models.resolve_dtype(model_config.param_dtype)),
-                                       revision=revision, dtype=models.resolve_dtype(model_config.dtype),
-                                       remat=model_config.remat,
-                                       attention=model_config.get("attention", "auto"))
-  if quantize:
-    gguf_file = path if str(path).endswith(".gguf") else None
-    params = quantize_base(model_config, params, gguf=(gguf_file, cfg) if gguf_file else None)
+  with on_host_if_quantized(model_config):
+    cfg, params = models.load_pretrained(
+        path, param_dtype=jnp.dtype(models.resolve_dtype(model_config.param_dtype)), revision=revision,
+        dtype=models.resolve_dtype(model_config.dtype), remat=model_config.remat,
+        attention=model_config.get("attention", "auto"))
+    if quantize:
+      gguf_file = path if str(path).endswith(".gguf") else None
+      params = quantize_base(model_config, params, gguf=(gguf_file, cfg) if gguf_file else None)
   return cfg, params, models.load_tokenizer(path, revision)
 
 

@@ -291,3 +291,22 @@ def test_quant_error_figures_by_hand():
   assert row["top1_agreement"] == pytest.approx((1 + 2 / 3) / 2)  # mean over texts of each text's agreement
   p, q = jax.nn.softmax(ref[1, 2]), jax.nn.softmax(got[1, 2])
   assert row["kl_per_token"] == pytest.approx(float(jnp.sum(p * (jnp.log(p) - jnp.log(q)))) / 3 / 2, rel=1e-5)
+
+
+def test_a_base_to_quantize_is_loaded_and_quantized_on_the_host(tmp_path):
+  """runs.load_model with model.quant set builds the float base and its codes on the host's CPU device (an
+  accelerator never holds the float copy), whatever the default device; quant "none" loads where JAX's default
+  device is. Here the default is fake CPU device 3 and the host device is device 0."""
+  import ml_collections
+  from perl_jax import runs
+  from tests.helpers import make_tiny_hf_folder
+  make_tiny_hf_folder(tmp_path / "m")
+  devices = jax.devices("cpu")
+  assert len(devices) >= 4
+  where = lambda tree: {d for x in jax.tree.leaves(tree) for d in x.devices()}
+  with jax.default_device(devices[3]):
+    for kind, want in (("nf4", devices[0]), ("none", devices[3])):
+      mc = ml_collections.ConfigDict(dict(path=str(tmp_path / "m"), revision="", param_dtype="float32",
+                                          dtype="float32", remat="none", attention="auto", quant=kind, quant_block=32))
+      _, params, _ = runs.load_model(mc)
+      assert quant.base_kind(params) == kind and where(params) == {want}
