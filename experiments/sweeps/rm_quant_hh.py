@@ -4,7 +4,8 @@ Seed-major, so a sweep cut short still compares the two bases on seed 0. (TM-4: 
 
   python scripts/ablate.py --sweep experiments/sweeps/rm_quant_hh.py --workdir runs/rm_quant_hh
   python scripts/compare_rms.py --data experiments/data/hh-rlhf-harmless/pairs.jsonl.gz \
-      --runs "runs/rm_quant_hh/seed=0,shuffle_seed=0,quant=none" --runs "runs/rm_quant_hh/seed=0,shuffle_seed=0,quant=nf4"
+      --runs "runs/rm_quant_hh/seed=0,shuffle_seed=0,quant=none" \
+      --runs "runs/rm_quant_hh/seed=0,shuffle_seed=0,quant=nf4"
 """
 import ml_collections
 
