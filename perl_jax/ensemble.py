@@ -43,11 +43,14 @@ def _one(model_cfg, scale: float, member: dict, base_params, ids_BxT, mask_BxT):
   return heads.head_scores(member["head"], hidden, mask_BxT)
 
 
-def member_scores(model_cfg, scale: float, stacked: dict, base_params, ids_BxT, mask_BxT):
-  """r_KxB: every member's reward of every row, in one pass over the one backbone (K = 1 is the single-RM path)."""
+def member_scores(model_cfg, scale: float, stacked: dict, base_params, ids_BxT, mask_BxT, in_turn: bool = False):
+  """r_KxB: every member's reward of every row over the one backbone (K = 1 is the single-RM path): in one pass
+  (the member axis vmapped: K members' activations live together), or `in_turn` (lax.map: one member's activations
+  at a time, K sequential passes)."""
   if size(stacked) == 1:
     return _one(model_cfg, scale, jax.tree.map(lambda x: x[0], stacked), base_params, ids_BxT, mask_BxT)[None]
-  return jax.vmap(lambda m: _one(model_cfg, scale, m, base_params, ids_BxT, mask_BxT))(stacked)
+  one = lambda m: _one(model_cfg, scale, m, base_params, ids_BxT, mask_BxT)
+  return jax.lax.map(one, stacked) if in_turn else jax.vmap(one)(stacked)
 
 
 def combine(r_KxB, how: str = "mean", lam: float = 1.0):

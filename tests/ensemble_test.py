@@ -36,6 +36,8 @@ def test_member_scores_equal_single_passes_and_k1_is_the_single_path(setup):
   want = np.stack([np.asarray(_single(cfg, params, m, ids, mask)) for m in members])
   assert got.shape == (4, 8) and np.abs(want[0] - want[1]).max() > 1e-3  # members differ
   np.testing.assert_allclose(got, want, atol=1e-5)
+  turn = ensemble.member_scores(cfg, SCALE, ensemble.stack(members), params, ids, mask, in_turn=True)
+  np.testing.assert_allclose(np.asarray(turn), want, atol=1e-5)
   one = jax.jit(lambda s: ensemble.member_scores(cfg, SCALE, s, params, ids, mask))(ensemble.stack(members[:1]))
   ref = jax.jit(lambda m: _single(cfg, params, m, ids, mask))(members[0])
   np.testing.assert_array_equal(np.asarray(one)[0], np.asarray(ref))
@@ -99,7 +101,11 @@ def test_scoring_benchmark_holds_one_backbone_against_k_full_rms():
   member = 4 * (lora.closed_form_count(cfg, lora.LoraConfig()) + cfg.hidden_size + 1)  # float32 adapters + head
   backbone = 4 * models.count_params({k: v for k, v in models.param_shapes(cfg).items() if k != "lm_head"})
   grow = lambda arm: rows[(4, arm)]["argument_bytes"] - rows[(1, arm)]["argument_bytes"]
-  assert grow("lora_members") == 3 * member
+  assert grow("lora_members") == grow("lora_members_in_turn") == 3 * member
   assert 3 * backbone <= grow("full_rms") <= 3 * (backbone + member)
+  # In turn, K = 4 members' temporaries stay those of about one member; vmapped, they grow with K.
+  temp = lambda k, arm: rows[(k, arm)]["temp_bytes"]
+  assert temp(4, "lora_members_in_turn") < 0.5 * temp(4, "lora_members")
+  assert temp(4, "lora_members_in_turn") <= 1.5 * temp(1, "lora_members")
   table = ensemble_scoring.markdown(list(rows.values()))
   assert "| tiny | 1 |" in table and "| tiny | 4 |" in table

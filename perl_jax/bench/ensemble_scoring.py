@@ -1,6 +1,6 @@
 """Compiled peak memory of scoring with K reward models (issue #32), from shapes alone: K LoRA members on one frozen
-backbone (ensemble.member_scores, the member axis vmapped over adapters and heads) against K separate full RMs held
-at once (K backbone copies, each its own arrays, scored in one program).
+backbone (ensemble.member_scores, the member axis vmapped over adapters and heads, or the members scored in turn)
+against K separate full RMs held at once (K backbone copies, each its own arrays, scored in one program).
 
   rows = ensemble_scoring.measure(cfg, name="1b", ks=(1, 4, 8), batch=8, seq=512)
 """
@@ -40,6 +40,7 @@ def measure(cfg, *, name: str, ks=(1, 4, 8), batch: int = 8, seq: int = 512, dty
   for k in ks:
     members = jax.eval_shape(lambda b, k=k: _members(cfg, k, lora_cfg, b), shapes)
     lora_fn = jax.jit(lambda m, b, i: ensemble.member_scores(cfg, scale, m, b, i, jnp.ones_like(i)))
+    turn_fn = jax.jit(lambda m, b, i: ensemble.member_scores(cfg, scale, m, b, i, jnp.ones_like(i), in_turn=True))
     full = jax.eval_shape(lambda b, k=k: _full_rms(cfg, k, b), shapes)
 
     def full_fn(rms, i):
@@ -48,8 +49,9 @@ def measure(cfg, *, name: str, ks=(1, 4, 8), batch: int = 8, seq: int = 512, dty
         return heads.head_scores(rm["head"], hidden, jnp.ones_like(i))
       return jnp.stack([one(rm) for rm in rms])
 
-    for arm, fn, args in (("lora_members", lora_fn, (members, shapes, ids)), ("full_rms", jax.jit(full_fn),
-                                                                            (full, ids))):
+    arms = (("lora_members", lora_fn, (members, shapes, ids)),
+            ("lora_members_in_turn", turn_fn, (members, shapes, ids)), ("full_rms", jax.jit(full_fn), (full, ids)))
+    for arm, fn, args in arms:
       m = trainer.memory_bytes(trainer.compile_step(fn, *args)[0].memory_analysis())
       rows.append(dict(model=name, k=k, arm=arm, dtype=dtype, batch=batch, seq=seq, backend=jax.default_backend(),
                        **{key: m[key] for key in ("compiled_peak_bytes", "argument_bytes", "temp_bytes")}))
@@ -57,15 +59,17 @@ def measure(cfg, *, name: str, ks=(1, 4, 8), batch: int = 8, seq: int = 512, dty
 
 
 def markdown(rows: list[dict]) -> str:
-  """K per line: one backbone + K LoRA members against K full RMs (GiB, compiled peak; arguments / temporaries)."""
-  g = lambda b: f"{b / 2**30:.2f}"
+  """K per line: one backbone + K LoRA members (vmapped, and in turn) against K full RMs (GiB, compiled peak;
+  arguments / temporaries)."""
+  gib = lambda b: f"{b / 2**30:.2f}"
+  g = lambda r: f"{gib(r['compiled_peak_bytes'])} ({gib(r['argument_bytes'])} / {gib(r['temp_bytes'])})"
   by = {(r["model"], r["k"], r["arm"]): r for r in rows}
-  lines = ["| model | K | one backbone + K LoRA members | K full RMs | ratio |", "|---|---|---|---|---|"]
+  lines = ["| model | K | one backbone + K LoRA members | the members in turn | K full RMs | ratio |",
+           "|---|---|---|---|---|---|"]
   for (model, k, arm), r in by.items():
     if arm != "lora_members" or (model, k, "full_rms") not in by:
       continue
-    f = by[(model, k, "full_rms")]
-    lines.append(f"| {model} | {k} | {g(r['compiled_peak_bytes'])} ({g(r['argument_bytes'])} / {g(r['temp_bytes'])})"
-                 f" | {g(f['compiled_peak_bytes'])} ({g(f['argument_bytes'])} / {g(f['temp_bytes'])}) "
+    f, t = by[(model, k, "full_rms")], by.get((model, k, "lora_members_in_turn"))
+    lines.append(f"| {model} | {k} | {g(r)} | {g(t) if t else '–'} | {g(f)} "
                  f"| {r['compiled_peak_bytes'] / f['compiled_peak_bytes']:.3f} |")
   return "\n".join(lines)
