@@ -75,6 +75,8 @@ def test_ensemble_reward_equals_the_members_combined(d, rows):
   np.testing.assert_allclose(got, both.mean(0), atol=1e-5)
   got, _ = _rewards(_config(d, f"{d / 'rm2'}:{d / 'rm'}", "min"), ids, mask)  # ':'-joined, either order
   np.testing.assert_allclose(got, both.min(0), atol=1e-5)
+  got, _ = _rewards(_config(d, str(d / "rm*"), "min", reward_ensemble_in_turn=True), ids, mask)  # one at a time
+  np.testing.assert_allclose(got, both.min(0), atol=1e-5)
   got, _ = _rewards(_config(d, str(d / "rm*"), "mean_minus_std", reward_ensemble_lam=0.5), ids, mask)
   np.testing.assert_allclose(got, both.mean(0) - 0.5 * both.std(0), atol=1e-5)
 

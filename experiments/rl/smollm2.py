@@ -65,7 +65,8 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
       value_init="zero",  # "zero": fresh value LoRA + zero head; "reward": value LoRA + head copied from the RM; "fresh".
       # K reward_workdir runs combined per row: "mean", "min" or "mean_minus_std" (mean − λ·std over members, λ =
       # reward_ensemble_lam); "none": one RM.
-      reward_ensemble="none", reward_ensemble_lam=1.0,
+      # reward_ensemble_in_turn: score the members one after another (one member's activations at a time; slower).
+      reward_ensemble="none", reward_ensemble_lam=1.0, reward_ensemble_in_turn=False,
       value_warmup_steps=0 if group else 2,  # First RL steps train only the value role (none under RLOO / GRPO).
       ppo_epochs=2 if algorithm == "ppo" else 1, num_minibatches=2 if algorithm == "ppo" else 1,
       num_microbatches=1)  # Gradient accumulation per update: rows / num_microbatches at a time (memory).

@@ -60,6 +60,7 @@ class RLConfig:
   # The reward: one RM ("none"), or K LoRA RMs on the one backbone combined per row (perl_jax.ensemble.combine).
   reward_ensemble: str = "none"
   reward_ensemble_lam: float = 1.0  # λ of "mean_minus_std".
+  reward_ensemble_in_turn: bool = False  # Score the members one after another (one member's activations at a time).
 
   def __post_init__(self):
     for name, allowed in (("mode", MODES), ("algorithm", ALGORITHMS), ("objective", OBJECTIVES),

@@ -126,7 +126,7 @@ def rewards(model_cfg: ModelConfig, rlcfg, frozen, ids_BxS, mask_BxS):
   rewards combined per row (rl.reward_ensemble)."""
   if "members" in frozen["reward"]:
     r_KxB = ensemble.member_scores(model_cfg, rlcfg.reward_scale, frozen["reward"]["members"], frozen["base"],
-                                   ids_BxS, mask_BxS)
+                                   ids_BxS, mask_BxS, in_turn=rlcfg.reward_ensemble_in_turn)
     return ensemble.combine(r_KxB, rlcfg.reward_ensemble, rlcfg.reward_ensemble_lam)
   params, adapters, head = reward_model(rlcfg, frozen)
   hidden = models.forward(model_cfg, params, ids_BxS, mask_BxS, adapters=adapters, return_logits=False).hidden

@@ -63,7 +63,8 @@ def config_from(config: ml_collections.ConfigDict, r_: Roles | None = None) -> R
       ppo_epochs=r.ppo_epochs, num_minibatches=r.num_minibatches, num_microbatches=r.get("num_microbatches", 1),
       policy_lora=lora.config_from(config.lora), value_lora=value_lora_cfg(config, r_.reward_lora),
       value_init=r.value_init, sft_scale=r_.sft_scale, reward_scale=r_.reward_scale,
-      reward_ensemble=r.get("reward_ensemble", "none"), reward_ensemble_lam=r.get("reward_ensemble_lam", 1.0))
+      reward_ensemble=r.get("reward_ensemble", "none"), reward_ensemble_lam=r.get("reward_ensemble_lam", 1.0),
+      reward_ensemble_in_turn=r.get("reward_ensemble_in_turn", False))
 
 
 def run_time_model(config) -> dict:
