@@ -83,6 +83,21 @@ def _write_samples(workdir, step: int, batch, tokenizer, n: int) -> None:
                           "response": tokenizer.decode(b["tokens_BxN"][i][b["mask_BxN"][i] > 0])}) + "\n")
 
 
+def with_reward_folders(config, workdir):
+  """`config` with reward_workdir as the folders it names today (a glob's matches, ':'-joined), so run.json records
+  them; a resumed run must name the same ones (a one-line ConfigError otherwise)."""
+  folders = setup.reward_folders(config)
+  if os.pathsep.join(folders) != config.reward_workdir:
+    config = config.copy_and_resolve_references()
+    config.reward_workdir = os.pathsep.join(folders)
+  if (pathlib.Path(workdir) / runs.RUN_FILE).is_file():
+    started = setup.reward_folders(runs.read_config(workdir))
+    if [pathlib.Path(f).resolve() for f in started] != [pathlib.Path(f).resolve() for f in folders]:
+      raise models.ConfigError(f"{workdir}: this run started against the reward model(s) {os.pathsep.join(started)}; "
+                               f"config field 'reward_workdir' now names {config.reward_workdir}")
+  return config
+
+
 def load_judge(config, model_cfg, tokenizer, mesh) -> runs.Trained | None:
   """config.judge_workdir's RM (None when empty), on the policy's backbone and tokenizer and not one the policy
   trains against; restored with its own copy of the base model."""
@@ -103,16 +118,8 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
   sharding.initialize_distributed(config.multihost)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   setup.check_batch(config, setup.config_from(config), mesh)  # The config's own checks, before any loading.
-  folders = setup.reward_folders(config)
-  if os.pathsep.join(folders) != config.reward_workdir:  # A glob: run.json names the folders it matched today.
-    config = config.copy_and_resolve_references()
-    config.reward_workdir = os.pathsep.join(folders)
-  if (pathlib.Path(workdir) / runs.RUN_FILE).is_file():  # A resumed run keeps the reward it started with.
-    started = setup.reward_folders(runs.read_config(workdir))
-    if [str(pathlib.Path(f).resolve()) for f in started] != [str(pathlib.Path(f).resolve()) for f in folders]:
-      raise models.ConfigError(f"{workdir}: this run started against the reward model(s) {os.pathsep.join(started)}; "
-                               f"config field 'reward_workdir' now names {config.reward_workdir}")
-  records = read_prompts(config)
+  records = read_prompts(config)  # Data errors come first.
+  config = with_reward_folders(config, workdir)
   r = setup.load_roles(config, mesh)
   model_cfg, tokenizer, base = r.model_cfg, r.tokenizer, r.base
   rlcfg = setup.config_from(config, r)
