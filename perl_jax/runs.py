@@ -52,6 +52,22 @@ def model_path(model_config: ml_collections.ConfigDict) -> str:
 _model_path_of = model_path  # restore_stage's keyword argument shadows the name.
 
 
+def stage_of(config: ml_collections.ConfigDict) -> str:
+  """Which stage wrote a run config: "rl" (it has an `rl` field), "reward" (a reward head: `pos_weight`), or
+  "sft"."""
+  return "rl" if "rl" in config else "reward" if "pos_weight" in config else "sft"
+
+
+def require_stage(workdir, stage: str, field: str) -> ml_collections.ConfigDict:
+  """WORKDIR's config, or a one-line ConfigError when another stage wrote it (`field`: the config field or flag
+  that named the folder)."""
+  config = read_config(workdir)
+  if stage_of(config) != stage:
+    names = {"rl": "an RL run", "reward": "a reward-model run", "sft": "an SFT run"}
+    raise models.ConfigError(f"{workdir}: {names[stage_of(config)]}, not {names[stage]} (named by {field})")
+  return config
+
+
 def require_run_folder(path, field: str) -> None:
   """A one-line ConfigError unless `path` holds a run (its run.json); `field` is the config field that named it."""
   if not (pathlib.Path(path) / RUN_FILE).is_file():

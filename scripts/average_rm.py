@@ -33,6 +33,7 @@ def _run() -> dict:
     raise ConfigError(f"{out}: already exists (--out must name a new folder)")
   for f in folders:
     runs.require_run_folder(f, "--runs")
+    runs.require_stage(f, "reward", "--runs")
   first = runs.read_config(folders[0])
   for f in folders:
     problem = ensemble.member_mismatch(first, runs.read_config(f))

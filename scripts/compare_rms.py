@@ -67,7 +67,7 @@ def _run() -> dict:
   if len(_MEMBERS.value) == 1:
     raise ConfigError("--members: an ensemble needs at least two RM run folders")
   folders = names + [m for m in _MEMBERS.value if m not in names]
-  configs = [runs.read_config(r) for r in folders]
+  configs = [runs.require_stage(r, "reward", "--runs / --members") for r in folders]
   first = configs[0].data
   for r, c in zip(folders[1:], configs[1:]):
     if (c.data.eval_fraction, c.data.seed, c.data.format) != (first.eval_fraction, first.seed, first.format):

@@ -133,7 +133,7 @@ def _edited_copy(d, name, **fields):
 
 
 @pytest.mark.parametrize("case", ["no_combine", "no_match", "rank", "backbone", "full_member", "sft_start",
-                                  "full_rl"])
+                                  "full_rl", "sft_run"])
 def test_bad_member_lists_are_one_line_errors(d, case):
   rm = str(d / "rm")
   other = {"rank": dict(**{"lora.rank": 2}), "backbone": {"model.path": str(d / "sft")},
@@ -142,6 +142,8 @@ def test_bad_member_lists_are_one_line_errors(d, case):
     config, want = _config(d, str(d / "rm*")), "names 2 RM runs; set rl.reward_ensemble"
   elif case == "no_match":
     config, want = _config(d, str(d / "nothing*"), "mean"), "matches no folder"
+  elif case == "sft_run":  # A glob that also matches another stage's folder.
+    config, want = _config(d, f"{rm}:{d / 'sft'}", "mean"), "an SFT run, not a reward-model run"
   elif case == "full_rl":
     config, want = _config(d, rm, "mean"), "full-mode RL takes one RM"
     config.mode = "full"

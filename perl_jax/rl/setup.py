@@ -141,6 +141,7 @@ def load_roles(config, mesh) -> Roles:
                              f"to one of {', '.join(ensemble.COMBINE)} to combine them")
   for folder in folders:
     runs.require_run_folder(folder, "reward_workdir")
+    runs.require_stage(folder, "reward", "config field 'reward_workdir'")
   if config.get("sft_workdir"):
     runs.require_run_folder(config.sft_workdir, "sft_workdir")
   rm = trained.restore_reward(folders[0], model_path=config.model.path or None, mesh=mesh,

@@ -105,6 +105,7 @@ def load_judge(config, model_cfg, tokenizer, mesh) -> runs.Trained | None:
   if not folder:
     return None
   runs.require_run_folder(folder, "judge_workdir")
+  runs.require_stage(folder, "reward", "config field 'judge_workdir'")
   if any(runs.same_path(folder, f) for f in setup.reward_folders(config)):
     raise models.ConfigError(f"{folder}: config field 'judge_workdir' names a reward model the policy trains "
                              "against (in 'reward_workdir'); a judge must be another RM")
