@@ -81,6 +81,27 @@ json.dump({"loss": float(loss), "gsum": g, "devices": jax.device_count()}, open(
 """
 
 
+def test_stacked_members_take_one_members_spec_with_the_member_axis_replicated():
+  """An ensemble's members (perl_jax.ensemble.stack, under a "members" key) are split like one member's leaf, the
+  leading member axis replicated; the same leaves outside "members" keep their own rules."""
+  mesh = sharding.make_mesh(2, 2, 2)
+  one = {"lora": {"layers": {"attn": {"q_proj": {"a": jnp.zeros((2, 8, 4)), "b": jnp.zeros((2, 4, 8))},
+                                      "o_proj": {"a": jnp.zeros((2, 8, 4)), "b": jnp.zeros((2, 4, 8))}}}},
+         "head": {"kernel": jnp.zeros((8, 1))}}
+  stacked = jax.tree.map(lambda x: jnp.stack([x] * 3), one)
+  specs = sharding.partition_specs({"reward": {"members": stacked}, "policy": one}, mesh)
+  own = sharding.partition_specs(one, mesh)
+  flat = lambda t: jax.tree.leaves(t, is_leaf=lambda x: isinstance(x, P))
+  assert flat(specs["policy"]) == flat(own)
+  def trimmed(spec):  # Trailing Nones dropped, as the rules write specs (P(None) is P()).
+    parts = list(spec)
+    while parts and parts[-1] is None:
+      parts.pop()
+    return P(*parts)
+  assert flat(specs["reward"]["members"]) == [trimmed(P(None, *s)) for s in flat(own)]
+  assert specs["reward"]["members"]["lora"]["layers"]["attn"]["q_proj"]["a"] == P(None, None, "fsdp")
+
+
 def test_two_process_multi_host_matches_single_process(tmp_path):
   run_two_hosts(_WORKER, tmp_path, tmp_path / "out")
   results = [json.loads((tmp_path / f"out.{i}.json").read_text()) for i in range(2)]
