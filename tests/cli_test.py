@@ -87,3 +87,10 @@ def test_flag_error_line_unwraps_ml_collections_errors():
   assert cli.flag_error_line(key_error) == "unknown config field 'lr' (Did you mean \"lr\" instead of \"lrr\"?)"
   assert cli.flag_error_line(ValueError("a\n  b")) == "a b"
   assert data.PROMPT_FORMATS and "preference" in data.SFT_FORMATS
+
+
+def test_two_scripts_defining_the_same_flag_load_in_one_test_process():
+  """quant_error.py and generate.py both define --model on absl's global FLAGS; loading both in one pytest worker
+  failed with DuplicateFlagError (train_rl_test after quant_test under --dist loadfile)."""
+  from tests.helpers import load_script
+  assert load_script("quant_error") is not None and load_script("generate") is not None

@@ -101,11 +101,22 @@ def run_two_hosts(script_text: str, tmp_path, *args, timeout: int = 400):
   assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
 
 
+_SCRIPT_FLAGS: dict[str, set] = {}  # Global absl flags each loaded script defined.
+
+
 @functools.cache
 def load_script(name: str):
-  """scripts/NAME.py as a module, loaded once per process (its absl flags may be defined only once)."""
+  """scripts/NAME.py as a module, loaded once per process. Scripts define their flags on absl's global FLAGS, and
+  two scripts may both define e.g. --model: the flags the scripts loaded before defined are removed first (a test
+  uses one script's flags at a time), so loading a second script in the same pytest worker does not fail."""
+  from absl import flags
+  for names in _SCRIPT_FLAGS.values():
+    for flag in names & set(flags.FLAGS):
+      delattr(flags.FLAGS, flag)
+  before = set(flags.FLAGS)
   path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  _SCRIPT_FLAGS[name] = set(flags.FLAGS) - before
   return module
