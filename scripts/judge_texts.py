@@ -11,13 +11,13 @@ step the mean RM reward and judge score. Prints one line per run. Needs scikit-l
 """
 import json
 import pathlib
-import re
 
 from absl import flags
 
 from perl_jax import cli, data
 from perl_jax.analysis import bow_baseline, text_judge
 from perl_jax.errors import ConfigError
+from perl_jax.rl import evaluate
 
 _RUNS = flags.DEFINE_multi_string("runs", [], "An RL run folder (repeat the flag for several; folders without eval "
                                   "texts are skipped).")
@@ -42,7 +42,8 @@ def _run():
     folders += sorted(f for f in pathlib.Path(_SWEEP.value).iterdir() if f.is_dir())
   if not folders:
     raise ConfigError("give --runs RUN (repeatable) or --sweep_dir SWEEP")
-  todo = [f for f in folders if sorted(f.glob("eval_texts_*.jsonl"))]
+  texts = {f: evaluate.read_texts(f) for f in folders}
+  todo = [f for f in folders if texts[f]]
   if not todo:
     raise ConfigError(f"no eval_texts_STEP.jsonl in any of {', '.join(map(str, folders))} (train_rl writes "
                       "them at its eval; eval_policy --texts_out)")
@@ -50,9 +51,8 @@ def _run():
   print(json.dumps({"judge": info}), flush=True)
   for f in todo:
     out = {"judge": info, "eval": {}, "samples": []}
-    for path in sorted(f.glob("eval_texts_*.jsonl")):
-      step = int(re.fullmatch(r"eval_texts_(\d+)\.jsonl", path.name).group(1))
-      out["eval"][str(step)] = text_judge.judge_eval(model, _read_jsonl(path))
+    for step, rows in texts[f].items():
+      out["eval"][str(step)] = text_judge.judge_eval(model, rows)
     if (f / "samples.jsonl").exists():
       out["samples"] = text_judge.judge_samples(model, _read_jsonl(f / "samples.jsonl"))
     (f / "judge.json").write_text(json.dumps(out))

@@ -37,11 +37,10 @@ def load_points(workdir: pathlib.Path) -> list[dict]:
   points = []
   for p in json.loads((workdir / "sweep.json").read_text())["points"]:
     folder = workdir / p["name"]
-    steps = sorted(int(re.fullmatch(r"eval_texts_(\d+)\.jsonl", f.name).group(1))
-                   for f in folder.glob("eval_texts_*.jsonl"))
-    if not (folder / "summary.json").is_file() or not steps:
+    texts = evaluate.read_texts(folder)
+    if not (folder / "summary.json").is_file() or not texts:
       continue
-    rows = _jsonl(folder / f"eval_texts_{steps[-1]}.jsonl")
+    rows = texts[max(texts)]
     if "judge_after" not in rows[0]:
       raise ConfigError(f"{folder}: its evals have no judge rewards (train_rl's config field 'judge_workdir')")
     mean = lambda key: np.array([np.mean(r[key]) for r in rows])

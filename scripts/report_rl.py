@@ -12,7 +12,6 @@ OUT/curves.png (train reward and KL against steps; held-out RM and judge reward 
 """
 import json
 import pathlib
-import re
 
 import numpy as np
 from absl import flags
@@ -40,13 +39,13 @@ def load_points(workdir: pathlib.Path) -> list[dict]:
   points = []
   for p in spec["points"]:
     folder = workdir / p["name"]
-    steps = sorted(int(re.fullmatch(r"eval_texts_(\d+)\.jsonl", f.name).group(1))
-                   for f in folder.glob("eval_texts_*.jsonl"))
-    if not (folder / "summary.json").is_file() or not steps:
+    texts = evaluate.read_texts(folder)
+    if not (folder / "summary.json").is_file() or not texts:
       continue
+    last_step = max(texts)
     config = p["overrides"].get("config", p["config"]).rsplit(":", 1)[-1]
     parts = config.split("_")
-    rows = _jsonl(folder / f"eval_texts_{steps[-1]}.jsonl")
+    rows = texts[last_step]
     mean = lambda key, src=rows: np.array([np.mean(r[key]) for r in src])
     point = {"name": p["name"], "config": config, "mode": parts[1], "estimator": (parts + ["paper"])[2],
              "lr": p["overrides"].get("optim.lr"), "seed": p["overrides"].get("seed", 0),
@@ -56,7 +55,7 @@ def load_points(workdir: pathlib.Path) -> list[dict]:
     point["arm"] = f"{config} lr={point['lr']}"
     if (folder / "judge.json").exists():
       judge = json.loads((folder / "judge.json").read_text())
-      last = judge["eval"][str(steps[-1])]["per_prompt"]
+      last = judge["eval"][str(last_step)]["per_prompt"]
       point["judge_after"] = np.mean(last["judge_after"], axis=1)
       point["judge_before"] = np.mean(last["judge_before"], axis=1)
     points.append(point)

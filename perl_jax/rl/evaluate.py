@@ -9,7 +9,10 @@ The anchor is the policy's own stack without the policy LoRA (LoRA mode: the pol
 exactly the reference role) or the frozen reference copy (full mode); both sample with the run's settings.
 """
 import dataclasses
+import json
 import logging
+import pathlib
+import re
 import time
 
 import jax
@@ -193,3 +196,21 @@ def check_judge(model_cfg, tokenizer, judge: runs.Trained, where: str) -> None:
                              attention=model_cfg.attention)
   if same != model_cfg or judge.tokenizer.get_vocab() != tokenizer.get_vocab():
     raise models.ConfigError(f"{where}: the judge RM has another backbone or tokenizer than the policy")
+
+
+TEXTS_FILE = "eval_texts_{step}.jsonl"  # One per held-out eval of an RL run (train_rl), one row per prompt.
+
+
+def texts_path(workdir, step: int) -> pathlib.Path:
+  """Where train_rl writes the eval texts of step `step` (evaluate(..., with_texts=True)["texts"])."""
+  return pathlib.Path(workdir) / TEXTS_FILE.format(step=step)
+
+
+def read_texts(workdir) -> dict[int, list[dict]]:
+  """Every eval_texts_STEP.jsonl of an RL run folder as {step: rows}, in step order ({} when there is none)."""
+  found = {}
+  for path in pathlib.Path(workdir).glob(TEXTS_FILE.format(step="*")):
+    m = re.fullmatch(TEXTS_FILE.format(step=r"(\d+)").replace(".", r"\."), path.name)
+    if m:
+      found[int(m.group(1))] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return dict(sorted(found.items()))

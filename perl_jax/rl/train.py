@@ -165,7 +165,7 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
     result = evaluate.evaluate(policy, held_out[:n_eval], with_texts=True, judge=judge,
                                batch_size=config.get("eval_batch_size", 0) or config.data.batch_size)
     if jax.process_index() == 0:  # The responses themselves, to judge offline (scripts/judge_texts.py).
-      with open(pathlib.Path(workdir) / f"eval_texts_{int(s['step'])}.jsonl", "w") as f:
+      with open(evaluate.texts_path(workdir, int(s["step"])), "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in result["texts"])
     return {k: v for k, v in result.items() if isinstance(v, (int, float))}
 
