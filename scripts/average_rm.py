@@ -31,12 +31,13 @@ def _run() -> dict:
     raise ConfigError("--runs: name at least two LoRA RM run folders to average")
   if out.exists():
     raise ConfigError(f"{out}: already exists (--out must name a new folder)")
+  configs = []
   for f in folders:
     runs.require_run_folder(f, "--runs")
-    runs.require_stage(f, "reward", "--runs")
-  first = runs.read_config(folders[0])
-  for f in folders:
-    problem = ensemble.member_mismatch(first, runs.read_config(f))
+    configs.append(runs.require_stage(f, "reward", "--runs"))
+  first = configs[0]
+  for f, c in zip(folders[1:], configs[1:]):
+    problem = ensemble.member_mismatch(first, c)
     if problem:
       raise ConfigError(f"{f}: cannot be averaged with {folders[0]}: {problem}")
   rm = trained.restore_reward(folders[0])

@@ -119,12 +119,12 @@ def reward_folders(config) -> list[str]:
   return folders
 
 
-def _ensemble_members(folders: list[str], rm: runs.Trained, mesh) -> dict:
+def _ensemble_members(folders: list[str], configs: list, rm: runs.Trained, mesh) -> dict:
   """{"members": the K RMs' {"lora", "head"} stacked}; member 0 is `rm` (already restored on the base)."""
   like = jax.eval_shape(lambda: rm.trainable)
   members = [rm.trainable]
-  for folder in folders[1:]:
-    problem = ensemble.member_mismatch(runs.read_config(folders[0]), runs.read_config(folder))
+  for folder, config in zip(folders[1:], configs[1:]):
+    problem = ensemble.member_mismatch(configs[0], config)
     if problem:
       raise models.ConfigError(f"{folder}: cannot join the reward ensemble (config field 'reward_workdir'): {problem}")
     members.append(runs.restore_trainable(folder, mesh, like=like)[1])
@@ -139,9 +139,10 @@ def load_roles(config, mesh) -> Roles:
   if len(folders) > 1 and how == "none":
     raise models.ConfigError(f"config: field 'reward_workdir': names {len(folders)} RM runs; set rl.reward_ensemble "
                              f"to one of {', '.join(ensemble.COMBINE)} to combine them")
+  configs = []
   for folder in folders:
     runs.require_run_folder(folder, "reward_workdir")
-    runs.require_stage(folder, "reward", "config field 'reward_workdir'")
+    configs.append(runs.require_stage(folder, "reward", "config field 'reward_workdir'"))
   if config.get("sft_workdir"):
     runs.require_run_folder(config.sft_workdir, "sft_workdir")
   rm = trained.restore_reward(folders[0], model_path=config.model.path or None, mesh=mesh,
@@ -152,7 +153,7 @@ def load_roles(config, mesh) -> Roles:
   if "backbone" in rm_params and config.mode == "lora":
     raise models.ConfigError(f"{folders[0]}: LoRA-mode RL needs a LoRA reward model (one backbone)")
   if how != "none":
-    rm_params = _ensemble_members(folders, rm, mesh)
+    rm_params = _ensemble_members(folders, configs, rm, mesh)
   if "backbone" in rm_params and rm.config.get("init_from"):  # A full RM's own backbone is its trainable copy;
     model_cfg, base, _ = runs.load_model(rm.config.model)      # the roles start from the plain base model.
   elif rm.config.get("init_from"):  # A LoRA RM on an SFT model: that SFT model is the one backbone and the anchor.
