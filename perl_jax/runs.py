@@ -94,8 +94,8 @@ def on_host_if_quantized(model_config: ml_collections.ConfigDict):
 
 def load_model(model_config: ml_collections.ConfigDict, quantize: bool = True):
   """(model config, frozen base params, tokenizer) from config.model; the base's layer kernels stored as
-  config.model.quant says ("none" | "int8" | "nf4" with blocks of config.model.quant_block | "gguf": a GGUF file's
-  own blocks) unless `quantize` is False (a caller that merges an adapter into the float base first, then
+  config.model.quant says ("none" | "int8" | "nf4" with blocks of config.model.quant_block, their scales
+  double-quantized with config.model.quant_double | "gguf": a GGUF file's own blocks) unless `quantize` is False (a caller that merges an adapter into the float base first, then
   quantizes). A base to be quantized is loaded and quantized on the host (on_host_if_quantized)."""
   path = model_path(model_config)
   revision = model_config.get("revision", "")
@@ -117,12 +117,15 @@ def quantize_base(model_config: ml_collections.ConfigDict, params, gguf: tuple |
   if kind == "none":
     return params
   block = model_config.get("quant_block", quant.DEFAULT_BLOCK)
+  double = model_config.get("quant_double", False)
   if kind == "gguf" and gguf is not None:
+    quant.check_double(kind, double)
     params = models.load_gguf_blocks(gguf[0], gguf[1], params)
     log.info("frozen base: the GGUF file's own layer-kernel blocks, kept quantized")
     return params
-  params = quant.quantize_base(params, kind, block)
-  log.info("frozen base quantized: layer kernels %s%s", kind, f" (blocks of {block})" if kind == "nf4" else "")
+  params = quant.quantize_base(params, kind, block, double)
+  log.info("frozen base quantized: layer kernels %s%s%s", kind, f" (blocks of {block})" if kind == "nf4" else "",
+           ", block scales double-quantized" if double else "")
   return params
 
 

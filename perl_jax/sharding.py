@@ -12,8 +12,8 @@ BATCH = ("data", "fsdp")
 
 # A quantized kernel (perl_jax.models.quant) is split like the float kernel it stands for: its codes [L,in,out]
 # (4-bit: packed [L,in/2,out]) and block scales / mins [L,in/block,out] on the same axes, int8's per-channel scales
-# [L,out] on the output's.
-_KERNEL_ARRAYS = r"(/codes_LxIxO|/packed_LxHxO|/absmax_LxBxO|/scale_LxBxO|/min_LxBxO)?$"
+# [L,out] on the output's, nf4's double-quantized absmax scales [L,in/block] on the input's.
+_KERNEL_ARRAYS = r"(/codes_LxIxO|/packed_LxHxO|/absmax_LxBxO|/absmax_codes_LxBxO|/scale_LxBxO|/min_LxBxO)?$"
 
 # First matching regex wins; searched anywhere in the path so optimizer states (".../mu/layers/...") match.
 # Kernels are [L,in,out]; LoRA a [L,in,r] follows its kernel's input, b [L,r,out] its output.
@@ -24,6 +24,8 @@ RULES: tuple[tuple[str, P], ...] = (
     (r"layers/(attn/o|mlp/down)_proj/kernel" + _KERNEL_ARRAYS, P(None, "tensor", "fsdp")),
     (r"layers/(attn/(q|k|v)|mlp/(gate|up))_proj/kernel/scale_LxO$", P(None, "tensor")),
     (r"layers/(attn/o|mlp/down)_proj/kernel/scale_LxO$", P(None, "fsdp")),
+    (r"layers/(attn/(q|k|v)|mlp/(gate|up))_proj/kernel/absmax_scale_LxB$", P(None, "fsdp")),
+    (r"layers/(attn/o|mlp/down)_proj/kernel/absmax_scale_LxB$", P(None, "tensor")),
     (r"layers/(attn/(q|k|v)|mlp/(gate|up))_proj/bias$", P(None, "tensor")),
     (r"layers/(attn/(q|k|v)|mlp/(gate|up))_proj/a$", P(None, "fsdp", None)),
     (r"layers/(attn/(q|k|v)|mlp/(gate|up))_proj/b$", P(None, None, "tensor")),

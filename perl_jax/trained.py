@@ -40,6 +40,7 @@ def check_mode(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config: field 'mode': must be 'lora' or 'full', got '{config.mode}'")
   kind = config.model.get("quant", "none") if "model" in config else "none"
   quant.check_kind(kind)
+  quant.check_double(kind, config.model.get("quant_double", False) if "model" in config else False)
   if kind != "none" and config.mode == "full":
     raise ConfigError(f"config: field 'model.quant': '{kind}' stores the frozen base quantized, and full tuning "
                       "(mode 'full') trains every base weight; use mode 'lora' or model.quant 'none'")

@@ -29,10 +29,11 @@ FLAGS = flags.FlagValues()  # this script's own flags: tests load it by path and
 _PHASE = flags.DEFINE_enum("phase", "rm", ["rm", "rl"], "Training phase to rm_step.", flag_values=FLAGS)
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "Preset name or path to an HF folder / .gguf.", flag_values=FLAGS)
 _MODES = flags.DEFINE_string("modes", "full,lora", "Comma-separated modes: full, lora.", flag_values=FLAGS)
-_QUANT = flags.DEFINE_string("quant", "none", "Comma-separated frozen-base storage for the LoRA rows: none, int8, nf4 "
-                             "(one LoRA row each; full rows are always 'none').", flag_values=FLAGS)
-flags.register_validator("quant", lambda v: set(v.split(",")) <= {"none", "int8", "nf4"},
-                         "--quant: comma-separated none, int8, nf4", flag_values=FLAGS)
+_QUANT = flags.DEFINE_string("quant", "none", "Comma-separated frozen-base storage for the LoRA rows: none, int8, nf4, "
+                             "nf4dq (nf4 with double-quantized block scales: model.quant_double) (one LoRA row each; "
+                             "full rows are always 'none').", flag_values=FLAGS)
+flags.register_validator("quant", lambda v: set(v.split(",")) <= {"none", "int8", "nf4", "nf4dq"},
+                         "--quant: comma-separated none, int8, nf4, nf4dq", flag_values=FLAGS)
 _QUANT_BLOCK = flags.DEFINE_integer("quant_block", 64, "nf4 block size (input rows per absmax).", flag_values=FLAGS)
 _BATCH = flags.DEFINE_integer("batch", None, "Pairs per step (default: 8, 2 for tiny).", flag_values=FLAGS)
 _MICRO = flags.DEFINE_integer("microbatches", 1, "RM: each step's pairs in N equal microbatches, gradient accumulated "
@@ -133,7 +134,7 @@ def run() -> list[dict]:
   cfg = dataclasses.replace(cfg, remat=_REMAT.value or remat, attention=_ATTENTION.value or cfg.attention)
   rows = []
   for mode, q in _units(_MODES.value.split(","), _QUANT.value.split(",")):
-    qkw = dict(quant_kind=q, quant_block=_QUANT_BLOCK.value)
+    qkw = dict(quant_kind=q.removesuffix("dq"), quant_block=_QUANT_BLOCK.value, quant_double=q.endswith("dq"))
     if _PHASE.value == "rl":
       from perl_jax.bench import rl_step
       tiny = name == "tiny"

@@ -1,10 +1,12 @@
 """How far a quantized base's logits move from the float base's, on real text (issue #33); prints one JSON object.
 
-  python scripts/quant_error.py [--model PATH] [--texts 32] [--max_len 128] [--quant int8,nf4,gguf] [--quant_block 64]
+  python scripts/quant_error.py [--model PATH] [--texts 32] [--max_len 128] [--quant int8,nf4,nf4dq,gguf]
+                                [--quant_block 64]
 
 The reference is the float32 model as loaded (the embedded SmolLM2 GGUF: its Q4_1 weights dequantized, since the
 original float weights are not shipped). Each --quant stores its layer kernels quantized from those floats (int8,
-nf4) or keeps the file's own blocks (gguf, .gguf files only). Text: the first --texts Taskmaster-4 coffee dialogs,
+nf4; nf4dq: nf4 with its block scales double-quantized, model.quant_double) or keeps the file's own blocks (gguf,
+.gguf files only). Text: the first --texts Taskmaster-4 coffee dialogs,
 "User: … / Agent: …" turns, cut to --max_len tokens. Per kind: the mean absolute logit error and the relative error
 ‖Δ‖/‖logits‖ over every token; the mean KL(p_float ‖ p_quant) per token (nats, T = 1) and the rate at which the
 argmax next token agrees, each as a mean over texts with its 95% bootstrap interval over texts.
@@ -24,7 +26,8 @@ from perl_jax.models import quant
 _MODEL = flags.DEFINE_string("model", "", "Base model: a .gguf file or an HF folder ('' = the embedded SmolLM2).")
 _TEXTS = flags.DEFINE_integer("texts", 32, "Dialogs to read.")
 _MAX_LEN = flags.DEFINE_integer("max_len", 128, "Tokens per dialog (cut).")
-_QUANT = flags.DEFINE_string("quant", "int8,nf4,gguf", "Comma-separated kinds to compare with the float base.")
+_QUANT = flags.DEFINE_string("quant", "int8,nf4,nf4dq,gguf", "Comma-separated kinds to compare with the float base "
+                             "(nf4dq: nf4 with double-quantized block scales).")
 _BLOCK = flags.DEFINE_integer("quant_block", 64, "nf4 block size.")
 _DATA = flags.DEFINE_string("data", "experiments/data/taskmaster4/dialogs.jsonl.gz", "Taskmaster-4 dialogs.")
 
@@ -59,7 +62,8 @@ def error_stats(ref_BxTxV, got_BxTxV, mask_BxT) -> dict:
 
 def _run() -> dict:
   mc = ml_collections.ConfigDict(dict(path=_MODEL.value, revision="", param_dtype="float32", dtype="float32",
-                                      remat="none", attention="auto", quant="none", quant_block=_BLOCK.value))
+                                      remat="none", attention="auto", quant="none", quant_block=_BLOCK.value,
+                                      quant_double=False))
   cfg, base, tok = runs.load_model(mc)
   enc = tok(dialog_texts(_DATA.value, _TEXTS.value), max_length=_MAX_LEN.value, truncation=True,
             padding="max_length")
@@ -69,13 +73,14 @@ def _run() -> dict:
   ref = np.asarray(logits(base))
   out = {"model": runs.model_path(mc), "texts": len(ids), "tokens": int(mask.sum()), "max_len": _MAX_LEN.value,
          "float_layer_bytes": quant.tree_bytes(base["layers"]), "kinds": {}}
-  for kind in _QUANT.value.split(","):
+  for name in _QUANT.value.split(","):
+    kind = "nf4" if name == "nf4dq" else name
     quant.check_kind(kind, "--quant")
-    mc.quant = kind
+    mc.quant, mc.quant_double = kind, name == "nf4dq"
     qbase = runs.load_model(mc)[1]
     row = error_stats(ref, np.asarray(logits(qbase)), mask)
     row.update(layer_bytes=quant.tree_bytes(qbase["layers"]), quant_block=_BLOCK.value if kind == "nf4" else None)
-    out["kinds"][kind] = row
+    out["kinds"][name] = row
   return out
 
 

@@ -63,6 +63,46 @@ def test_nf4_matches_numpy_and_its_error_bound():
   assert quant.quantized_bytes(q) == w.size // 2 + 4 * absmax.size  # 4 bits a weight plus one float per block
 
 
+def test_nf4_double_quantization_matches_numpy_and_keeps_the_codes():
+  """Double quantization stores nf4's block absmax as int8 around the layer's mean, one float scale per row of block
+  scales; the 4-bit codes are nf4's own, and the weights dequantize with the absmax so recovered."""
+  w, block = _kernel(2, (3, 128, 40)), 32
+  plain, q = quant.quantize_nf4(w, block), quant.quantize_nf4(w, block, double=True)
+  assert isinstance(q, quant.NF4DQ) and q.shape == w.shape
+  np.testing.assert_array_equal(np.asarray(q.packed_LxHxO), np.asarray(plain.packed_LxHxO))
+  absmax = np.asarray(plain.absmax_LxBxO)
+  mean = absmax.mean(axis=(1, 2))
+  c = absmax - mean[:, None, None]
+  scale = np.abs(c).max(axis=2) / 127
+  codes = np.clip(np.round(c / scale[:, :, None]), -127, 127).astype(np.int8)
+  np.testing.assert_allclose(np.asarray(q.absmax_mean_L), mean, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(q.absmax_scale_LxB), scale, rtol=1e-6)
+  assert (np.abs(np.asarray(q.absmax_codes_LxBxO).astype(int) - codes) <= 1).all()  # a rounding tie may differ
+  assert (np.asarray(q.absmax_codes_LxBxO) == codes).mean() > 0.99
+  recovered = np.asarray(quant.absmax_of(q))
+  assert (np.abs(recovered - absmax) <= scale[:, :, None] / 2 + 1e-6).all()
+  levels = quant.NF4_LEVELS[np.asarray(quant.nf4_codes(plain))]
+  np.testing.assert_allclose(np.asarray(quant.dequantize_nf4dq(q)), levels * np.repeat(recovered, block, axis=1),
+                             rtol=1e-6, atol=1e-7)
+  l, b = scale.shape
+  assert quant.quantized_bytes(q) == w.size // 2 + absmax.size + 4 * l * b + 4 * l  # 8 bits a block, not 32
+  assert quant.quantized_bytes(q) < quant.quantized_bytes(plain)
+
+
+def test_double_quantization_of_another_kind_is_a_one_line_error():
+  params = models.init_params(tiny_config(), jax.random.key(0))
+  for kind in ("int8", "none"):
+    with pytest.raises(quant.QuantError, match=rf"field 'model.quant_double': .* not to model.quant '{kind}'") as e:
+      quant.quantize_base(params, kind, 16, double=True)
+    assert "\n" not in str(e.value)
+  config = ml_collections.ConfigDict({"mode": "lora", "model": {"quant": "int8", "quant_double": True}})
+  with pytest.raises(quant.QuantError, match=r"'model.quant_double'"):
+    trained.check_mode(config)
+  mc = ml_collections.ConfigDict({"quant": "nf4", "quant_block": 16, "quant_double": True})
+  qbase = runs.quantize_base(mc, params)
+  assert isinstance(qbase["layers"]["attn"]["q_proj"]["kernel"], quant.NF4DQ) and quant.base_kind(qbase) == "nf4"
+
+
 @pytest.mark.parametrize("block", [48, 7, 0])
 def test_nf4_block_that_does_not_fit_is_a_one_line_error(block):
   with pytest.raises(quant.QuantError, match=r"field 'model.quant_block': block .* input size 128") as e:
@@ -74,16 +114,17 @@ def test_nf4_block_that_does_not_fit_is_a_one_line_error(block):
 
 
 def _setup(kind, cfg=None, block=16):
+  """kind "int8" | "nf4" | "nf4dq" (nf4, its block scales double-quantized)."""
   cfg = cfg or tiny_config()
   params = models.init_params(cfg, jax.random.key(0))
-  qbase = quant.quantize_base(params, kind, block)
+  qbase = quant.quantize_base(params, kind.removesuffix("dq"), block, double=kind == "nf4dq")
   adapter = lora.init(jax.random.key(1), params, lora.LoraConfig(rank=2, alpha=4.0))
   adapter = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape), adapter)
   ids, mask = random_batch(0, 4, 10, cfg.vocab_size, left_pad=(0, 3, 1, 0))
   return cfg, params, qbase, adapter, ids, mask
 
 
-@pytest.mark.parametrize("kind", ["int8", "nf4"])
+@pytest.mark.parametrize("kind", ["int8", "nf4", "nf4dq"])
 def test_forward_on_a_quantized_base_equals_its_dequantized_weights(kind):
   """Every layer kernel is stored quantized (nothing else is), and the forward (the layer scan, LoRA on top, the
   KV-cache decode) equals the same forward on the dequantized float weights."""
@@ -92,7 +133,7 @@ def test_forward_on_a_quantized_base_equals_its_dequantized_weights(kind):
   kernels = [p for p in flat if p.endswith("/kernel") and p.startswith("layers/")]
   assert len(kernels) == 7 and all(quant.is_quantized(flat[p]) for p in kernels)
   assert not any(quant.is_quantized(v) for p, v in flat.items() if p not in kernels)
-  assert quant.base_kind(qbase) == kind and quant.base_kind(params) == "none"
+  assert quant.base_kind(qbase) == kind.removesuffix("dq") and quant.base_kind(params) == "none"
   assert models.count_params(qbase) == models.count_params(params)
   deq = quant.dequantize_base(qbase)
   for k in ("embedding", "scale"):
@@ -129,15 +170,20 @@ def test_gradient_reaches_only_the_adapters_and_head_and_the_optimizer_holds_no_
   assert sum(x.size for x in floats) < 4 * sum(x.size for x in jax.tree.leaves(trainable))
 
 
-def test_quantized_base_sharded_on_8_devices_equals_one_device():
+@pytest.mark.parametrize("kind", ["nf4", "nf4dq"])
+def test_quantized_base_sharded_on_8_devices_equals_one_device(kind):
   """The nf4 base placed by the partition rules on a 2x2x2 mesh (codes and block scales split like the kernel they
-  stand for): the same logits as on one device."""
-  cfg, _, qbase, adapter, ids, mask = _setup("nf4")
+  stand for; double-quantized scales' rows like its input axis): the same logits as on one device."""
+  cfg, _, qbase, adapter, ids, mask = _setup(kind)
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
   specs = sharding.partition_specs(qbase, mesh)
-  q_spec = specs["layers"]["attn"]["q_proj"]["kernel"]
-  assert q_spec.packed_LxHxO == P(None, "fsdp", "tensor") and q_spec.absmax_LxBxO == P(None, "fsdp", "tensor")
-  assert specs["layers"]["mlp"]["down_proj"]["kernel"].packed_LxHxO == P(None, "tensor", "fsdp")
+  q_spec, down = specs["layers"]["attn"]["q_proj"]["kernel"], specs["layers"]["mlp"]["down_proj"]["kernel"]
+  assert q_spec.packed_LxHxO == P(None, "fsdp", "tensor") and down.packed_LxHxO == P(None, "tensor", "fsdp")
+  if kind == "nf4":
+    assert q_spec.absmax_LxBxO == P(None, "fsdp", "tensor")
+  else:
+    assert q_spec.absmax_codes_LxBxO == P(None, "fsdp", "tensor") and q_spec.absmax_scale_LxB == P(None, "fsdp")
+    assert down.absmax_scale_LxB == P(None, "tensor") and q_spec.absmax_mean_L == P()
   f = jax.jit(lambda p, a: models.forward(cfg, p, ids, mask, adapters=[(a, 2.0)]).logits)
   one = f(qbase, adapter)
   eight = f(sharding.shard(qbase, mesh), sharding.shard(adapter, mesh))

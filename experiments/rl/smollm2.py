@@ -40,8 +40,9 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
   # run-time fields, not the RM run's. param_dtype=bfloat16 also halves the frozen base's memory on an accelerator.
   # quant: the frozen base's layer kernels stored "int8" (per output channel) or "nf4" (4-bit NormalFloat, blocks of
   # quant_block input rows), dequantized one projection at a time in the forward; LoRA mode only. "none": as loaded.
+  # quant_double: nf4's block scales stored as int8 around their layer's mean (QLoRA's double quantization).
   c.model = dict(path="", revision="", param_dtype="float32", dtype="auto", remat="auto", attention="auto",
-                 quant="none", quant_block=64)
+                 quant="none", quant_block=64, quant_double=False)
   # Prompts: eval_fraction of conversations held out (split seed `seed`); batch_size prompts per RL step; prompts
   # left-padded to max_prompt_len; max_train_prompts > 0 keeps the first N training prompts.
   c.data = dict(eval_fraction=0.1, seed=0, batch_size=8, max_prompt_len=192, max_train_prompts=0,

@@ -30,8 +30,9 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
   # resolved online or from the HF cache; revision: a Hub branch, tag or commit, "" = main).
   # quant: the frozen base's layer kernels stored "int8" (per output channel) or "nf4" (4-bit NormalFloat, blocks of
   # quant_block input rows), dequantized one projection at a time in the forward; LoRA mode only. "none": as loaded.
+  # quant_double: nf4's block scales stored as int8 around their layer's mean (QLoRA's double quantization).
   c.model = dict(path="", revision="", param_dtype="float32", dtype="float32", remat="auto", attention="auto",
-                 quant="none", quant_block=64)
+                 quant="none", quant_block=64, quant_double=False)
   # eval_path: a separate held-out file ("" = split data.path, eval_fraction of it, split seed `seed`); global batch
   # sizes; min_prompt_tokens of prompt kept when a long example is cut to max_len; max_*_examples 0 = all.
   c.data = dict(eval_path="", eval_fraction=0.1, seed=0, batch_size=16, eval_batch_size=32,

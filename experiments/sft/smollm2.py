@@ -35,8 +35,9 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
   # resolved online or from the HF cache; revision: a Hub branch, tag or commit, "" = main).
   # quant: the frozen base's layer kernels stored "int8" (per output channel) or "nf4" (4-bit NormalFloat, blocks of
   # quant_block input rows), dequantized one projection at a time in the forward; LoRA mode only. "none": as loaded.
+  # quant_double: nf4's block scales stored as int8 around their layer's mean (QLoRA's double quantization).
   c.model = dict(path="", revision="", param_dtype="float32", dtype="float32", remat="auto", attention="auto",
-                 quant="none", quant_block=64)
+                 quant="none", quant_block=64, quant_double=False)
   c.data = dict(  # The SFT dialogs:
       eval_path="",  # A separate held-out file; empty = split data.path by conversation.
       eval_fraction=0.1,  # Held-out share of conversations (seeded hash of the conversation id).

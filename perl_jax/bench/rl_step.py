@@ -38,7 +38,8 @@ def build(cfg, rlcfg: RLConfig, base_params):
 
 def measure(cfg, mode: str, *, name: str, batch: int, prompt_len: int, new_tokens: int, dtype: str = "bfloat16",
             lora_cfg: lora.LoraConfig = lora.LoraConfig(), abstract: bool = False, steps: int = 3,
-            cpu_no_hoist: bool = True, quant_kind: str = "none", quant_block: int = quant.DEFAULT_BLOCK) -> dict:
+            cpu_no_hoist: bool = True, quant_kind: str = "none", quant_block: int = quant.DEFAULT_BLOCK,
+            quant_double: bool = False) -> dict:
   """Compiles (and unless abstract, times rollout + update of) one RL step; returns one JSON-able row. LoRA mode's
   one base may be quantized (`quant_kind`)."""
   pol = rm_step.policy(dtype)
@@ -53,7 +54,7 @@ def measure(cfg, mode: str, *, name: str, batch: int, prompt_len: int, new_token
                         is_leaf=lambda x: isinstance(x, tuple))
   else:
     base = models.init_params(cfg, jax.random.key(1), base_dtype)
-  base = quant.frozen_base(base, mode, quant_kind, quant_block, abstract)
+  base = quant.frozen_base(base, mode, quant_kind, quant_block, abstract, quant_double)
   if abstract:
     state, frozen = jax.eval_shape(lambda b: build(cfg, rlcfg, b), base)
   else:
@@ -66,7 +67,8 @@ def measure(cfg, mode: str, *, name: str, batch: int, prompt_len: int, new_token
                                         rollout.batch_struct(batch, prompt_len, new_tokens), compiler_options=options)
   n_train, n_frozen = models.count_params(state["trainable"]), models.count_params(frozen)
   row = dict(phase="rl", model=name, mode=mode, quant=quant_kind,
-             quant_block=quant_block if quant_kind == "nf4" else None, frozen_bytes=quant.tree_bytes(frozen),
+             quant_block=quant_block if quant_kind == "nf4" else None, quant_double=quant_double,
+             frozen_bytes=quant.tree_bytes(frozen),
              dtype=dtype, policy=pol.name, batch=batch, prompt_len=prompt_len,
              new_tokens=new_tokens, seq=prompt_len + new_tokens, abstract=abstract,
              lora_rank=lora_cfg.rank if mode == "lora" else None, trainable_params=n_train, frozen_params=n_frozen,

@@ -141,7 +141,8 @@ def make_batch(pairs: int, seq: int, vocab: int, seed: int = 0, abstract: bool =
 
 
 def build(cfg: ModelConfig, mode: str, dtype: str, lora_cfg: lora.LoraConfig, abstract: bool,
-          base_params=None, seed: int = 0, quant_kind: str = "none", quant_block: int = quant.DEFAULT_BLOCK):
+          base_params=None, seed: int = 0, quant_kind: str = "none", quant_block: int = quant.DEFAULT_BLOCK,
+          quant_double: bool = False):
   """(rcfg, optimizer, state, base) for one mode under the dtype policy; ShapeDtypeStructs if abstract.
 
   Full mode trains a copy of the backbone (all but an unread untied LM head); LoRA keeps the base separate, its
@@ -155,7 +156,7 @@ def build(cfg: ModelConfig, mode: str, dtype: str, lora_cfg: lora.LoraConfig, ab
         cfg, jax.random.key(seed), jnp.dtype(base_dtype))
   else:
     base = jax.tree.map(lambda x: x.astype(base_dtype), base_params)
-  base = quant.frozen_base(base, mode, quant_kind, quant_block, abstract)
+  base = quant.frozen_base(base, mode, quant_kind, quant_block, abstract, quant_double)
   make_state = lambda b: trainer.new_state(
       trained.init_reward(jax.random.key(seed + 1), rcfg, cfg, b), optim, jax.random.key(seed + 2))
   state = jax.eval_shape(make_state, base) if abstract else make_state(base)
@@ -184,7 +185,7 @@ class Prepared:
 def prepare(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dtype: str = "bfloat16",
             lora_cfg: lora.LoraConfig = lora.LoraConfig(), abstract: bool = False, base_params=None, mesh=None,
             cpu_no_hoist: bool = True, compiler_options: dict | None = None, quant_kind: str = "none",
-            quant_block: int = quant.DEFAULT_BLOCK, microbatches: int = 1) -> Prepared:
+            quant_block: int = quant.DEFAULT_BLOCK, microbatches: int = 1, quant_double: bool = False) -> Prepared:
   """Compiles reward.train_step for one mode (placing state, base and batch unless abstract); the row holds
   everything known before timing.
 
@@ -194,7 +195,7 @@ def prepare(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dty
   cfg = dataclasses.replace(cfg, dtype=policy(dtype).compute)
   mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
   rcfg, optim, state, base = build(cfg, mode, dtype, lora_cfg, abstract, base_params, quant_kind=quant_kind,
-                                   quant_block=quant_block)
+                                   quant_block=quant_block, quant_double=quant_double)
   batch = make_batch(pairs, seq, cfg.vocab_size, abstract=abstract)
   state_sh, base_sh = sharding.shardings(state, mesh), sharding.shardings(base, mesh)
   batch_sh = {k: sharding.batch_sharding(mesh, 3) for k in batch}
@@ -213,7 +214,8 @@ def prepare(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dty
   sequences = 2 * pairs
   flops = step_flops(cfg, mode, n_lora, sequences, seq, cfg.remat)
   row = dict(phase="rm", model=name, mode=mode, quant=quant_kind,
-             quant_block=quant_block if quant_kind == "nf4" else None, frozen_bytes=quant.tree_bytes(base),
+             quant_block=quant_block if quant_kind == "nf4" else None, quant_double=quant_double,
+             frozen_bytes=quant.tree_bytes(base),
              dtype=dtype, policy=policy(dtype).name, pairs=pairs,
              sequences=sequences, seq=seq, microbatches=microbatches,
              batch_note=f"{pairs} pairs = {sequences} sequences of {seq} tokens"
@@ -234,11 +236,11 @@ def prepare(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dty
 def measure(cfg: ModelConfig, mode: str, *, name: str, pairs: int, seq: int, dtype: str = "bfloat16",
             lora_cfg: lora.LoraConfig = lora.LoraConfig(), abstract: bool = False, steps: int = 5,
             base_params=None, mesh=None, cpu_no_hoist: bool = True, quant_kind: str = "none",
-            quant_block: int = quant.DEFAULT_BLOCK, microbatches: int = 1) -> dict:
+            quant_block: int = quant.DEFAULT_BLOCK, microbatches: int = 1, quant_double: bool = False) -> dict:
   """Compiles (and unless abstract, times) reward.train_step for one mode; returns one JSON-able row."""
   p = prepare(cfg, mode, name=name, pairs=pairs, seq=seq, dtype=dtype, lora_cfg=lora_cfg, abstract=abstract,
               base_params=base_params, mesh=mesh, cpu_no_hoist=cpu_no_hoist, quant_kind=quant_kind,
-              quant_block=quant_block, microbatches=microbatches)
+              quant_block=quant_block, microbatches=microbatches, quant_double=quant_double)
   row = p.row
   if abstract:
     return row
@@ -281,9 +283,10 @@ def compare(rows: list[dict]) -> list[dict]:
 
 
 def mode_label(r) -> str:
-  """"lora", "full", or "lora+nf4" for a LoRA row on a quantized base; " (4 mb)" when its step accumulates over 4
-  microbatches."""
+  """"lora", "full", or "lora+nf4" for a LoRA row on a quantized base ("lora+nf4dq": its block scales
+  double-quantized); " (4 mb)" when its step accumulates over 4 microbatches."""
   q, mb = r.get("quant") or "none", r.get("microbatches", 1)
+  q += "dq" if r.get("quant_double") else ""
   return (r["mode"] if q == "none" else f"{r['mode']}+{q}") + (f" ({mb} mb)" if mb > 1 else "")
 
 

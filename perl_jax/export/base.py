@@ -63,11 +63,13 @@ def base_record(model_path: str, override: str = "") -> dict:
 
 def training_storage(model_config) -> dict:
   """How the run stored the frozen base while training its adapters (config.model.quant): {"trained_on_quant": "none"
-  | "int8" | "nf4" | "gguf", "trained_on_quant_block": nf4's block or None}. A PEFT adapter trained on an nf4 base was
+  | "int8" | "nf4" | "gguf", "trained_on_quant_block": nf4's block or None, "trained_on_quant_double": nf4's
+  double quantization}. A PEFT adapter trained on an nf4 base was
   fitted to those rounded weights; loaded onto the float base it is close to, not equal to, the trained model."""
   kind = model_config.get("quant", "none")
   block = model_config.get("quant_block") if kind == "nf4" else None
-  return {"trained_on_quant": kind, "trained_on_quant_block": block}
+  double = bool(model_config.get("quant_double", False)) if kind == "nf4" else None
+  return {"trained_on_quant": kind, "trained_on_quant_block": block, "trained_on_quant_double": double}
 
 
 def write_record(out: pathlib.Path, record: dict) -> None:

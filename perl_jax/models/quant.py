@@ -5,6 +5,10 @@ int8: symmetric, per output channel: scale_o = max_i |W_io| / 127, code = round(
 nf4 (Dettmers et al. 2023): 4-bit NormalFloat codes, blockwise absmax. Each block is `block` consecutive input rows
 of one output column (the contracting axis, so a matmul dequantizes along what it reduces over):
 absmax_bo = max |W_bo|, code = the NF4 level nearest to W / absmax, two codes per byte (low nibble: even row).
+nf4 with double quantization (QLoRA's second level, `double=True`): the float32 absmax are stored as int8 around their
+layer's mean, c = round((absmax − mean_l) / s_lb), s_lb = max_o |absmax_lbo − mean_l| / 127: one float per row of block
+scales over the output axis, where bitsandbytes takes blocks of 256 over the flattened absmax and an 8-bit float
+map (rows here shard like the kernel). 4 + 8/block bits a weight instead of 4 + 32/block (0.125 vs 0.5 at 64).
 gguf: a GGUF file's own Q4_0 / Q4_1 / Q8_0 blocks (32 input rows, float16 scale and min), read by
 models.load_gguf_blocks and dequantized exactly as ggml does.
 
@@ -65,6 +69,16 @@ class NF4(NamedTuple):
   ndim = _ndim
 
 
+class NF4DQ(NamedTuple):
+  """nf4 whose block absmax are themselves quantized (double quantization): absmax = code · scale + mean."""
+  packed_LxHxO: jnp.ndarray  # uint8, as NF4's
+  absmax_codes_LxBxO: jnp.ndarray  # int8, the block absmax around the layer's mean
+  absmax_scale_LxB: jnp.ndarray  # float32, one per row of block scales (over the output axis)
+  absmax_mean_L: jnp.ndarray  # float32, the layer's mean absmax
+  shape = property(_packed_shape)
+  ndim = _ndim
+
+
 class GGUFQ4(NamedTuple):
   """ggml Q4_0 / Q4_1 blocks kept as the file stores them: w = d·q + m, q in 0..15 (Q4_0: m = −8·d)."""
   packed_LxHxO: jnp.ndarray  # uint8, H = in / 2; block b's byte j: rows 32b + j (low nibble), 32b + 16 + j (high)
@@ -82,7 +96,7 @@ class GGUFQ8(NamedTuple):
   ndim = _ndim
 
 
-QUANTIZED = (Int8, NF4, GGUFQ4, GGUFQ8)
+QUANTIZED = (Int8, NF4, NF4DQ, GGUFQ4, GGUFQ8)
 
 
 def is_quantized(x) -> bool:
@@ -109,7 +123,8 @@ def check_block(shape, block: int, field: str = "model.quant_block") -> None:
                      f"{d_in} (shape {tuple(shape)})")
 
 
-def quantize_nf4(w_LxIxO, block: int = DEFAULT_BLOCK) -> NF4:
+def quantize_nf4(w_LxIxO, block: int = DEFAULT_BLOCK, double: bool = False) -> NF4 | NF4DQ:
+  """NF4 codes and block absmax; with `double`, the absmax double-quantized (NF4DQ; the codes are the same)."""
   check_block(w_LxIxO.shape, block)
   w = jnp.asarray(w_LxIxO, jnp.float32)
   l, d_in, d_out = w.shape
@@ -119,7 +134,24 @@ def quantize_nf4(w_LxIxO, block: int = DEFAULT_BLOCK) -> NF4:
   # The nearest level: the number of midpoints below x (a tie goes to the lower level, as argmin's first minimum).
   mids = jnp.asarray((NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2)
   codes = jnp.searchsorted(mids, x, side="left").astype(jnp.uint8).reshape(l, d_in, d_out)
-  return NF4((codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(jnp.uint8), absmax)
+  q = NF4((codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(jnp.uint8), absmax)
+  return double_quantize(q) if double else q
+
+
+def double_quantize(q: NF4) -> NF4DQ:
+  """The block absmax [L,B,O] as int8 around the layer's mean, one float32 scale per (layer, block row):
+  mean_l = mean_bo absmax, s_lb = max_o |absmax − mean_l| / 127, code = round((absmax − mean_l) / s_lb)."""
+  a = q.absmax_LxBxO
+  mean = jnp.mean(a, axis=(1, 2))
+  c = a - mean[:, None, None]
+  scale = jnp.max(jnp.abs(c), axis=2) / 127.0
+  codes = jnp.clip(jnp.round(c / jnp.where(scale > 0, scale, 1.0)[:, :, None]), -127, 127).astype(jnp.int8)
+  return NF4DQ(q.packed_LxHxO, codes, scale, mean)
+
+
+def absmax_of(q: NF4DQ):
+  """The block absmax back from their int8 codes: code · scale + mean, for any leading axes."""
+  return q.absmax_codes_LxBxO.astype(jnp.float32) * q.absmax_scale_LxB[..., None] + q.absmax_mean_L[..., None, None]
 
 
 def nf4_codes(q: NF4):
@@ -136,6 +168,11 @@ def dequantize_nf4(q: NF4, dtype=jnp.float32):
   nb = q.absmax_LxBxO.shape[-2]
   vals = jnp.asarray(NF4_LEVELS)[codes].reshape(*lead, nb, d_in // nb, d_out)
   return (vals * q.absmax_LxBxO[..., None, :]).reshape(*lead, d_in, d_out).astype(dtype)
+
+
+def dequantize_nf4dq(q: NF4DQ, dtype=jnp.float32):
+  """NF4_LEVELS[code] · the code's block absmax, itself dequantized (absmax_of)."""
+  return dequantize_nf4(NF4(q.packed_LxHxO, absmax_of(q)), dtype)
 
 
 def dequantize_gguf_q4(q: GGUFQ4, dtype=jnp.float32):
@@ -157,7 +194,7 @@ def dequantize_gguf_q8(q: GGUFQ8, dtype=jnp.float32):
   return (codes * q.scale_LxBxO.astype(jnp.float32)[..., None, :]).reshape(*lead, d_in, o).astype(dtype)
 
 
-_DEQUANTIZE = {Int8: dequantize_int8, NF4: dequantize_nf4, GGUFQ4: dequantize_gguf_q4, GGUFQ8: dequantize_gguf_q8}
+_DEQUANTIZE = {Int8: dequantize_int8, NF4: dequantize_nf4, NF4DQ: dequantize_nf4dq, GGUFQ4: dequantize_gguf_q4, GGUFQ8: dequantize_gguf_q8}
 
 
 def dense_kernel(w, dtype):
@@ -187,11 +224,19 @@ def _layer_kernel(path: str, leaf) -> bool:
   return path.startswith("layers/") and path.endswith("/kernel") and getattr(leaf, "ndim", 0) == 3
 
 
-def quantize_base(params, kind: str, block: int = DEFAULT_BLOCK):
+def check_double(kind: str, double: bool, field: str = "model.quant_double") -> None:
+  if double and kind != "nf4":
+    raise QuantError(f"config: field '{field}': double quantization applies to nf4's block scales, not to "
+                     f"model.quant '{kind}'")
+
+
+def quantize_base(params, kind: str, block: int = DEFAULT_BLOCK, double: bool = False):
   """The params tree with every layer kernel [L,in,out] quantized (`kind` "int8" | "nf4"; "none" returns it as it
-  is). nf4's `block` must divide every kernel's input size (a one-line QuantError naming model.quant_block).
+  is). nf4's `block` must divide every kernel's input size (a one-line QuantError naming model.quant_block); `double`
+  double-quantizes nf4's block scales (NF4DQ; a one-line error for another kind).
   "gguf" is not a quantizer: a GGUF file's own blocks are loaded as they are (models.load_gguf_blocks)."""
   check_kind(kind)
+  check_double(kind, double)
   if kind == "none":
     return params
   if kind == "gguf":
@@ -201,19 +246,20 @@ def quantize_base(params, kind: str, block: int = DEFAULT_BLOCK):
   for path, leaf in flat.items():
     if kind == "nf4" and _layer_kernel(path, leaf):
       check_block(leaf.shape, block)
-  fn = quantize_int8 if kind == "int8" else lambda w: quantize_nf4(w, block)
+  fn = quantize_int8 if kind == "int8" else lambda w: quantize_nf4(w, block, double)
   out = {p: fn(leaf) if _layer_kernel(p, leaf) else leaf for p, leaf in flat.items()}
   return traverse_util.unflatten_dict(out, sep="/")
 
 
-def frozen_base(base, mode: str, kind: str, block: int = DEFAULT_BLOCK, abstract: bool = False):
+def frozen_base(base, mode: str, kind: str, block: int = DEFAULT_BLOCK, abstract: bool = False,
+                double: bool = False):
   """The benchmarks' frozen base stored as `kind` (quantize_base; shapes only when `abstract`); a one-line error for
   a quantized base under full tuning."""
   if kind == "none":
     return base
   if mode != "lora":
     raise QuantError(f"config: field 'model.quant': '{kind}' needs a frozen base (mode 'lora')")
-  fn = lambda b: quantize_base(b, kind, block)
+  fn = lambda b: quantize_base(b, kind, block, double)
   return jax.eval_shape(fn, base) if abstract else fn(base)
 
 
@@ -224,7 +270,7 @@ def dequantize_base(params, dtype=jnp.float32):
 
 def base_kind(params) -> str:
   """ "int8" | "nf4" | "gguf" when the tree holds quantized kernels, else "none"."""
-  names = {Int8: "int8", NF4: "nf4", GGUFQ4: "gguf", GGUFQ8: "gguf"}
+  names = {Int8: "int8", NF4: "nf4", NF4DQ: "nf4", GGUFQ4: "gguf", GGUFQ8: "gguf"}
   for leaf in jax.tree.leaves(params, is_leaf=is_quantized):
     if is_quantized(leaf):
       return names[type(leaf)]

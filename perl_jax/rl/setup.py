@@ -71,7 +71,8 @@ def run_time_model(config) -> dict:
   """The RL config's run-time model choices (compute and param dtype, remat, attention, a quantized base): the roles
   are loaded with these, not with the RM run's, so an RL config decides its own precision (dtype "auto": bf16 on
   GPU / TPU) and how the one base is stored (model.quant)."""
-  return {k: config.model[k] for k in ("dtype", "param_dtype", "remat", "attention", "quant", "quant_block")
+  return {k: config.model[k] for k in ("dtype", "param_dtype", "remat", "attention", "quant", "quant_block",
+                                         "quant_double")
           if k in config.model}
 
 
