@@ -14,8 +14,9 @@ from tests.helpers import random_batch, tiny_config
 def _reference_decode(cfg, params, ids, mask, n, adapters, temperature, rngs):
   """Re-runs the whole sequence for every new token; no cache."""
   toks, logps = [], []
+  last_logits = jax.jit(lambda p, i, m, a: models.forward(cfg, p, i, m, adapters=a).logits[:, -1])  # one per length
   for i in range(n):
-    logits = models.forward(cfg, params, ids, mask, adapters=adapters).logits[:, -1]
+    logits = last_logits(params, ids, mask, adapters)
     tok, logp = sampling.sample_token(rngs[i], logits, temperature)
     toks.append(tok)
     logps.append(logp)

@@ -249,7 +249,7 @@ def test_rm_started_from_the_sft_run_stands_on_it_in_training_restore_and_rl(run
 
 _RL_WORKER = r"""
 import json, os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 pid, port, runs_dir, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]

@@ -112,7 +112,7 @@ def test_missing_model_is_one_clear_error(tiny, tmp_path):
 
 _TRAIN_WORKER = r"""
 import json, os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 pid, port, model, data_path, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
