@@ -95,34 +95,33 @@ def on_host_if_quantized(model_config: ml_collections.ConfigDict):
 def load_model(model_config: ml_collections.ConfigDict, quantize: bool = True):
   """(model config, frozen base params, tokenizer) from config.model; the base's layer kernels stored as
   config.model.quant says ("none" | "int8" | "nf4" with blocks of config.model.quant_block, their scales
-  double-quantized with config.model.quant_double | "gguf": a GGUF file's own blocks) unless `quantize` is False (a caller that merges an adapter into the float base first, then
+  double-quantized with config.model.quant_double | "gguf": a GGUF file's own blocks, read without a float copy of
+  the layers) unless `quantize` is False (a caller that merges an adapter into the float base first, then
   quantizes). A base to be quantized is loaded and quantized on the host (on_host_if_quantized)."""
   path = model_path(model_config)
   revision = model_config.get("revision", "")
+  gguf_blocks = quantize and model_config.get("quant", "none") == "gguf" and str(path).endswith(".gguf")
   with on_host_if_quantized(model_config):
     cfg, params = models.load_pretrained(
         path, param_dtype=jnp.dtype(models.resolve_dtype(model_config.param_dtype)), revision=revision,
         dtype=models.resolve_dtype(model_config.dtype), remat=model_config.remat,
-        attention=model_config.get("attention", "auto"))
-    if quantize:
-      gguf_file = path if str(path).endswith(".gguf") else None
-      params = quantize_base(model_config, params, gguf=(gguf_file, cfg) if gguf_file else None)
+        attention=model_config.get("attention", "auto"), gguf_blocks=gguf_blocks)
+    if gguf_blocks:  # The file's own layer-kernel blocks, read as they are: no float copy of the layers was made.
+      quant.check_double("gguf", model_config.get("quant_double", False))
+      log.info("frozen base: the GGUF file's own layer-kernel blocks, kept quantized")
+    elif quantize:
+      params = quantize_base(model_config, params)
   return cfg, params, models.load_tokenizer(path, revision)
 
 
-def quantize_base(model_config: ml_collections.ConfigDict, params, gguf: tuple | None = None):
-  """The base as config.model.quant says (older run folders have no such field: "none"); "gguf" needs `gguf` =
-  (the .gguf file the float params were loaded from, its model config) and reads that file's blocks."""
+def quantize_base(model_config: ml_collections.ConfigDict, params):
+  """Float `params` stored as config.model.quant says (older run folders have no such field: "none"). "gguf" is not
+  a quantizer (a one-line error): load_model reads a GGUF file's own blocks instead."""
   kind = model_config.get("quant", "none")
   if kind == "none":
     return params
   block = model_config.get("quant_block", quant.DEFAULT_BLOCK)
   double = model_config.get("quant_double", False)
-  if kind == "gguf" and gguf is not None:
-    quant.check_double(kind, double)
-    params = models.load_gguf_blocks(gguf[0], gguf[1], params)
-    log.info("frozen base: the GGUF file's own layer-kernel blocks, kept quantized")
-    return params
   params = quant.quantize_base(params, kind, block, double)
   log.info("frozen base quantized: layer kernels %s%s%s", kind, f" (blocks of {block})" if kind == "nf4" else "",
            ", block scales double-quantized" if double else "")

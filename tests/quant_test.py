@@ -286,6 +286,31 @@ def test_gguf_blocks_dequantize_to_the_loaders_floats_for_q4_0_q4_1_q8_0(tmp_pat
   np.testing.assert_allclose(np.asarray(f(blocks)), np.asarray(f(params)), atol=1e-5, rtol=1e-5)
 
 
+def test_gguf_blocks_load_without_dequantizing_a_layer_kernel(tmp_path, monkeypatch):
+  """load_pretrained(gguf_blocks=True) (what model.quant "gguf" loads) dequantizes only the tensors that stay float
+  (embeddings, norms): no float copy of a layer kernel is made, and the tree equals the blocks put into the fully
+  dequantized load. A folder is refused with one line."""
+  import gguf
+  q = ["Q4_0", "Q4_1", "Q8_0", "Q4_1", "Q4_0", "Q8_0", "Q4_1"]
+  path = _write_gguf(tmp_path / "kept.gguf", [q, q])
+  cfg, params = models.load_pretrained(path)
+  want = models.load_gguf_blocks(path, cfg, params)
+  shapes, real = [], gguf.quants.dequantize
+  monkeypatch.setattr(gguf.quants, "dequantize", lambda data, kind: shapes.append(data.shape) or real(data, kind))
+  cfg_kept, kept = models.load_pretrained(path, gguf_blocks=True)
+  assert cfg_kept == cfg
+  n_tensors = len(gguf.GGUFReader(str(path)).tensors)
+  assert len(shapes) == n_tensors - 7 * cfg.num_layers  # everything but the 7 kernels of each layer
+  flat_k, flat_w = (traverse_util.flatten_dict(t, sep="/", is_leaf=lambda _, x: quant.is_quantized(x))
+                    for t in (kept, want))
+  assert flat_k.keys() == flat_w.keys()
+  for k in flat_k:
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), flat_k[k], flat_w[k])
+  with pytest.raises(models.ConfigError, match=r"'model.quant': 'gguf' .* is not a .gguf file") as e:
+    models.load_pretrained(tmp_path, gguf_blocks=True)
+  assert "\n" not in str(e.value)
+
+
 def test_embedded_q4_1_model_on_its_own_blocks_equals_the_dequantizing_loader():
   """SmolLM2-135M-Instruct's Q4_1 layer kernels kept as blocks (about 5 bits a weight): logits on real text equal
   the float32-dequantized model's to float tolerance, and the same next tokens."""

@@ -86,8 +86,9 @@ def hf_state_dict(cfg: ModelConfig, params, dtype=jnp.float32) -> dict:
 
 
 def _assemble(cfg: ModelConfig, tensors: Iterator[tuple[str, np.ndarray]], where: str,
-              to_path: Callable, dtype) -> dict:
-  """Places [out,in] torch-layout tensors into the stacked params pytree, checking every shape."""
+              to_path: Callable, dtype, layer_kernels: bool = True) -> dict:
+  """Places [out,in] torch-layout tensors into the stacked params pytree, checking every shape; without
+  `layer_kernels` the layer kernels are left out (a caller that fills them with a file's own blocks)."""
   shapes = transformer.param_shapes(cfg)
   stacks: dict[tuple, list] = {}
   top: dict[tuple, np.ndarray] = {}
@@ -127,16 +128,22 @@ def _assemble(cfg: ModelConfig, tensors: Iterator[tuple[str, np.ndarray]], where
     for k in path[:-1]:
       node = node.setdefault(k, {})
     node[path[-1]] = jnp.asarray(arr, dtype=dtype)
-  _check_complete(shapes, params, where)
+  _check_complete(shapes, params, where, skip=None if layer_kernels else _is_layer_kernel)
   return params
 
 
-def _check_complete(shapes, params, where, prefix=""):
+def _is_layer_kernel(path: str) -> bool:
+  return path.startswith("layers/") and path.endswith("/kernel")
+
+
+def _check_complete(shapes, params, where, prefix="", skip=None):
   for k, v in shapes.items():
-    if k not in params:
+    if skip is not None and skip(f"{prefix}{k}"):
+      continue
+    if isinstance(v, dict) and (k in params or skip is not None):  # a subtree of skipped leaves may be absent
+      _check_complete(v, params.get(k, {}), where, f"{prefix}{k}/", skip)
+    elif k not in params:
       raise ConfigError(f"{where}: weights for '{prefix}{k}' are missing (config/weights mismatch)")
-    if isinstance(v, dict):
-      _check_complete(v, params[k], where, f"{prefix}{k}/")
 
 
 def load_safetensors_folder(path: pathlib.Path, param_dtype=jnp.float32, **overrides):
@@ -207,11 +214,13 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
   return w.reshape(n_heads, out // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_gguf(path: pathlib.Path, param_dtype=jnp.float32, **overrides):
+def load_gguf(path: pathlib.Path, param_dtype=jnp.float32, keep_blocks: bool = False, **overrides):
   """A GGUF file: metadata to config, tensors dequantized with the gguf package. Loaded as float32 params, both are
   kept in the model cache (models.cache), from which later float32 loads of the same file read them; other
-  dtypes assemble straight into `param_dtype` (no float32 copy of the whole model)."""
-  cached = jnp.dtype(param_dtype) == jnp.float32
+  dtypes assemble straight into `param_dtype` (no float32 copy of the whole model). With `keep_blocks`
+  (model.quant "gguf") the layer kernels are never dequantized: they are the file's own blocks (load_gguf_blocks)
+  and only the rest (embeddings, norms, LM head) is float, so no float copy of the layers is made."""
+  cached = jnp.dtype(param_dtype) == jnp.float32 and not keep_blocks
   hit = cache.load_params(path) if cached else None
   if hit is not None:
     hf, params = hit
@@ -227,6 +236,9 @@ def load_gguf(path: pathlib.Path, param_dtype=jnp.float32, **overrides):
 
   def tensors():
     for t in reader.tensors:
+      hit = to_path(cfg, t.name)
+      if keep_blocks and hit is not None and hit[1] is not None and hit[0][-1] == "kernel":
+        continue  # a layer kernel: its blocks are read as they are below
       try:
         arr = gguf.quants.dequantize(t.data, t.tensor_type)
       except NotImplementedError:
@@ -247,7 +259,9 @@ def load_gguf(path: pathlib.Path, param_dtype=jnp.float32, **overrides):
       return _GGUF_LAYER[m.group(2)], int(m.group(1))
     return None
 
-  params = _assemble(cfg, tensors(), str(path), to_path, param_dtype)
+  params = _assemble(cfg, tensors(), str(path), to_path, param_dtype, layer_kernels=not keep_blocks)
+  if keep_blocks:
+    return cfg, load_gguf_blocks(path, cfg, params)
   if cached:
     cache.save_params(path, hf, params)
   return cfg, params
@@ -284,9 +298,10 @@ def _gguf_kernel_blocks(t, n_heads: int | None):
 
 
 def load_gguf_blocks(path, cfg: ModelConfig, params: dict) -> dict:
-  """`params` (load_gguf's, from the same file) with every layer kernel replaced by the file's own ggml blocks
-  (quant.GGUFQ4 / GGUFQ8: their scales and mins, no dequantize-then-requantize). The forward dequantizes them one
-  projection at a time to the same float32 values load_gguf holds."""
+  """`params` (load_gguf's, from the same file, with or without its float layer kernels) with every layer kernel
+  set to the file's own ggml blocks (quant.GGUFQ4 / GGUFQ8: their scales and mins, no dequantize-then-requantize),
+  each checked against the config's shape. The forward dequantizes them one projection at a time to the same
+  float32 values load_gguf holds."""
   import gguf
   path = pathlib.Path(path)
   reader = gguf.GGUFReader(str(path))
@@ -305,6 +320,7 @@ def load_gguf_blocks(path, cfg: ModelConfig, params: dict) -> dict:
     per_layer.setdefault(_GGUF_LAYER[m.group(2)], []).append((int(m.group(1)), blocks))
     kinds.setdefault(_GGUF_LAYER[m.group(2)][:2], (m.group(2), []))[1].append(t.tensor_type.name)
   layers = dict(params["layers"])
+  shapes = transformer.param_shapes(cfg)["layers"]
   for (group, name, _), blocks in per_layer.items():
     if len({type(b) for _, b in blocks}) > 1:
       file_name, types = kinds[(group, name)]
@@ -312,19 +328,34 @@ def load_gguf_blocks(path, cfg: ModelConfig, params: dict) -> dict:
                         f"into one array, and these mix block types ({', '.join(sorted(set(types)))}): use "
                         "model.quant 'int8' or 'nf4'")
     in_order = [b for _, b in sorted(blocks, key=lambda ib: ib[0])]
+    file_name = kinds[(group, name)][0]
+    if [i for i, _ in sorted(blocks, key=lambda ib: ib[0])] != list(range(cfg.num_layers)):
+      raise ConfigError(f"{path}: tensors 'blk.*.{file_name}': expected layers 0..{cfg.num_layers - 1}, found "
+                        f"{sorted(i for i, _ in blocks)[:8]}")
     stacked = jax.tree.map(lambda *x: jnp.asarray(np.stack(x)), *in_order)
-    layers[group] = {**layers[group], name: {**layers[group][name], "kernel": stacked}}
+    want = tuple(shapes[group][name]["kernel"])
+    if tuple(stacked.shape) != want:
+      raise ConfigError(f"{path}: tensors 'blk.*.{file_name}': blocks of shape {tuple(stacked.shape)} do not match "
+                        f"config {want}")
+    group_params = layers.get(group, {})  # absent when load_gguf left the layer kernels out (keep_blocks)
+    layers[group] = {**group_params, name: {**group_params.get(name, {}), "kernel": stacked}}
+  _check_complete(shapes, layers, str(path), "layers/")
   return {**params, "layers": layers}
 
 
-def load_pretrained(path, param_dtype=jnp.float32, *, revision: str = "", **overrides) -> tuple[ModelConfig, dict]:
+def load_pretrained(path, param_dtype=jnp.float32, *, revision: str = "", gguf_blocks: bool = False,
+                    **overrides) -> tuple[ModelConfig, dict]:
   """(config, params) from an HF folder, a .gguf file or a Hub id (hub.resolve, at `revision`); params stored as
-  `param_dtype`; `overrides` set config fields such as the compute dtype, remat or scan_layers."""
+  `param_dtype`; `overrides` set config fields such as the compute dtype, remat or scan_layers. `gguf_blocks`: a
+  .gguf file's layer kernels kept as its own blocks (load_gguf's keep_blocks; an error for any other source)."""
   path = hub.resolve(path, revision)
   if not path.exists():
     raise ConfigError(f"{path}: no such file or folder")
   if path.is_file() and path.suffix == ".gguf":
-    return load_gguf(path, param_dtype, **overrides)
+    return load_gguf(path, param_dtype, keep_blocks=gguf_blocks, **overrides)
+  if gguf_blocks:
+    raise ConfigError(f"config: field 'model.quant': 'gguf' keeps a GGUF file's own blocks, and {path} is not a .gguf "
+                      "file (use model.quant 'int8' or 'nf4')")
   if path.is_dir():
     return load_safetensors_folder(path, param_dtype, **overrides)
   raise ConfigError(f"{path}: expected a folder with config.json + *.safetensors, or a .gguf file")
