@@ -194,7 +194,8 @@ def dequantize_gguf_q8(q: GGUFQ8, dtype=jnp.float32):
   return (codes * q.scale_LxBxO.astype(jnp.float32)[..., None, :]).reshape(*lead, d_in, o).astype(dtype)
 
 
-_DEQUANTIZE = {Int8: dequantize_int8, NF4: dequantize_nf4, NF4DQ: dequantize_nf4dq, GGUFQ4: dequantize_gguf_q4, GGUFQ8: dequantize_gguf_q8}
+_DEQUANTIZE = {Int8: dequantize_int8, NF4: dequantize_nf4, NF4DQ: dequantize_nf4dq, GGUFQ4: dequantize_gguf_q4,
+               GGUFQ8: dequantize_gguf_q8}
 
 
 def dense_kernel(w, dtype):
