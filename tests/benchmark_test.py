@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
+from flax import traverse_util
 
 from perl_jax import lora, models, trainer
 from perl_jax.bench import rm_step
@@ -217,17 +218,25 @@ def test_cli_quant_rows_store_the_lora_base_quantized(tmp_path, capsys):
   scales (nf4 ≈ 1/8 of float32 on the layer kernels), the compiled arguments with them, and each LoRA row is
   compared with the one full row. An unknown kind is a one-line flag error."""
   out = tmp_path / "q.jsonl"
-  assert _cli().main(["--model", "tiny", "--abstract", "--dtype", "float32", "--quant", "none,int8,nf4",
+  assert _cli().main(["--model", "tiny", "--abstract", "--dtype", "float32", "--quant", "none,int8,nf4,nf4dq",
                       "--quant_block", "16", "--out", str(out)]) == 0
-  rows = {(r["mode"], r["quant"]): r for r in map(json.loads, out.read_text().splitlines())}
-  assert set(rows) == {("full", "none"), ("lora", "none"), ("lora", "int8"), ("lora", "nf4")}
+  rows = {(r["mode"], r["quant"] + ("dq" if r.get("quant_double") else "")): r
+          for r in map(json.loads, out.read_text().splitlines())}
+  assert set(rows) == {("full", "none"), ("lora", "none"), ("lora", "int8"), ("lora", "nf4"), ("lora", "nf4dq")}
   kernels = models.count_params(models.param_shapes(rm_step.preset("tiny"))["layers"]["mlp"]) * 4
-  f32, i8, nf4 = (rows[("lora", q)] for q in ("none", "int8", "nf4"))
-  assert f32["frozen_bytes"] > i8["frozen_bytes"] > nf4["frozen_bytes"]
+  f32, i8, nf4, dq = (rows[("lora", q)] for q in ("none", "int8", "nf4", "nf4dq"))
+  assert f32["frozen_bytes"] > i8["frozen_bytes"] > nf4["frozen_bytes"] > dq["frozen_bytes"]
   assert f32["frozen_bytes"] - nf4["frozen_bytes"] > 0.5 * kernels  # at least the MLP kernels shrank 8x
-  assert f32["argument_bytes"] > i8["argument_bytes"] > nf4["argument_bytes"]
+  # Double quantization: each block's float32 absmax becomes one int8 byte, plus a float32 per row of blocks and one
+  # per layer, for every layer kernel [L, in, out].
+  layer_kernels = [s for p, s in traverse_util.flatten_dict(models.param_shapes(rm_step.preset("tiny")), sep="/",
+                   is_leaf=lambda _, x: isinstance(x, tuple)).items() if p.startswith("layers/") and p.endswith("kernel")]
+  saved = sum(3 * l * (i // 16) * o - 4 * l * (i // 16) - 4 * l for l, i, o in layer_kernels)
+  assert len(layer_kernels) == 7 and nf4["frozen_bytes"] - dq["frozen_bytes"] == saved
+  assert f32["argument_bytes"] > i8["argument_bytes"] > nf4["argument_bytes"] > dq["argument_bytes"]
   table = capsys.readouterr().out
   assert "| tiny | lora+nf4 |" in table and "| tiny | lora+int8 | float32 |" in table
+  assert "| tiny | lora+nf4dq |" in table
   with pytest.raises(flags.IllegalFlagValueError, match="--quant: comma-separated none, int8, nf4"):
     _cli().main(["--model", "tiny", "--abstract", "--quant", "fp4"])
 
