@@ -42,7 +42,8 @@ _SEQ = flags.DEFINE_integer("seq", None, "Tokens per sequence (default: 1024, 32
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Dtype policy.", flag_values=FLAGS)
 _REMAT = flags.DEFINE_enum("remat", None, ["none", "full", "dots", "auto"], "Default: full from 1B params, else none.",
                            flag_values=FLAGS)
-_ATTENTION = flags.DEFINE_enum("attention", None, ["auto", "xla", "cudnn", "chunked", "einsum", "recompute", "causal"],
+_ATTENTION = flags.DEFINE_enum("attention", None, ["auto", "xla", "cudnn", "chunked", "einsum",
+                                                     "recompute", "causal", "chunked_map"],
                                "Attention kernel (ModelConfig.attention). Default: the model's ('auto').",
                                flag_values=FLAGS)
 _RANK = flags.DEFINE_integer("rank", 8, "LoRA rank.", flag_values=FLAGS)

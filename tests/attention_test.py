@@ -47,6 +47,20 @@ def test_chunked_and_fused_match_einsum(family):
                  ref, kind)
 
 
+def test_chunked_map_runs_every_chunk_over_every_key_and_matches_einsum(monkeypatch):
+  """"chunked_map": causal self-attention through attend_chunked's lax.map (3 chunks of 4 queries, each reading all
+  12 keys, the mask doing the causal part), never the causal blocks; the same logits and gradients as the einsum."""
+  base_cfg, *batch = _tiny_lora_batch("llama", rows=3)
+  ref = _real_logits_and_grad(base_cfg, *batch)
+  calls = []
+  spy = lambda *a, f=attention.attend_chunked: calls.append(a[1].shape) or f(*a)  # a[1]: keys [B, S, K, H]
+  monkeypatch.setattr(attention, "attend_chunked", spy)
+  monkeypatch.setattr(attention, "_attend_stats", lambda *a: pytest.fail("a causal block kernel ran"))
+  got = _real_logits_and_grad(dataclasses.replace(base_cfg, attention="chunked_map", attention_block=4), *batch)
+  assert calls and all(shape[1] == 12 for shape in calls)  # every chunk over all 12 keys
+  _assert_same(got, ref, "chunked_map")
+
+
 @pytest.mark.parametrize("family,block", [("llama", 4), ("gemma2", 5)])
 def test_causal_blocks_match_einsum_on_every_real_token(family, block, monkeypatch):
   # Query blocks of 4 over 12 tokens (3 blocks, the last reading all keys; blocks of 5: a last block of 2), left

@@ -12,6 +12,7 @@ _MODEL_TYPES = {
     "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3",
 }
 _ROPE_TYPES = ("default", "linear", "llama3")
+ATTENTION_KINDS = ("auto", "xla", "cudnn", "chunked", "einsum", "recompute", "causal", "chunked_map")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,12 +66,14 @@ class ModelConfig:
                                           # "chunked" (query blocks, O(block x S) scores) | "einsum" |
                                           # "recompute" (saves row statistics, not probabilities, for backward) |
                                           # "causal" ("recompute" over query blocks of 64, each reading only
-                                          # the keys up to its end; "auto" up to attention_block tokens).
+                                          # the keys up to its end; "auto" up to attention_block tokens) |
+                                          # "chunked_map" (query blocks one after another in a lax.map, each
+                                          # reading every key, masked: the least memory, more score FLOPs).
   attention_block: int = 256              # Query block for "chunked"; "auto" chunks inputs longer than it.
 
   def __post_init__(self):
-    if self.attention not in ("auto", "xla", "cudnn", "chunked", "einsum", "recompute", "causal"):
-      raise ConfigError(f"attention must be auto|xla|cudnn|chunked|einsum|recompute|causal, got '{self.attention}'")
+    if self.attention not in ATTENTION_KINDS:
+      raise ConfigError(f"attention must be {'|'.join(ATTENTION_KINDS)}, got '{self.attention}'")
     if self.remat not in ("none", "full", "dots", "auto"):
       raise ConfigError(f"remat must be none|full|dots|auto, got '{self.remat}'")
     if not self.sliding_layers:
