@@ -31,6 +31,7 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
   # quant: the frozen base's layer kernels stored "int8" (per output channel) or "nf4" (4-bit NormalFloat, blocks of
   # quant_block input rows), dequantized one projection at a time in the forward; LoRA mode only. "none": as loaded.
   # quant_double: nf4's block scales stored as int8 around their layer's mean (QLoRA's double quantization).
+  # attention: the kernel (docs/models.md); "chunked_map" holds the least activation memory on inputs > 256 tokens.
   c.model = dict(path="", revision="", param_dtype="float32", dtype="float32", remat="auto", attention="auto",
                  quant="none", quant_block=64, quant_double=False)
   # eval_path: a separate held-out file ("" = split data.path, eval_fraction of it, split seed `seed`); global batch
