@@ -59,6 +59,8 @@ def test_chunked_map_runs_every_chunk_over_every_key_and_matches_einsum(monkeypa
   got = _real_logits_and_grad(dataclasses.replace(base_cfg, attention="chunked_map", attention_block=4), *batch)
   assert calls and all(shape[1] == 12 for shape in calls)  # every chunk over all 12 keys
   _assert_same(got, ref, "chunked_map")
+  with pytest.raises(models.ConfigError, match=r"field 'model.attention': must be .*\|chunked_map, got 'chunk_map'"):
+    dataclasses.replace(base_cfg, attention="chunk_map")
 
 
 @pytest.mark.parametrize("family,block", [("llama", 4), ("gemma2", 5)])

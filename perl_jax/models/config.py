@@ -73,9 +73,9 @@ class ModelConfig:
 
   def __post_init__(self):
     if self.attention not in ATTENTION_KINDS:
-      raise ConfigError(f"attention must be {'|'.join(ATTENTION_KINDS)}, got '{self.attention}'")
+      raise ConfigError(f"config: field 'model.attention': must be {'|'.join(ATTENTION_KINDS)}, got '{self.attention}'")
     if self.remat not in ("none", "full", "dots", "auto"):
-      raise ConfigError(f"remat must be none|full|dots|auto, got '{self.remat}'")
+      raise ConfigError(f"config: field 'model.remat': must be none|full|dots|auto, got '{self.remat}'")
     if not self.sliding_layers:
       object.__setattr__(self, "sliding_layers", (False,) * self.num_layers)
     if len(self.sliding_layers) != self.num_layers:
