@@ -229,8 +229,9 @@ def test_cli_quant_rows_store_the_lora_base_quantized(tmp_path, capsys):
   assert f32["frozen_bytes"] - nf4["frozen_bytes"] > 0.5 * kernels  # at least the MLP kernels shrank 8x
   # Double quantization: each block's float32 absmax becomes one int8 byte, plus a float32 per row of blocks and one
   # per layer, for every layer kernel [L, in, out].
-  layer_kernels = [s for p, s in traverse_util.flatten_dict(models.param_shapes(rm_step.preset("tiny")), sep="/",
-                   is_leaf=lambda _, x: isinstance(x, tuple)).items() if p.startswith("layers/") and p.endswith("kernel")]
+  shapes = traverse_util.flatten_dict(models.param_shapes(rm_step.preset("tiny")), sep="/",
+                                      is_leaf=lambda _, x: isinstance(x, tuple))
+  layer_kernels = [s for p, s in shapes.items() if p.startswith("layers/") and p.endswith("kernel")]
   saved = sum(3 * l * (i // 16) * o - 4 * l * (i // 16) - 4 * l for l, i, o in layer_kernels)
   assert len(layer_kernels) == 7 and nf4["frozen_bytes"] - dq["frozen_bytes"] == saved
   assert f32["argument_bytes"] > i8["argument_bytes"] > nf4["argument_bytes"] > dq["argument_bytes"]
