@@ -40,6 +40,12 @@ _GGUF_TOP = {"token_embd.weight": ("embed", "embedding"), "output_norm.weight": 
 _IGNORED = re.compile(r"rotary_emb\.inv_freq|rope_freqs|score\.|lm_head\.weight$")
 
 
+def _gguf_layer_kernel(name: str) -> bool:
+  """A GGUF tensor name that is one layer's projection kernel ("blk.N.attn_q.weight", ...)."""
+  m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
+  return bool(m) and _GGUF_LAYER.get(m.group(2), ("",))[-1] == "kernel"
+
+
 def _hf_path(cfg: ModelConfig, name: str):
   """Maps an HF tensor name to (our path, layer index or None); None for tensors we do not use."""
   for prefix in _HF_PREFIXES:
@@ -236,9 +242,8 @@ def load_gguf(path: pathlib.Path, param_dtype=jnp.float32, keep_blocks: bool = F
 
   def tensors():
     for t in reader.tensors:
-      hit = to_path(cfg, t.name)
-      if keep_blocks and hit is not None and hit[1] is not None and hit[0][-1] == "kernel":
-        continue  # a layer kernel: its blocks are read as they are below
+      if keep_blocks and _gguf_layer_kernel(t.name):
+        continue  # its blocks are read as they are (load_gguf_blocks)
       try:
         arr = gguf.quants.dequantize(t.data, t.tensor_type)
       except NotImplementedError:
@@ -309,9 +314,9 @@ def load_gguf_blocks(path, cfg: ModelConfig, params: dict) -> dict:
   per_layer: dict[tuple, list] = {}
   kinds: dict[tuple, tuple] = {}  # (group, name) -> (the file's tensor name, its block type per layer)
   for t in reader.tensors:
-    m = re.fullmatch(r"blk\.(\d+)\.(.+)", t.name)
-    if not (m and m.group(2).endswith(".weight") and _GGUF_LAYER.get(m.group(2), ("",))[-1] == "kernel"):
+    if not _gguf_layer_kernel(t.name):
       continue
+    m = re.fullmatch(r"blk\.(\d+)\.(.+)", t.name)
     heads = {"attn_q.weight": cfg.num_heads, "attn_k.weight": cfg.num_kv_heads}.get(m.group(2)) if llama else None
     try:
       blocks = _gguf_kernel_blocks(t, heads)

@@ -103,11 +103,16 @@ def is_quantized(x) -> bool:
   return isinstance(x, QUANTIZED)
 
 
+def _symmetric_int8(x, axis: int):
+  """(codes, scale): scale = max |x| over `axis` / 127 (that axis dropped), codes = round(x / scale) in
+  [−127, 127] as int8; an all-zero slice gets scale 0 and codes 0."""
+  scale = jnp.max(jnp.abs(x), axis=axis) / 127.0
+  safe = jnp.expand_dims(jnp.where(scale > 0, scale, 1.0), axis)
+  return jnp.clip(jnp.round(x / safe), -127, 127).astype(jnp.int8), scale
+
+
 def quantize_int8(w_LxIxO) -> Int8:
-  w = jnp.asarray(w_LxIxO, jnp.float32)
-  scale = jnp.max(jnp.abs(w), axis=1) / 127.0
-  safe = jnp.where(scale > 0, scale, 1.0)
-  return Int8(jnp.clip(jnp.round(w / safe[:, None, :]), -127, 127).astype(jnp.int8), scale)
+  return Int8(*_symmetric_int8(jnp.asarray(w_LxIxO, jnp.float32), axis=1))
 
 
 def dequantize_int8(q: Int8, dtype=jnp.float32):
@@ -143,9 +148,7 @@ def double_quantize(q: NF4) -> NF4DQ:
   mean_l = mean_bo absmax, s_lb = max_o |absmax − mean_l| / 127, code = round((absmax − mean_l) / s_lb)."""
   a = q.absmax_LxBxO
   mean = jnp.mean(a, axis=(1, 2))
-  c = a - mean[:, None, None]
-  scale = jnp.max(jnp.abs(c), axis=2) / 127.0
-  codes = jnp.clip(jnp.round(c / jnp.where(scale > 0, scale, 1.0)[:, :, None]), -127, 127).astype(jnp.int8)
+  codes, scale = _symmetric_int8(a - mean[:, None, None], axis=2)
   return NF4DQ(q.packed_LxHxO, codes, scale, mean)
 
 
