@@ -100,14 +100,15 @@ def load_model(model_config: ml_collections.ConfigDict, quantize: bool = True):
   quantizes). A base to be quantized is loaded and quantized on the host (on_host_if_quantized)."""
   path = model_path(model_config)
   revision = model_config.get("revision", "")
-  gguf_blocks = quantize and model_config.get("quant", "none") == "gguf" and str(path).endswith(".gguf")
+  kind = model_config.get("quant", "none")
+  quant.check_double(kind, model_config.get("quant_double", False))  # before the load, not after it
+  gguf_blocks = quantize and kind == "gguf" and str(path).endswith(".gguf")
   with on_host_if_quantized(model_config):
     cfg, params = models.load_pretrained(
         path, param_dtype=jnp.dtype(models.resolve_dtype(model_config.param_dtype)), revision=revision,
         dtype=models.resolve_dtype(model_config.dtype), remat=model_config.remat,
         attention=model_config.get("attention", "auto"), gguf_blocks=gguf_blocks)
     if gguf_blocks:  # The file's own layer-kernel blocks, read as they are: no float copy of the layers was made.
-      quant.check_double("gguf", model_config.get("quant_double", False))
       log.info("frozen base: the GGUF file's own layer-kernel blocks, kept quantized")
     elif quantize:
       params = quantize_base(model_config, params)
