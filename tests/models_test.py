@@ -403,4 +403,4 @@ def test_unknown_run_time_choice_is_one_line_naming_field_and_value(hf_models, f
   cfg, _ = models.load_pretrained(hf_models["llama3"][1])
   with pytest.raises(ConfigError) as e:
     dataclasses.replace(cfg, **{field: "dts"})
-  assert str(e.value).startswith(f"{field} must be ") and "'dts'" in str(e.value) and "\n" not in str(e.value)
+  assert str(e.value).startswith(f"config: field 'model.{field}': must be ") and "'dts'" in str(e.value) and "\n" not in str(e.value)
