@@ -68,12 +68,22 @@ def read_data(config) -> tuple[list, list]:
                                                     data.split_train_eval, dc)
   if dc.get("dev_fraction", 0.0):
     train_ex, eval_ex = data.split_train_eval(train_ex, dc.dev_fraction, seed=f"dev{dc.seed}")
+  if dc.get("bootstrap_seed", -1) >= 0:
+    train_ex = bootstrap(train_ex, dc.bootstrap_seed)
   if dc.max_train_examples:
     train_ex = train_ex[: dc.max_train_examples]
   if dc.max_eval_examples:
     eval_ex = eval_ex[: dc.max_eval_examples]
   data.pipeline.check_one_batch(dc, len(train_ex), "examples")
   return train_ex, eval_ex
+
+
+def bootstrap(examples: list, seed: int) -> list:
+  """A bootstrap resample of `examples`: len(examples) draws with replacement, numpy's default_rng(seed), in
+  draw order (so an LP-FT probe on the first N rows also sees a member's own subset). Ensemble members trained on
+  different resamples differ in data, not only in init and batch order."""
+  idx = np.random.default_rng(seed).integers(0, len(examples), size=len(examples))
+  return [examples[i] for i in idx]
 
 
 def load_data(config, tokenizer, records: tuple[list, list] | None = None):

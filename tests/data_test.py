@@ -361,6 +361,26 @@ def test_dev_split_is_carved_from_train_only(monkeypatch):
   assert not {data.pipeline.first_user_turn(e) for e in dev} & {data.pipeline.first_user_turn(e) for e in train}
 
 
+def test_bootstrap_seed_resamples_the_training_split_with_replacement():
+  """data.bootstrap_seed >= 0: the training examples are len(train) draws with replacement (numpy's
+  default_rng(seed).integers) from the unresampled training split, in draw order; eval is unchanged; -1 is off."""
+  import ml_collections
+  from perl_jax import reward
+  cfg = lambda **kw: ml_collections.ConfigDict(dict(data=dict(
+      format="taskmaster4", path="experiments/data/taskmaster4/reward.jsonl.gz", eval_path="", eval_fraction=0.1,
+      seed=0, skip_invalid=False, max_eval_examples=0, max_len=64, batch_size=16, **{"max_train_examples": 0, **kw})))
+  train, held = reward.read_data(cfg())
+  assert reward.read_data(cfg(bootstrap_seed=-1)) == (train, held)
+  boot3, held3 = reward.read_data(cfg(bootstrap_seed=3))
+  idx = np.random.default_rng(3).integers(0, len(train), size=len(train))
+  assert held3 == held and len(boot3) == len(train) and boot3 == [train[i] for i in idx]
+  assert len(set(idx)) < 0.7 * len(train)  # ~63% distinct rows in a bootstrap resample
+  boot4, _ = reward.read_data(cfg(bootstrap_seed=4))
+  assert boot4 != boot3
+  first, _ = reward.read_data(cfg(bootstrap_seed=3, max_train_examples=16))
+  assert first == boot3[:16]  # A probe on the first N rows sees the member's own subset.
+
+
 def test_shuffle_seed_changes_batch_order_only():
   """data.shuffle_seed reorders batches (every row once per epoch); -1 keeps data.seed's order, as before."""
   import ml_collections

@@ -172,5 +172,5 @@ def test_a_name_label_names_the_point_and_is_not_passed():
   assert [p.name for p in points[:4]] == ["seed=0,single", "seed=0,ensemble_mean", "seed=0,ensemble_mean_minus_std",
                                           "seed=0,warm_exact"]
   assert all("_name" not in p.overrides for p in points)
-  assert points[1].overrides["reward_workdir"] == "runs/rm_ensemble/seed=[0-3],*"
+  assert points[1].overrides["reward_workdir"] == "runs/rm_ensemble/member[0-3]"
   assert points[1].overrides["rl.reward_ensemble"] == "mean" and "rl.reward_ensemble" not in points[0].overrides

@@ -41,6 +41,7 @@ def get_config(arg: str = "tm4_lora") -> ml_collections.ConfigDict:
                 bucket_by_length=True,  # Batches of similar lengths cut to 64-token buckets (fewer pad tokens).
                 dev_fraction=0.0,  # >0: evaluate on a dev split carved from the training part (recipe search).
                 shuffle_seed=-1,  # Batch-order seed; -1: data.seed (which also fixes the held-out split).
+                bootstrap_seed=-1,  # >=0: train on a bootstrap resample of the training split (ensemble members).
                 **DATA[dataset])
   c.init_from = ""  # An SFT run folder (same model): the RM starts from that SFT model, adapter merged; "" = the base.
   c.lora = dict(rank=4, alpha=8.0, targets="attention")  # Paper: attention projections, ranks 1-16.

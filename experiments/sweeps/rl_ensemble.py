@@ -1,10 +1,10 @@
 """Issue #32's over-optimisation runs: the LoRA RLOO policy tuned against one RM, against the K = 4 ensemble (mean,
 and mean − std) and against its weight average (WARM, the exact rank-K·r average), each judged at every eval by the
-held-out member (seed 4) that none of them trains against. Members: experiments/sweeps/rm_ensemble.py.
+held-out member 4 that none of them trains against. Members: experiments/sweeps/rm_ensemble.py.
 
   python scripts/average_rm.py --how exact --out runs/rm_ensemble/average_exact \
-      --runs "runs/rm_ensemble/seed=0,shuffle_seed=0" --runs "runs/rm_ensemble/seed=1,shuffle_seed=1" \
-      --runs "runs/rm_ensemble/seed=2,shuffle_seed=2" --runs "runs/rm_ensemble/seed=3,shuffle_seed=3"
+      --runs runs/rm_ensemble/member0 --runs runs/rm_ensemble/member1 --runs runs/rm_ensemble/member2 \
+      --runs runs/rm_ensemble/member3
   python scripts/ablate.py --sweep experiments/sweeps/rl_ensemble.py --workdir runs/rl_ensemble \
       --set sft_workdir=runs/demo/sft
   python scripts/report_overopt.py --workdir runs/rl_ensemble --out experiments/results/ensembles
@@ -15,8 +15,8 @@ KL (Gao et al.'s curve). Seed-major, so a sweep cut short still compares every a
 import ml_collections
 
 RL = "experiments/rl/smollm2.py"
-MEMBERS = "runs/rm_ensemble/seed=[0-3],*"  # The K = 4 members (a glob over the rm_ensemble sweep's points).
-JUDGE = "runs/rm_ensemble/seed=4,shuffle_seed=4"  # Held out of every arm's reward.
+MEMBERS = "runs/rm_ensemble/member[0-3]"  # The K = 4 members (a glob over the rm_ensemble sweep's points).
+JUDGE = "runs/rm_ensemble/member4"  # Held out of every arm's reward.
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.axes = [  # The grid: the product of these axes, the first the slowest.
       [{"seed": 0}, {"seed": 1}],  # The policy's init and the sampling RNG.
       [  # The reward each arm trains against.
-          {"_name": "single", "reward_workdir": "runs/rm_ensemble/seed=0,shuffle_seed=0"},
+          {"_name": "single", "reward_workdir": "runs/rm_ensemble/member0"},
           {"_name": "ensemble_mean", "reward_workdir": MEMBERS, "rl.reward_ensemble": "mean"},
           {"_name": "ensemble_mean_minus_std", "reward_workdir": MEMBERS, "rl.reward_ensemble": "mean_minus_std"},
           {"_name": "warm_exact", "reward_workdir": "runs/rm_ensemble/average_exact"},

@@ -107,7 +107,7 @@ def _anchor_is_rm_start(config, rm_start) -> None:
 
 def reward_folders(config) -> list[str]:
   """config.reward_workdir as RM run folders: one folder, or several joined by os.pathsep (':'), each of which may
-  be a glob pattern (its matches sorted), e.g. 'runs/rm_ensemble/seed=*' for a sweep's K members. A pattern that
+  be a glob pattern (its matches sorted), e.g. 'runs/rm_ensemble/member*' for a sweep's K members. A pattern that
   matches nothing is a one-line ConfigError."""
   folders = []
   for part in filter(None, (config.get("reward_workdir") or "").split(os.pathsep)):
