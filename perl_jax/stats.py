@@ -69,17 +69,21 @@ def roc_auc_ci(score_N, label_N, n_boot=2000, confidence=0.95, seed=0) -> dict:
 def paired_roc_auc_diff(score_a_N, score_b_N, label_N, n_boot=2000, confidence=0.95, seed=0) -> dict:
   """ROC-AUC(a) − ROC-AUC(b) of two scorers of the SAME examples, with its paired percentile bootstrap interval:
   each resample draws N examples with replacement (numpy default_rng(seed).integers) and takes both AUCs on those
-  rows; resamples missing a class are skipped. {"roc_auc_diff", "roc_auc_diff_lo", "roc_auc_diff_hi"}."""
-  a_N, b_N = (np.asarray(x, np.float64).reshape(-1) for x in (score_a_N, score_b_N))
+  rows; resamples missing a class are skipped. score_b may be M×N, M scorers of the same examples: then
+  ROC-AUC(b) = (1/M)·Σ_m ROC-AUC(b_m), the mean AUC of its rows on each resample (an ensemble against its average
+  member). {"roc_auc_diff", "roc_auc_diff_lo", "roc_auc_diff_hi"}."""
+  a_N = np.asarray(score_a_N, np.float64).reshape(-1)
+  b_MxN = np.atleast_2d(np.asarray(score_b_N, np.float64))
   pos_N = np.asarray(label_N).reshape(-1).astype(bool)
-  if not len(a_N) == len(b_N) == len(pos_N):
-    raise ValueError(f"paired scores need one row per example: {len(a_N)}, {len(b_N)} and {len(pos_N)} labels")
+  if b_MxN.ndim != 2 or not len(a_N) == b_MxN.shape[1] == len(pos_N):
+    raise ValueError(f"paired scores need one row per example: {len(a_N)}, {np.shape(score_b_N)} and {len(pos_N)} "
+                     "labels")
+  auc_b = lambda i: float(np.mean([roc_auc(b_N[i], pos_N[i]) for b_N in b_MxN]))
   rng, n = np.random.default_rng(seed), len(a_N)
-  diffs = [roc_auc(a_N[i], pos_N[i]) - roc_auc(b_N[i], pos_N[i]) for i in (rng.integers(0, n, n) for _ in
-                                                                             range(n_boot if n else 0))]
+  diffs = [roc_auc(a_N[i], pos_N[i]) - auc_b(i) for i in (rng.integers(0, n, n) for _ in range(n_boot if n else 0))]
   diffs = [d for d in diffs if not np.isnan(d)]
   lo, hi = np.quantile(diffs, [(1 - confidence) / 2, (1 + confidence) / 2]) if diffs else (np.nan, np.nan)
-  return {"roc_auc_diff": float(roc_auc(a_N, pos_N) - roc_auc(b_N, pos_N)), "roc_auc_diff_lo": float(lo),
+  return {"roc_auc_diff": float(roc_auc(a_N, pos_N) - auc_b(slice(None))), "roc_auc_diff_lo": float(lo),
           "roc_auc_diff_hi": float(hi)}
 
 

@@ -10,7 +10,9 @@ by the ROC-AUC difference with its paired bootstrap interval (stats.paired_roc_a
 difference with its paired bootstrap interval over pairs; binary data also by the expected calibration error of
 sigmoid(score) (10 bins, bootstrap interval). Runs may differ in anything else (LoRA vs full, seed, model.quant).
 --members adds one more row: those runs as an ensemble, their scores combined per example by --ensemble
-(perl_jax.ensemble.combine; the same reward RL's rl.reward_ensemble uses), compared with the first run like the rest.
+(perl_jax.ensemble.combine; the same reward RL's rl.reward_ensemble uses), compared with the first run like the rest,
+and (binary data) with its average member: vs_members_roc_auc_diff = ROC-AUC(ensemble) − the members' mean ROC-AUC,
+with its paired bootstrap interval (stats.paired_roc_auc_diff with the members' M×N scores).
 """
 import json
 import pathlib
@@ -88,6 +90,10 @@ def _run() -> dict:
     scores.append(np.asarray(ensemble.combine(members, _ENSEMBLE.value, _LAM.value), np.float64))
     names.append(f"ensemble {_ENSEMBLE.value} of {len(_MEMBERS.value)}: " + ", ".join(_MEMBERS.value))
   rows = compare(scores, labels, data.KINDS[fmt])
+  if _MEMBERS.value and data.KINDS[fmt] != "pairwise":  # The ensemble against its average member, paired.
+    d = stats.paired_roc_auc_diff(scores[-1], members, labels)
+    rows[-1].update(members_roc_auc_mean=float(np.mean([stats.roc_auc(m, labels) for m in members])),
+                    **{k.replace("roc_auc_diff", "vs_members_roc_auc_diff"): v for k, v in d.items()})
   out = {"data": _DATA.value, "split": _SPLIT.value, "num_examples": len(examples),
          "runs": [{"run": r, **row} for r, row in zip(names, rows)]}
   if _OUT.value:

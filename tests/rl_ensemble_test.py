@@ -205,3 +205,9 @@ def test_compare_rms_ensemble_row_is_the_members_combined(d, tmp_path):
   for row, scores in zip(got["runs"], s):
     assert row["ece"] == pytest.approx(stats.expected_calibration_error(1 / (1 + np.exp(-scores)), labels))
     assert 0 <= row["ece_lo"] <= row["ece_hi"] <= 1
+  ens = got["runs"][2]
+  aucs = [stats.roc_auc(x, labels) for x in s[:2]]
+  assert ens["members_roc_auc_mean"] == pytest.approx(np.mean(aucs))
+  assert ens["vs_members_roc_auc_diff"] == pytest.approx(stats.roc_auc(s[2], labels) - np.mean(aucs))
+  assert ens["vs_members_roc_auc_diff_lo"] <= ens["vs_members_roc_auc_diff_hi"]
+  assert "vs_members_roc_auc_diff" not in got["runs"][1]

@@ -220,6 +220,30 @@ def test_paired_roc_auc_diff_by_hand_and_narrower_than_unpaired():
     stats.paired_roc_auc_diff(a, b[:-1], label)
 
 
+def test_paired_roc_auc_diff_against_the_mean_of_several_scorers_by_hand():
+  """score_b M×N: the difference from the mean AUC of its rows, on the full set and on each resample (a loop over the
+  same draws, AUCs by pair counting); one row equals the 1-D call; a row of the wrong length is an error."""
+  rng = np.random.default_rng(5)
+  label = rng.random(50) < 0.4
+  a = label + rng.normal(size=50)
+  b_3xN = label * np.array([[0.2], [0.8], [1.5]]) + rng.normal(size=(3, 50))
+  got = stats.paired_roc_auc_diff(a, b_3xN, label, n_boot=200)
+  auc = lambda s, y: np.mean([(p > q) + 0.5 * (p == q) for p in s[y] for q in s[~y]])
+  assert got["roc_auc_diff"] == pytest.approx(auc(a, label) - np.mean([auc(b, label) for b in b_3xN]))
+  draws, by_hand = np.random.default_rng(0), []
+  for _ in range(200):
+    idx = draws.integers(0, 50, 50)
+    if label[idx].all() or not label[idx].any():
+      continue
+    by_hand.append(auc(a[idx], label[idx]) - np.mean([auc(b[idx], label[idx]) for b in b_3xN]))
+  lo, hi = np.quantile(by_hand, [0.025, 0.975])
+  assert got["roc_auc_diff_lo"] == pytest.approx(lo) and got["roc_auc_diff_hi"] == pytest.approx(hi)
+  assert stats.paired_roc_auc_diff(a, b_3xN[1:2], label, n_boot=50) == stats.paired_roc_auc_diff(a, b_3xN[1], label,
+                                                                                                   n_boot=50)
+  with pytest.raises(ValueError, match="one row per example"):
+    stats.paired_roc_auc_diff(a, b_3xN[:, :-1], label)
+
+
 def test_expected_calibration_error_by_hand():
   """Two bins used of 10: [0.1, 0.2) holds p = 0.1, 0.15 with labels 0, 1 (|0.5 − 0.125| = 0.375, weight 2/5);
   [0.9, 1] holds p = 0.9, 0.95, 1.0 with labels 1, 1, 0 (|2/3 − 0.95| = 0.2833…, weight 3/5)."""
