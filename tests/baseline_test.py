@@ -86,8 +86,10 @@ def _leaky_dialogs(n_dialogs=60, turns=5, seed=0):
   return examples
 
 
-def test_baseline_split_by_example_leaks_dialogs_and_by_group_does_not():
+def test_baseline_split_by_example_leaks_dialogs_and_by_group_does_not(monkeypatch):
   pytest.importorskip("sklearn")
+  # One grid point (word unigrams of the reply, weak L2) for speed: this test is about the split, not the search.
+  monkeypatch.setattr(bow_baseline, "grid", lambda kind: [bow_baseline.Settings("response", 1, 16.0)])
   ex = _leaky_dialogs()
   for by in ("group", "example"):
     train, held = bow_baseline.split(ex, 0.2, seed=3, by=by)
@@ -132,6 +134,8 @@ def test_probe_features_across_splits_pairs_each_row_with_its_example(tmp_path, 
   rng = np.random.default_rng(0)
   monkeypatch.setattr(probe, "features", lambda cfg, base, arrays: np.stack(
       [arrays["label"][:, None] + 0.01 * rng.normal(size=(len(arrays["label"]), 2))] * 2, axis=1))
+  full_grid = bow_baseline.grid
+  monkeypatch.setattr(bow_baseline, "grid", lambda kind: full_grid(kind)[:2])  # 2 of its 16 points, for speed
   config = smollm2.get_config("tm4_lora")
   config.data.path = str(head_lines(TM4, tmp_path / "tm4.jsonl", 400))
   probe.across_splits(config, None, None, models.load_tokenizer(models.default_model_path()), 2)
