@@ -24,7 +24,7 @@ def _cli(*args, env=None):
                         text=True, env=env or dict(os.environ), timeout=300)
 
 
-@pytest.mark.parametrize("fmt,src,n,keys", [("taskmaster4", TM4, 400, BINARY_KEYS), ("hh_rlhf", HH, 300, PAIRWISE_KEYS)])
+@pytest.mark.parametrize("fmt,src,n,keys", [("taskmaster4", TM4, 200, BINARY_KEYS), ("hh_rlhf", HH, 150, PAIRWISE_KEYS)])
 def test_baseline_cli_prints_eval_reward_keys(tmp_path, fmt, src, n, keys):
   pytest.importorskip("sklearn")
   train, held = head_lines(src, tmp_path / "train.jsonl", n), head_lines(src, tmp_path / "eval.jsonl", 60, start=n)
