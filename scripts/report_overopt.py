@@ -9,6 +9,9 @@ judge rewards of the policy and the anchor, KL). A point's arm is its name witho
 its mean over seeds) and intervals are 95% paired bootstraps over prompts (win rates: Wilson, n = prompts); the
 proxy is each arm's own reward, so only the judge compares arms. Writes OUT/overopt.md, OUT/overopt.json and
 OUT/overopt.png (proxy and judge reward difference against KL at each eval, seed means: Gao et al.'s curve).
+A second, independent judge where every point has one: scripts/judge_texts.py's bag-of-words judge.json (run it on
+the sweep first); its per-prompt scores at the same last eval step give the bow_* figures, pooled and compared the
+same way.
 """
 import json
 import pathlib
@@ -48,8 +51,23 @@ def load_points(workdir: pathlib.Path) -> list[dict]:
              for r in _jsonl(folder / "metrics.jsonl") if "eval/kl" in r]
     points.append({"name": p["name"], "arm": re.sub(r"(^|,)seed=\d+", "", p["name"]).strip(",") or "base",
                    "seed": p["overrides"].get("seed", 0), "prompts": [r["prompt"] for r in rows], "curve": curve,
-                   **{k: mean(k) for k in ("reward_after", "reward_before", "judge_after", "judge_before", "kl")}})
+                   **{k: mean(k) for k in ("reward_after", "reward_before", "judge_after", "judge_before", "kl")},
+                   **_bow_judge(folder, max(texts), len(rows))})
+  if any("bow_after" not in p for p in points):  # The second judge only where every point has it.
+    points = [{k: v for k, v in p.items() if not k.startswith("bow_")} for p in points]
   return points
+
+
+def _bow_judge(folder: pathlib.Path, step: int, n: int) -> dict:
+  """judge_texts.py's per-prompt bag-of-words judge scores (means over samples) at eval `step`, if it was run."""
+  path = folder / "judge.json"
+  per_prompt = json.loads(path.read_text())["eval"].get(str(step), {}).get("per_prompt") if path.is_file() else None
+  if not per_prompt:
+    return {}
+  if len(per_prompt["judge_after"]) != n:
+    raise ConfigError(f"{path}: {len(per_prompt['judge_after'])} prompts at step {step}, its eval texts have {n}; "
+                      "rerun scripts/judge_texts.py")
+  return {f"bow_{k}": np.array([np.mean(x) for x in per_prompt[f"judge_{k}"]]) for k in ("after", "before")}
 
 
 def _stack(points: list[dict], key: str) -> np.ndarray:
@@ -77,14 +95,18 @@ def arm_rows(points: list[dict], reference: str) -> list[dict]:
            **evaluate.paired_stats("", _stack(ps, "reward_after"), _stack(ps, "reward_before")),
            **evaluate.paired_stats("judge_", _stack(ps, "judge_after"), _stack(ps, "judge_before"))}
     row["kl"], row["kl_lo"], row["kl_hi"] = stats.paired_bootstrap_ci(_stack(ps, "kl"))
+    bow = "bow_after" in ps[0]
+    if bow:
+      row.update(evaluate.paired_stats("bow_", _stack(ps, "bow_after"), _stack(ps, "bow_before")))
     ref = {p["seed"]: p for p in arms.get(reference, [])}
     seeds = [p["seed"] for p in ps if p["seed"] in ref]
     if arm != reference and seeds:
       if ref[seeds[0]]["prompts"] != ps[0]["prompts"]:
         raise ConfigError(f"arms {arm} and {reference} were evaluated on different prompts")
-      mine = [p for p in ps if p["seed"] in ref]
-      vs = evaluate.paired_stats("", _stack(mine, "judge_after"), _stack([ref[s] for s in seeds], "judge_after"))
-      row.update({f"vs_reference_{k}": v for k, v in vs.items() if k.startswith(("reward_diff", "win_rate"))})
+      mine, theirs = [p for p in ps if p["seed"] in ref], [ref[s] for s in seeds]
+      for judge, prefix in (("judge_after", "vs_reference_"), ("bow_after", "bow_vs_reference_"))[:1 + bow]:
+        vs = evaluate.paired_stats("", _stack(mine, judge), _stack(theirs, judge))
+        row.update({f"{prefix}{k}": v for k, v in vs.items() if k.startswith(("reward_diff", "win_rate"))})
       row["vs_reference_seeds"] = seeds
     out.append(row)
   return out
@@ -95,14 +117,18 @@ def _ci(r: dict, key: str) -> str:
 
 
 def markdown(rows: list[dict], reference: str) -> str:
+  bow = any("bow_reward_diff" in r for r in rows)
+  bow_head = f" bag-of-words judge: difference | bag-of-words vs {reference} |" if bow else ""
   lines = [f"| arm | seeds | proxy: difference | judge: difference | KL | judge vs {reference} | win rate vs "
-           f"{reference} (judge) |", "|---|---|---|---|---|---|---|"]
+           f"{reference} (judge) |" + bow_head,
+           "|---|---|---|---|---|---|---|" + ("---|---|" if bow else "")]
   for r in rows:
     win = (f"{r['vs_reference_win_rate']:.2f} [{r['vs_reference_win_rate_lo']:.2f}, "
            f"{r['vs_reference_win_rate_hi']:.2f}]" if "vs_reference_win_rate" in r else "–")
     lines.append(f"| {r['arm']} | {','.join(map(str, r['seeds']))} | {_ci(r, 'reward_diff')} | "
                  f"{_ci(r, 'judge_reward_diff')} | {r['kl']:.2f} [{r['kl_lo']:.2f}, {r['kl_hi']:.2f}] | "
-                 f"{_ci(r, 'vs_reference_reward_diff')} | {win} |")
+                 f"{_ci(r, 'vs_reference_reward_diff')} | {win} |"
+                 + (f" {_ci(r, 'bow_reward_diff')} | {_ci(r, 'bow_vs_reference_reward_diff')} |" if bow else ""))
   return "\n".join(lines) + "\n"
 
 

@@ -67,6 +67,38 @@ def test_report_overopt_pools_seeds_and_compares_arms_under_the_judge(tmp_path):
   assert "| ensemble_mean | 0,1 |" in (tmp_path / "out" / "overopt.md").read_text()
 
 
+def test_a_bag_of_words_judge_json_adds_its_columns_pooled_the_same_way(tmp_path):
+  """judge_texts.py's judge.json in every point: bow_* figures from its per-prompt scores at the last eval step;
+  one point without it and the report leaves the second judge out."""
+  pytest.importorskip("matplotlib")
+  _sweep(tmp_path)
+  rng, bow = np.random.default_rng(1), {}
+  for seed in (0, 1):
+    for arm in ("single", "ensemble_mean"):
+      after, before = rng.normal(size=(N, 2)), rng.normal(size=(N, 2))
+      bow[(arm, seed)] = after.mean(1), before.mean(1)
+      per_prompt = {"judge_after": after.tolist(), "judge_before": before.tolist()}
+      (tmp_path / "sweep" / f"seed={seed},{arm}" / "judge.json").write_text(json.dumps(
+          {"eval": {"4": {"per_prompt": {"judge_after": [[9.0]] * N, "judge_before": [[0.0]] * N}},
+                    "8": {"per_prompt": per_prompt}}}))
+  assert _cli(tmp_path).returncode == 0
+  rows = {r["arm"]: r for r in json.loads((tmp_path / "out" / "overopt.json").read_text())["arms"]}
+  stack = lambda arm, i: np.stack([bow[(arm, s)][i] for s in (0, 1)], 1)
+  d, lo, hi = stats.paired_bootstrap_ci(stack("single", 0) - stack("single", 1))
+  assert (rows["single"]["bow_reward_diff"], rows["single"]["bow_reward_diff_lo"],
+          rows["single"]["bow_reward_diff_hi"]) == pytest.approx((d, lo, hi))
+  d, lo, hi = stats.paired_bootstrap_ci(stack("ensemble_mean", 0) - stack("single", 0))
+  ens = rows["ensemble_mean"]
+  assert (ens["bow_vs_reference_reward_diff"], ens["bow_vs_reference_reward_diff_lo"],
+          ens["bow_vs_reference_reward_diff_hi"]) == pytest.approx((d, lo, hi))
+  assert "bag-of-words judge" in (tmp_path / "out" / "overopt.md").read_text()
+  (tmp_path / "sweep" / "seed=1,single" / "judge.json").unlink()
+  assert _cli(tmp_path).returncode == 0
+  rows = json.loads((tmp_path / "out" / "overopt.json").read_text())["arms"]
+  assert not any(k.startswith("bow_") for r in rows for k in r)
+  assert "bag-of-words" not in (tmp_path / "out" / "overopt.md").read_text()
+
+
 def test_an_eval_without_judge_rewards_is_one_line(tmp_path):
   _sweep(tmp_path, judge=False)
   r = _cli(tmp_path)
