@@ -167,6 +167,8 @@ def test_policy_export_merged_and_peft_match_transformers(runs, tmp_path):
   import transformers
   from peft import PeftModel
   from perl_jax import lora, models
+  from perl_jax import runs as runs_lib
+  from perl_jax.export import policy as export_policy
   from perl_jax.export.policy import adapter_sets
   c = _rl_config(runs, steps=2, optim=dict(lr=0.05, warmup_steps=1, weight_decay=0.0, clip_norm=1.0))
   c.rl.value_warmup_steps = 0                                 # the policy moves from step 1
@@ -176,11 +178,9 @@ def test_policy_export_merged_and_peft_match_transformers(runs, tmp_path):
   ids = np.random.default_rng(0).integers(3, 1000, size=(2, 12)).astype(np.int32)
   ours = np.asarray(models.forward(policy.model_cfg, policy.frozen["base"], ids, None,
                                    adapters=adapter_sets(policy)).logits)
-  env = {**os.environ, "PYTHONPATH": str(ROOT)}
-  for fmt in ("merged", "peft"):
-    r = subprocess.run([sys.executable, "scripts/export.py", "--workdir", str(tmp_path / "rl"), "--out",
-                        str(tmp_path / fmt), "--format", fmt], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
+  # In process (scripts/export.py on a policy run is tested through its CLI in quant_stages_test).
+  export_policy.export_merged(policy, tmp_path / "merged", runs_lib.model_path(policy.config.model))
+  export_policy.export_peft(policy, tmp_path / "peft", runs_lib.model_path(policy.config.model))
   adapter = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
   assert not os.path.isabs(adapter["base_model_name_or_path"])  # A name that travels, never a local path.
   generate = load_script("generate")  # generate.py --workdir talks to this policy, and to the SFT run under it.
