@@ -16,6 +16,7 @@ import safetensors.numpy
 
 from perl_jax import lora, reward, runs, sharding, stats, trained
 from perl_jax.errors import ConfigError
+from perl_jax.export import reward as export_reward
 from perl_jax.rl import roles, setup
 from perl_jax.rl import train as rl_train
 from tests.conftest import ROOT
@@ -182,8 +183,7 @@ def test_averaged_rm_runs_equal_the_dense_average_and_export(d, tmp_path):
   got = lora.merge(base, avg.trainable["lora"], lora.scale(avg.stage.lora_cfg))
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(dense)):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5)
-  res = _cli("scripts/export.py", "--workdir", str(tmp_path / "exact"), "--out", str(tmp_path / "exported"))
-  assert res.returncode == 0, res.stderr[-2000:]
+  export_reward.export_merged(avg, tmp_path / "exported")  # In process: export.py's CLI is export_test's.
   tensors = safetensors.numpy.load_file(str(tmp_path / "exported" / "model.safetensors"))
   v = np.asarray(got["layers"]["attn"]["v_proj"]["kernel"])  # [L, in, out]; HF stores [out, in] per layer
   np.testing.assert_allclose(tensors["model.layers.1.self_attn.v_proj.weight"], v[1].T, atol=1e-5)
