@@ -10,6 +10,7 @@ import pytest
 
 from perl_jax import cli, data, errors, reward, sft
 from perl_jax.rl import train as rl_train
+from tests.conftest import bare_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NO_MODEL = "/nonexistent/model.gguf"
@@ -26,7 +27,7 @@ def get_config(stage: str, arg: str):
 
 
 def run_script(name: str, *args):
-  env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+  env = bare_env(PYTHONPATH=str(ROOT))
   return subprocess.run([sys.executable, f"scripts/{name}.py", *args], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=120)
 

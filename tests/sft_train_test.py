@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from perl_jax import checkpoint, data, runs, sft, trained
-from tests.conftest import ROOT
+from tests.conftest import ROOT, bare_env
 from tests.helpers import head_lines, make_tiny_hf_folder
 
 sys.path.insert(0, str(ROOT))
@@ -116,7 +116,7 @@ def test_cli_runs_and_fails_with_one_line(tiny, tmp_path):
           f"--config.model.path={tiny / 'model'}", "--config.data.max_len=64", "--config.data.batch_size=8",
           "--config.data.eval_batch_size=8", "--config.steps=2", "--config.eval_every=2",
           "--config.data.eval_fraction=0.25"]
-  env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+  env = bare_env(PYTHONPATH=str(ROOT))
   ok = subprocess.run([sys.executable, "scripts/train_sft.py", *args, f"--config.data.path={tiny / 'hh.jsonl'}"],
                       cwd=ROOT, env=env, capture_output=True, text=True)
   assert ok.returncode == 0, ok.stderr[-2000:]

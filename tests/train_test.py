@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from perl_jax import checkpoint, data, models, reward, trained
-from tests.conftest import ROOT
+from tests.conftest import ROOT, bare_env
 from tests.helpers import head_lines, make_tiny_hf_folder, run_two_hosts
 
 sys.path.insert(0, str(ROOT))
@@ -83,12 +83,13 @@ def test_bad_data_line_names_file_line_field_and_writes_nothing(tiny, tmp_path, 
 
 def test_cli_exits_nonzero_with_one_line_and_keeps_last_checkpoint(tiny, tmp_path):
   cfg_args = ["--config", str(ROOT / "experiments/rm/smollm2.py:tm4_lora"), "--workdir", str(tmp_path / "run"),
-              f"--config.model.path={tiny / 'model'}", "--config.data.max_len=64", "--config.data.batch_size=8", "--config.data.eval_batch_size=8",
+              f"--config.model.path={tiny / 'model'}", "--config.data.max_len=64", "--config.data.batch_size=8",
+              "--config.data.eval_batch_size=8",
               "--config.data.min_prompt_tokens=16", "--config.steps=2", "--config.eval_every=100",
               "--config.checkpoint_every=2", "--config.data.eval_fraction=0.25"]
-  env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
-  ok = subprocess.run([sys.executable, "scripts/train_reward.py", *cfg_args, f"--config.data.path={tiny / 'tm4.jsonl'}"],
-                      cwd=ROOT, env=env, capture_output=True, text=True)
+  env = bare_env()
+  ok = subprocess.run([sys.executable, "scripts/train_reward.py", *cfg_args,
+                       f"--config.data.path={tiny / 'tm4.jsonl'}"], cwd=ROOT, env=env, capture_output=True, text=True)
   assert ok.returncode == 0, ok.stderr[-2000:]
   ckpt = tmp_path / "run" / "checkpoints"
   before = sorted(p.name for p in ckpt.iterdir())
