@@ -33,6 +33,7 @@ if "PERL_JAX_CACHE" not in os.environ:
   os.environ["PERL_JAX_CACHE"] = _model_cache
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
 # What a CLI test's bare environment still inherits from this session: the compile settings and caches above (so a
 # subprocess neither recompiles at -O2 what the suite has cached nor touches the user's model cache).
 SESSION_ENV = ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
@@ -43,4 +44,3 @@ def bare_env(**extra) -> dict:
   """A minimal environment for a CLI subprocess (no PYTHONPATH, no user settings) plus SESSION_ENV and `extra`."""
   env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", **extra}
   return {**env, **{k: os.environ[k] for k in SESSION_ENV if k in os.environ}}
-SHARED_DATA = ROOT.parent / "shared" / "data"

@@ -4,7 +4,7 @@ order (data.shuffle_seed) and data: each trains on its own bootstrap resample of
 is held out of it, a judge no ensemble arm trains against. One held-out split (data.seed 0) for all.
 
 The recipe is the demo's RM (the RM RL measurably moves, experiments/results/rl_signal: 128-token windows, balanced
-classes, strong L2 on the probe) with 20 LoRA steps instead of 4: about 5 minutes a member on 2 CPU cores, where the
+classes, strong L2 on the probe) with 20 LoRA steps instead of 4: about 2 minutes a member on 2 CPU cores, where the
 shipped 120-step tm4_lora recipe takes ~35.
 
 Members are sweep points, not one run with stacked adapters: after the first layer every member's hidden states
