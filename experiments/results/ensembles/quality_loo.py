@@ -8,8 +8,8 @@ bootstrap interval (stats.paired_roc_auc_diff), and the ensemble's ECE beside th
 that is not a member (the exact and per-factor weight averages of members 0-3, compare_rms's ensemble row) against
 members 0-3 (every member but the last, the held-out judge) the same way.
 """
-import re
 import json
+import re
 import sys
 
 import numpy as np
@@ -38,6 +38,7 @@ def main(path: str) -> dict:
   ensemble_members = np.stack([by_name[n] for n in names[:-1]])
   others = [{"run": n, **_row(s, ensemble_members, labels, ece)} for n, s in by_name.items() if n not in names]
   return {"num_examples": len(labels), "members": names, "leave_one_out": loo, "vs_members_0_to_3": others}
+
 
 if __name__ == "__main__":
   print(json.dumps(main(sys.argv[1]), indent=1))
