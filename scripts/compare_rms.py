@@ -5,7 +5,7 @@
       [--members runs/ens/A --members runs/ens/B ... --ensemble mean|min|mean_minus_std --lam 1.0]
 Every run scores the same examples (--split eval: the held-out split of the first run's config, which every run
 must share: data.eval_fraction and data.seed). Per run: its metrics (ROC-AUC with its bootstrap interval for binary
-data, pair accuracy for pairs). Each run after the first is compared with the first, example by example: binary data
+data, pair accuracy with its Wilson interval for pairs). Each run after the first is compared with the first, example by example: binary data
 by the ROC-AUC difference with its paired bootstrap interval (stats.paired_roc_auc_diff), pairs by the accuracy
 difference with its paired bootstrap interval over pairs; binary data also by the expected calibration error of
 sigmoid(score) (10 bins, bootstrap interval). Runs may differ in anything else (LoRA vs full, seed, model.quant).
@@ -48,7 +48,8 @@ def compare(scores: list, labels, kind: str) -> list[dict]:
   for i, s in enumerate(scores):
     if kind == "pairwise":
       correct = (s[:, 0] > s[:, 1]).astype(np.float64)
-      row = {"accuracy": float(correct.mean())}
+      lo, hi = stats.wilson_interval(correct.sum(), len(correct))
+      row = {"accuracy": float(correct.mean()), "accuracy_lo": lo, "accuracy_hi": hi}
       if i:
         d, lo, hi = stats.paired_bootstrap_ci(correct - (scores[0][:, 0] > scores[0][:, 1]))
         row.update(accuracy_diff=d, accuracy_diff_lo=lo, accuracy_diff_hi=hi)

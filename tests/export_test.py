@@ -262,3 +262,22 @@ def test_compare_rms_scores_the_same_examples_in_their_order(run, tmp_path):
   assert got["runs"][0]["roc_auc"] == pytest.approx(stats.roc_auc(ours, arrays["label"]))
   result = _cli("scripts/compare_rms.py", "--runs", str(run.workdir), "--data", str(eval_json))
   assert result.returncode == 2 and "at least two" in result.stderr
+
+
+def test_compare_rms_pair_accuracy_rows_by_hand():
+  """compare_rms.compare on pairs: accuracy counts chosen > rejected (a tie is wrong), its interval is Wilson's in
+  the textbook form (p̂ + z²/2n ± z·sqrt(p̂(1−p̂)/n + z²/4n²)) / (1 + z²/n), and the second run's difference is the
+  paired bootstrap of the per-pair differences."""
+  from tests.helpers import load_script
+  a = np.array([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [3.0, 1.0]])  # right, wrong, tie (wrong), right: 2 of 4
+  b = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [3.0, 1.0]])  # 3 of 4
+  first, second = load_script("compare_rms").compare([a, b], None, "pairwise")
+  z, n = 1.959963984540054, 4
+  for row, p in ((first, 0.5), (second, 0.75)):
+    centre, half = p + z * z / (2 * n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    assert row["accuracy"] == p
+    np.testing.assert_allclose([row["accuracy_lo"], row["accuracy_hi"]],
+                               [(centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)], rtol=1e-12)
+  d, lo, hi = stats.paired_bootstrap_ci(np.array([0.0, 1.0, 0.0, 0.0]))
+  assert (second["accuracy_diff"], second["accuracy_diff_lo"], second["accuracy_diff_hi"]) == (d, lo, hi) and d == 0.25
+  assert "accuracy_diff" not in first
