@@ -5,10 +5,11 @@
       [--members runs/ens/A --members runs/ens/B ... --ensemble mean|min|mean_minus_std --lam 1.0]
 Every run scores the same examples (--split eval: the held-out split of the first run's config, which every run
 must share: data.eval_fraction and data.seed). Per run: its metrics (ROC-AUC with its bootstrap interval for binary
-data, pair accuracy with its Wilson interval for pairs). Each run after the first is compared with the first, example by example: binary data
-by the ROC-AUC difference with its paired bootstrap interval (stats.paired_roc_auc_diff), pairs by the accuracy
-difference with its paired bootstrap interval over pairs; binary data also by the expected calibration error of
-sigmoid(score) (10 bins, bootstrap interval). Runs may differ in anything else (LoRA vs full, seed, model.quant).
+data, pair accuracy with its Wilson interval for pairs). Each run after the first is compared with the first,
+example by example: binary data by the ROC-AUC difference with its paired bootstrap interval
+(stats.paired_roc_auc_diff), pairs by the accuracy difference with its paired bootstrap interval over pairs; binary
+data also by the expected calibration error of sigmoid(score) (10 bins, bootstrap interval). Runs may differ in
+anything else (LoRA vs full, seed, model.quant).
 --members adds one more row: those runs as an ensemble, their scores combined per example by --ensemble
 (perl_jax.ensemble.combine; the same reward RL's rl.reward_ensemble uses), compared with the first run like the rest,
 and (binary data) with its average member: vs_members_roc_auc_diff = ROC-AUC(ensemble) − the members' mean ROC-AUC,
