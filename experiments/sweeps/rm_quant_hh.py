@@ -1,7 +1,7 @@
 """Issue #33's quality check on Anthropic HH-RLHF harmless pairs (Bradley-Terry): the shipped HH LoRA RM recipe on a
-float32 and an nf4 frozen base, 2 seeds, one held-out split; pair accuracy, paired per pair by compare_rms.
-Seed-major, so a sweep cut short still compares the two bases on seed 0. (TM-4: rm_quant.py.)
-Shortened to 60 steps for both bases (the shipped 120 take ~52 min a run on 2 CPU cores; the shipped run's held-out
+float32, an nf4 and an int8 frozen base, 2 seeds, one held-out split; pair accuracy, paired per pair by compare_rms.
+Seed-major, so a sweep cut short still compares the bases on seed 0. (TM-4: rm_quant.py.)
+Shortened to 60 steps for every base (the shipped 120 took ~52 min a run on 2 CPU cores; the shipped run's held-out
 accuracy was 0.667 / 0.676 / 0.672 at steps 40 / 80 / 120, so most of it is learned by step 60).
 
   python scripts/ablate.py --sweep experiments/sweeps/rm_quant_hh.py --workdir runs/rm_quant_hh
@@ -20,9 +20,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.config = f"{RM}:hh_lora"  # The shipped HH recipe.
   c.axes = [  # The grid: the product of these axes, the first varying slowest.
       [{"seed": s, "data.shuffle_seed": s} for s in (0, 1)],  # Seeds: init and batch order; one held-out split.
-      [{"model.quant": q} for q in ("none", "nf4")],  # How the frozen base is stored.
+      [{"model.quant": q} for q in ("none", "nf4", "int8")],  # How the frozen base is stored.
   ]
   c.fixed = [{"probe_cache": "runs/probe_cache",  # LP-FT features per base, computed once and shared by the seeds.
-              "steps": 60, "eval_every": 30, "checkpoint_every": 30}]  # Half the shipped recipe, both bases alike.
+              "steps": 60, "eval_every": 30, "checkpoint_every": 30}]  # Half the shipped recipe, every base alike.
   c.metrics = ("accuracy",)  # Report column: held-out pair accuracy.
   return c
