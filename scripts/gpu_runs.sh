@@ -5,6 +5,7 @@
 #   bash scripts/gpu_runs.sh bench   OUTDIR             # RM and RL steps: LoRA vs full, attention kernels
 #   bash scripts/gpu_runs.sh recipes OUTDIR MODEL.gguf  # the shipped RM recipes at max_len 512, 4 runs at once
 #   bash scripts/gpu_runs.sh sweep   OUTDIR MODEL.gguf  # the RM rank sweep (20 points) at max_len 512, 5 shards
+#   bash scripts/gpu_runs.sh quant   OUTDIR             # issue #33: LoRA steps on a bf16 / int8 / nf4 base, measured
 #
 # Runs under whatever python3 the machine has (PYTHON=... to change), from the repository root. Each job has its
 # own time limit (BUDGET_S for the whole stage), so one failure or a slow compile costs that job alone; every
@@ -90,6 +91,18 @@ sweep)
   wait
   (cd "$out" && tar czf rm_ranks.tgz --exclude=checkpoints --exclude=tb rm_ranks)
   $py scripts/report.py --workdir "$out/rm_ranks" --out "$out/report" 2>&1 | tail -n 30
+  ;;
+quant)
+  # experiments/results/quant's rows on an accelerator: peak_bytes_in_use and step time of the LoRA RM step and RL
+  # update on a bf16, int8 and nf4 frozen base (each mode in its own process), the dequantize cost measured where
+  # the matmuls are fast. MODELS: presets, smallest first (a quick local try: MODELS=tiny ATTENTION=xla).
+  # One lease call: BUDGET_S=560 (the 1B rows come back first).
+  bench=(scripts/benchmark.py --steps 5 --modes lora --quant none,int8,nf4,nf4dq)
+  for m in ${MODELS:-1b 7b}; do
+    job "quant_rm_$m" 300 $py "${bench[@]}" --model "$m" --attention "${ATTENTION:-cudnn}" --microbatches \
+        "$([[ $m == 7b ]] && echo 4 || echo 1)" --out "$out/quant_rm.jsonl"
+    job "quant_rl_$m" 300 $py "${bench[@]}" --phase rl --model "$m" --out "$out/quant_rl.jsonl"
+  done
   ;;
 *) echo "unknown stage '$stage'"; exit 2 ;;
 esac
