@@ -7,7 +7,9 @@ accuracy was 0.667 / 0.676 / 0.672 at steps 40 / 80 / 120, so most of it is lear
   python scripts/ablate.py --sweep experiments/sweeps/rm_quant_hh.py --workdir runs/rm_quant_hh
   python scripts/compare_rms.py --data experiments/data/hh-rlhf-harmless/pairs.jsonl.gz \
       --runs "runs/rm_quant_hh/seed=0,shuffle_seed=0,quant=none" \
-      --runs "runs/rm_quant_hh/seed=0,shuffle_seed=0,quant=nf4"
+      --runs "runs/rm_quant_hh/seed=0,shuffle_seed=0,quant=nf4" \
+      --runs "runs/rm_quant_hh/seed=0,shuffle_seed=0,quant=int8"
+(Both seeds' commands and the table: experiments/results/quant/README.md, "HH-RLHF harmless".)
 """
 import ml_collections
 
