@@ -49,8 +49,8 @@ def compare(scores: list, labels, kind: str) -> list[dict]:
   for i, s in enumerate(scores):
     if kind == "pairwise":
       correct = (s[:, 0] > s[:, 1]).astype(np.float64)
-      lo, hi = stats.wilson_interval(correct.sum(), len(correct))
-      row = {"accuracy": float(correct.mean()), "accuracy_lo": lo, "accuracy_hi": hi}
+      wilson_lo, wilson_hi = stats.wilson_interval(correct.sum(), len(correct))
+      row = {"accuracy": float(correct.mean()), "accuracy_lo": wilson_lo, "accuracy_hi": wilson_hi}
       if i:
         d, lo, hi = stats.paired_bootstrap_ci(correct - (scores[0][:, 0] > scores[0][:, 1]))
         row.update(accuracy_diff=d, accuracy_diff_lo=lo, accuracy_diff_hi=hi)
